@@ -1,0 +1,144 @@
+"""A MIME walk over the message body that yields what the leak guard reads.
+
+Rule 1: the body is never copied whole; entities are offsets into the
+message data, and only text parts (decoded from base64 or quoted-printable)
+and the header sections of nested ``message/*`` parts come out.
+Rule 2: nesting past the limit (Postfix's ``mime_nesting_limit``) is refused
+with ``554 5.6.0``: a structure that deep exists only to hide things.
+Rule 3: the walk is a loop with an explicit stack, never recursion, so no
+input can exhaust the interpreter's stack.
+
+Not here: what counts as an address (``guard``). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import binascii
+import email.message
+import email.parser
+import email.policy
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from relay.errors import HeaderDefect
+
+
+class Piece(enum.Enum):
+    TEXT = "text"  # decoded content of a text part
+    HEADERS = "headers"  # the header section of a nested message
+
+
+@dataclass(frozen=True, slots=True)
+class _Entity:
+    start: int
+    end: int
+    content_type: str
+    boundary: str | None
+    encoding: str
+    depth: int
+
+
+def walk(
+    data: bytes, body_offset: int, content_type: str | None, encoding: str | None, *, limit: int
+) -> Iterator[tuple[Piece, bytes]]:
+    """Yield the text parts and nested header sections of the body at ``body_offset``.
+
+    ``content_type`` and ``encoding`` are the top-level header values (``None``
+    when absent: RFC 2045 5.2 makes that ``text/plain``). Raises
+    ``HeaderDefect`` when containers nest deeper than ``limit``.
+    """
+    stack = [_entity(body_offset, len(data), _headers(content_type, encoding), 0)]
+    while stack:
+        entity = stack.pop()
+        maintype = entity.content_type.partition("/")[0]
+        if maintype in ("multipart", "message") and entity.depth + 1 > limit:
+            raise HeaderDefect(f"MIME nesting deeper than {limit}")
+        if maintype == "multipart" and entity.boundary:
+            parts = list(
+                _parts(data, entity.start, entity.end, entity.boundary.encode("ascii", "replace"))
+            )
+            for start, end in reversed(parts):
+                stack.append(_part(data, start, end, entity.depth + 1))
+        elif maintype == "message" and entity.encoding not in ("base64", "quoted-printable"):
+            split = data.find(b"\r\n\r\n", entity.start, entity.end)
+            header_end = entity.end if split < 0 else split + 2
+            yield Piece.HEADERS, data[entity.start : header_end]
+            if split >= 0:
+                stack.append(_part(data, entity.start, entity.end, entity.depth + 1))
+        elif maintype in ("text", "multipart"):  # multipart with no boundary: read it as text
+            yield Piece.TEXT, _decode(data[entity.start : entity.end], entity.encoding)
+
+
+def _headers(content_type: str | None, encoding: str | None) -> email.message.Message:
+    message = email.message.Message()
+    if content_type is not None:
+        message["Content-Type"] = content_type
+    if encoding is not None:
+        message["Content-Transfer-Encoding"] = encoding
+    return message
+
+
+def _entity(start: int, end: int, headers: email.message.Message, depth: int) -> _Entity:
+    boundary = headers.get_param("boundary")
+    return _Entity(
+        start,
+        end,
+        headers.get_content_type(),
+        boundary if isinstance(boundary, str) else None,
+        str(headers.get("Content-Transfer-Encoding", "7bit")).strip().lower(),
+        depth,
+    )
+
+
+def _part(data: bytes, start: int, end: int, depth: int) -> _Entity:
+    """An entity whose own header section starts at ``start``."""
+    if data.startswith(b"\r\n", start, end):
+        return _entity(start + 2, end, email.message.Message(), depth)
+    split = data.find(b"\r\n\r\n", start, end)
+    if split < 0:
+        split = end
+    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+    headers = parser.parsebytes(data[start:split])
+    return _entity(min(split + 4, end), end, headers, depth)
+
+
+def _parts(data: bytes, start: int, end: int, boundary: bytes) -> Iterator[tuple[int, int]]:
+    """Offsets of each body part between delimiter lines (RFC 2046 5.1.1)."""
+    delimiter = b"--" + boundary
+    part_start = -1
+    at = start if data.startswith(delimiter, start, end) else _next(data, delimiter, start, end)
+    while at >= 0:
+        after = at + len(delimiter)
+        line_end = data.find(b"\r\n", after, end)
+        line_end = end if line_end < 0 else line_end
+        rest = data[after:line_end]
+        closing = rest.startswith(b"--")
+        if rest.strip(b" \t") and not closing:
+            # Only a prefix of the boundary: not a delimiter line.
+            at = _next(data, delimiter, after, end)
+            continue
+        if part_start >= 0:
+            yield part_start, max(part_start, at - 2)
+        if closing:
+            return
+        part_start = min(line_end + 2, end)
+        at = _next(data, delimiter, part_start - 2, end)
+    if part_start >= 0:
+        yield part_start, end  # no closing delimiter: the last part runs to the end
+
+
+def _next(data: bytes, delimiter: bytes, start: int, end: int) -> int:
+    found = data.find(b"\r\n" + delimiter, start, end)
+    return found + 2 if found >= 0 else -1
+
+
+def _decode(content: bytes, encoding: str) -> bytes:
+    try:
+        if encoding == "base64":
+            return binascii.a2b_base64(content)
+        if encoding == "quoted-printable":
+            return binascii.a2b_qp(content)
+    except (binascii.Error, ValueError):
+        return content
+    return content

@@ -1,0 +1,150 @@
+"""Frozen values that pass between the core and the shell.
+
+Envelope and trace information go into the isolation core; a ``Plan`` of
+``Copy`` values comes out. Nothing here does I/O or holds a socket.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from relay.addresses import Address, parse_address
+from relay.errors import BadAddress
+
+# SPEC 3: removed from every copy. Configuration may add names, never remove these.
+REMOVED_HEADERS: frozenset[str] = frozenset(
+    {
+        "cc",
+        "bcc",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+        "delivered-to",
+        "x-original-to",
+        "envelope-to",
+        "x-envelope-to",
+        "apparently-to",
+        "x-apparently-to",
+        "x-forwarded-to",
+        "x-forwarded-for",
+        "x-rcpt-to",
+        "x-original-recipient",
+        "x-real-to",
+        "return-path",
+        "content-length",
+    }
+)
+
+MAX_HEADER_OCTETS = 1 << 20  # a concatenated To: for 10,000 customers must still parse
+MAX_HOPS = 50  # SPEC 4; RFC 5321 6.3 suggests at least 100 for MTAs, 50 is Postfix's hopcount_limit
+MIME_NESTING_LIMIT = 100  # Postfix's mime_nesting_limit
+
+
+class BodyCheck(enum.Enum):
+    """What a recipient address in the body of another copy does (SPEC 3)."""
+
+    OFF = "off"
+    WARN = "warn"
+    REJECT = "reject"
+
+
+class ChangeKind(enum.Enum):
+    REMOVED = "removed"
+    REBUILT = "rebuilt"
+    ADDED = "added"
+    DKIM_STRIPPED = "dkim-stripped"
+    DKIM_KEPT = "dkim-kept"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One thing the relay did to a copy's header section, and why."""
+
+    kind: ChangeKind
+    header: str  # canonical field name, for example "Cc"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class IsolationOptions:
+    """The isolation core's configuration (one slice of the relay's config)."""
+
+    removed_headers: frozenset[str] = REMOVED_HEADERS
+    body_check: BodyCheck = BodyCheck.WARN
+    normalize: bool = False
+    max_header_octets: int = MAX_HEADER_OCTETS
+    max_hops: int = MAX_HOPS
+    mime_nesting_limit: int = MIME_NESTING_LIMIT
+
+    def __post_init__(self) -> None:
+        lowered = frozenset(name.lower() for name in self.removed_headers)
+        # SPEC 3: never emptier than the built-in list, whatever the config says.
+        object.__setattr__(self, "removed_headers", lowered | REMOVED_HEADERS)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """MAIL FROM (``None`` for ``<>``), the RCPT TO list as given, and SMTPUTF8."""
+
+    sender: Address | None
+    recipients: tuple[Address, ...]
+    smtputf8: bool = False
+
+    @classmethod
+    def parse(cls, sender: str, recipients: Iterable[str], *, smtputf8: bool = False) -> Envelope:
+        """Validate every address (``BadAddress`` on the first bad one)."""
+        rcpts = []
+        for text in recipients:
+            address = parse_address(text, smtputf8=smtputf8)
+            if address is None:  # pragma: no cover - parse_address refuses "" here
+                raise BadAddress("empty recipient")
+            rcpts.append(address)
+        mail_from = parse_address(sender, smtputf8=smtputf8, allow_null=True)
+        return cls(mail_from, tuple(rcpts), smtputf8)
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """What the relay's own ``Received:`` line says (RFC 5321 4.4)."""
+
+    by_host: str = "solo-relay.invalid"
+    helo: str = "unknown"
+    client_ip: str = "127.0.0.1"
+    protocol: str = "ESMTP"
+    queue_id: str = "preview"
+    date: str = "Thu, 01 Jan 1970 00:00:00 +0000"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Copy:
+    """One recipient's copy: its own header section, and the message's shared body.
+
+    Its ``repr`` shows sizes only, so a copy that reaches a log names nobody.
+    """
+
+    recipient: Address
+    headers: bytes  # the final header section, ending with the blank line
+    body: memoryview  # the same object for every copy of a message
+    changes: tuple[Change, ...]
+
+    def __bytes__(self) -> bytes:
+        return self.headers + bytes(self.body)
+
+    @property
+    def size(self) -> int:
+        return len(self.headers) + len(self.body)
+
+    def __repr__(self) -> str:
+        sizes = f"headers={len(self.headers)}B body={len(self.body)}B"
+        return f"<Copy {sizes} changes={len(self.changes)}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The copies of one message, after the leak guard passed them."""
+
+    copies: tuple[Copy, ...]
+    merged_duplicates: int = 0
+    warnings: tuple[str, ...] = field(default=())

@@ -1,0 +1,220 @@
+"""The split plan: one copy per unique envelope recipient, headers rebuilt.
+
+Rule 1: the envelope is the only source of recipients; header addresses get
+no copy, Bcc recipients get one, duplicates (same local part, same domain by
+case and IDNA form) get one between them.
+Rule 2: ``To:`` is rebuilt from scratch as exactly the copy's recipient; the
+removal list is dropped whole; every other field is kept byte for byte and in
+order; nothing is ever filtered in place.
+Rule 3: body bytes pass through unchanged and are shared by every copy.
+Rule 4: an application ``DKIM-Signature`` whose ``h=`` covers a field that
+changed is stripped (the configurable actions come later); one that covers
+nothing that changed is kept.
+
+Not here: the leak guard (``guard``), which checks the result on its own.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import email.charset
+import email.errors
+import email.headerregistry
+import email.policy
+import email.utils
+import re
+from collections.abc import Sequence
+
+from relay.addresses import Address, parse_address
+from relay.errors import BadAddress, TooManyHops
+from relay.headers import CRLF, Field, ParsedMessage
+from relay.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Trace
+from relay.signatures import Signature, changed_names, parse_signature
+
+MAX_DISPLAY_NAME_CHARS = 200  # a longer "name" is more likely a pasted list than a name
+
+# Header fields whose display names may be carried to the rebuilt To:.
+_ADDRESS_LISTS = ("to", "cc", "bcc")
+_TRACE_TOKEN = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
+_PHRASE_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
+_UTF8 = email.charset.Charset("utf-8")
+
+
+def split_message(
+    message: ParsedMessage, envelope: Envelope, options: IsolationOptions, trace: Trace
+) -> tuple[tuple[Copy, ...], int]:
+    """Build one copy per unique recipient; return the copies and how many were merged.
+
+    Raises ``TooManyHops`` (554 5.4.0) and ``BadAddress`` (553 5.1.3, no
+    recipient at all).
+    """
+    if not envelope.recipients:
+        raise BadAddress("no recipients")
+    hops = sum(1 for f in message.fields if f.name == "received")
+    if hops > options.max_hops:
+        raise TooManyHops(f"{hops} Received fields, limit {options.max_hops}")
+    unique = _unique(envelope.recipients)
+    names = _display_names(message.fields, envelope.smtputf8)
+    kept, to_at = _kept_fields(message.fields, options.removed_headers)
+    shared = _shared_changes(message.fields, options.removed_headers)
+    signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
+    body = message.body
+    copies = []
+    for rcpt in unique:
+        name, why = names.get(rcpt.key, (None, "no display name was paired with this address"))
+        fields = [
+            Field("received", _received_line(trace, rcpt)),
+            *kept[:to_at],
+            Field("to", _to_line(rcpt, name)),
+            *kept[to_at:],
+        ]
+        changes = [
+            Change(ChangeKind.ADDED, "Received", "the relay's trace line for this copy"),
+            *shared,
+            Change(ChangeKind.REBUILT, "To", f"one mailbox: the copy's recipient; {why}"),
+        ]
+        if signatures:
+            fields, dkim = _settle_signatures(signatures, message.fields, fields)
+            changes.extend(dkim)
+        headers = b"".join([*(f.raw for f in fields), CRLF])
+        copies.append(Copy(rcpt, headers, body, tuple(changes)))
+    return tuple(copies), len(envelope.recipients) - len(unique)
+
+
+def _unique(recipients: Sequence[Address]) -> list[Address]:
+    seen: set[str] = set()
+    unique = []
+    for rcpt in recipients:
+        if rcpt.key not in seen:
+            seen.add(rcpt.key)
+            unique.append(rcpt)
+    return unique
+
+
+def _kept_fields(fields: Sequence[Field], removed: frozenset[str]) -> tuple[list[Field], int]:
+    """Fields that survive whole, and where the new ``To:`` goes (first old ``To:``, or last)."""
+    kept: list[Field] = []
+    to_at = -1
+    for f in fields:
+        if f.name == "to":
+            if to_at < 0:
+                to_at = len(kept)
+        elif f.name not in removed:
+            kept.append(f)
+    return kept, (to_at if to_at >= 0 else len(kept))
+
+
+def _shared_changes(fields: Sequence[Field], removed: frozenset[str]) -> list[Change]:
+    changes = []
+    seen: set[str] = set()
+    for f in fields:
+        if f.name in removed and f.name not in seen:
+            seen.add(f.name)
+            changes.append(Change(ChangeKind.REMOVED, _canonical(f), "recipient-bearing header"))
+    return changes
+
+
+def _canonical(f: Field) -> str:
+    return f.raw[: f.raw.index(b":")].decode("ascii")
+
+
+def _display_names(fields: Sequence[Field], smtputf8: bool) -> dict[str, tuple[str | None, str]]:
+    """Map each address key to the display name its copy may keep, with the reason.
+
+    SPEC 3: a name is kept only if the original paired it with exactly that
+    address, the pairing is unambiguous, and it holds no ``@`` (raw or after
+    RFC 2047 decoding); ``%`` and ``=`` are refused too, since they spell an
+    address in URL and VERP form.
+    """
+    seen: dict[str, set[str]] = {}
+    for f in fields:
+        if f.name not in _ADDRESS_LISTS:
+            continue
+        try:
+            header = email.policy.default.header_factory(f.name, f.text())
+            mailboxes = header.addresses
+        except (email.errors.HeaderParseError, ValueError, IndexError, TypeError, AttributeError):
+            continue  # an unparseable list yields no names: the copy gets a bare address
+        for mailbox in mailboxes:
+            try:
+                address = parse_address(mailbox.addr_spec, smtputf8=True)
+            except BadAddress:
+                continue
+            if address is not None:
+                seen.setdefault(address.key, set()).add(mailbox.display_name)
+    result: dict[str, tuple[str | None, str]] = {}
+    for key, found in seen.items():
+        names = {n for n in found if n}
+        if len(names) != 1:
+            why = "the original gave it several names" if names else "none in the original"
+            result[key] = (None, f"display name dropped: {why}")
+            continue
+        (name,) = names
+        spells_address = any(c in name for c in "@%=")
+        if spells_address or len(name) > MAX_DISPLAY_NAME_CHARS or not name.isprintable():
+            result[key] = (None, "display name dropped: it could spell an address")
+        else:
+            result[key] = (name, "display name kept: paired with exactly this address")
+    return result
+
+
+def _to_line(rcpt: Address, name: str | None) -> bytes:
+    if name is None:
+        return b"To: " + rcpt.text.encode("utf-8") + CRLF
+    return b"To: " + _phrase(name).encode("ascii") + b" <" + rcpt.text.encode("utf-8") + b">" + CRLF
+
+
+def _phrase(name: str) -> str:
+    """A display name as RFC 5322 wants it: atoms, a quoted string, or RFC 2047 words."""
+    if not name.isascii():
+        return _UTF8.header_encode(name)
+    if _PHRASE_SPECIALS.search(name):
+        return '"' + email.utils.quote(name) + '"'
+    return name
+
+
+def _received_line(trace: Trace, rcpt: Address) -> bytes:
+    """RFC 5321 4.4 trace line; client-supplied parts are reduced to safe characters."""
+    helo, ip, host, protocol, queue_id = (
+        _TRACE_TOKEN.sub("?", part)[:255] or "unknown"
+        for part in (trace.helo, trace.client_ip, trace.by_host, trace.protocol, trace.queue_id)
+    )
+    line = (
+        f"Received: from {helo} ([{ip}])\r\n"
+        f"\tby {host} (solo-relay) with {protocol} id {queue_id}\r\n"
+        f"\tfor <{rcpt.text}>; {trace.date}\r\n"
+    )
+    return line.encode("utf-8")
+
+
+def _settle_signatures(
+    signatures: Sequence[Signature], originals: Sequence[Field], fields: list[Field]
+) -> tuple[list[Field], list[Change]]:
+    """Strip each signature the copy breaks; repeat, since a strip is itself a change."""
+    changes: list[Change] = []
+    live = list(signatures)
+    while True:
+        broken = []
+        for sig in live:
+            changed = changed_names(sig, originals, fields)
+            if changed:
+                broken.append(sig)
+                changes.append(
+                    Change(
+                        ChangeKind.DKIM_STRIPPED,
+                        "DKIM-Signature",
+                        f"d={sig.domain} s={sig.selector}: h= covers changed {', '.join(changed)}",
+                    )
+                )
+        if not broken:
+            break
+        gone = {id(sig.field) for sig in broken}
+        fields = [f for f in fields if id(f) not in gone]
+        live = [sig for sig in live if id(sig.field) not in gone]
+    changes.extend(
+        Change(
+            ChangeKind.DKIM_KEPT, "DKIM-Signature", f"d={s.domain} s={s.selector}: nothing changed"
+        )
+        for s in live
+    )
+    return fields, changes
