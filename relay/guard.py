@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import email.errors
 import email.header
-import email.policy
 import html
 import re
 import urllib.parse
@@ -44,6 +43,9 @@ _AT_FORM = re.compile(rf'([{_LOCAL}.]+|"(?:[^"\\\r\n]|\\.)*")@([{_DOMAIN}.]+)')
 # VERP and friends: "bounce+bob=example.com@list.example" spells bob@example.com.
 _VERP_LOCAL = r"a-z0-9!#$'*/?^_`{|}~\-\u0080-\U0010ffff."  # no "+", "=", "&": they end the run
 _VERP_FORM = re.compile(rf"([{_VERP_LOCAL}]+)=([{_DOMAIN}]+(?:\.[{_DOMAIN}]+)+)")
+# Characters that are atext but in practice end a URL or template part before an address;
+# "-", "+" and "." are not among them: "x.bob@" is not "bob@" (both may be customers).
+_URL_BREAKS = frozenset("?=/&#'`{}|")
 _ENCODED_WORD = "=?"
 _MAX_UNQUOTE_ROUNDS = 3  # "%2540" is "%40" is "@"
 
@@ -83,7 +85,12 @@ def addresses_in(text: str) -> set[str]:
     for view in views(text):
         if "@" in view:
             for m in _AT_FORM.finditer(view):
-                found.add(key(m.group(1), m.group(2)))
+                local, domain = m.group(1), m.group(2)
+                found.add(key(local, domain))
+                # URL and template syntax is atext too: "?who=bob@x", "/u/bob@x", "{bob@x}".
+                found.update(
+                    key(local[i + 1 :], domain) for i, c in enumerate(local) if c in _URL_BREAKS
+                )
         if "=" in view:
             for m in _VERP_FORM.finditer(view):
                 local, domain = m.group(1), m.group(2)
@@ -122,16 +129,10 @@ def _senders(message: ParsedMessage, envelope: Envelope) -> set[str]:
     if envelope.sender is not None:
         keys.add(address_key(envelope.sender))
     for f in message.fields:
-        if f.name not in ("from", "sender"):
-            continue
-        try:
-            header = email.policy.default.header_factory(f.name, f.text())
-            mailboxes = header.addresses
-        except (email.errors.HeaderParseError, ValueError, IndexError, TypeError, AttributeError):
-            continue
-        for mailbox in mailboxes:
-            local, _, domain = str(mailbox.addr_spec).rpartition("@")
-            keys.add(key(local, domain))
+        if f.name in ("from", "sender"):
+            for _, addr_spec in f.mailboxes():
+                local, _, domain = addr_spec.rpartition("@")
+                keys.add(key(local, domain))
     keys.discard("")
     return keys
 

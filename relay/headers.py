@@ -15,6 +15,8 @@ searches (``guard``). Pure: bytes in, values or ``Rejected`` out.
 
 from __future__ import annotations
 
+import email.errors
+import email.policy
 import re
 from dataclasses import dataclass
 
@@ -45,6 +47,21 @@ class Field:
     def text(self) -> str:
         """The unfolded value as text (UTF-8; undecodable bytes kept as escapes)."""
         return self.value.decode("utf-8", "surrogateescape")
+
+    def mailboxes(self) -> list[tuple[str, str]]:
+        """(display name, addr-spec) pairs of an address-list field, RFC 2047 decoded.
+
+        Empty when the list does not parse cleanly: a caller that would trust
+        a name or an address from a malformed list gets nothing to trust.
+        """
+        try:
+            header = email.policy.default.header_factory(self.name, self.text())
+            found = [(str(m.display_name), str(m.addr_spec)) for m in header.addresses]
+        except (email.errors.HeaderParseError, ValueError, IndexError, TypeError, AttributeError):
+            return []
+        if any(not isinstance(d, email.errors.ObsoleteHeaderDefect) for d in header.defects):
+            return []
+        return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ message, the reply and the reason. Reads one file; the rest is pure.
 
 from __future__ import annotations
 
-import email.policy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +98,5 @@ def _header_addresses(fields: Sequence[Field], names: Sequence[str]) -> tuple[st
     found: list[str] = []
     for f in fields:
         if f.name in names:
-            header = email.policy.default.header_factory(f.name, f.text())
-            found.extend(str(m.addr_spec) for m in header.addresses)
+            found.extend(addr_spec for _, addr_spec in f.mailboxes())
     return tuple(dict.fromkeys(found))

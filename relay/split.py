@@ -18,9 +18,6 @@ Pure: no I/O.
 from __future__ import annotations
 
 import email.charset
-import email.errors
-import email.headerregistry
-import email.policy
 import email.utils
 import re
 from collections.abc import Sequence
@@ -130,18 +127,13 @@ def _display_names(fields: Sequence[Field], smtputf8: bool) -> dict[str, tuple[s
     for f in fields:
         if f.name not in _ADDRESS_LISTS:
             continue
-        try:
-            header = email.policy.default.header_factory(f.name, f.text())
-            mailboxes = header.addresses
-        except (email.errors.HeaderParseError, ValueError, IndexError, TypeError, AttributeError):
-            continue  # an unparseable list yields no names: the copy gets a bare address
-        for mailbox in mailboxes:
+        for display_name, addr_spec in f.mailboxes():
             try:
-                address = parse_address(mailbox.addr_spec, smtputf8=True)
+                address = parse_address(addr_spec, smtputf8=True)
             except BadAddress:
                 continue
             if address is not None:
-                seen.setdefault(address.key, set()).add(mailbox.display_name)
+                seen.setdefault(address.key, set()).add(display_name)
     result: dict[str, tuple[str | None, str]] = {}
     for key, found in seen.items():
         names = {n for n in found if n}
