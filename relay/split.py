@@ -125,8 +125,8 @@ def _display_names(fields: Sequence[Field], smtputf8: bool) -> dict[str, tuple[s
     """
     seen: dict[str, set[str]] = {}
     for f in fields:
-        if f.name not in _ADDRESS_LISTS:
-            continue
+        if f.name not in _ADDRESS_LISTS or b"<" not in f.raw:
+            continue  # a display name needs a name-addr (RFC 5322 3.4): no "<", no name
         for display_name, addr_spec in f.mailboxes():
             try:
                 address = parse_address(addr_spec, smtputf8=True)
