@@ -21,102 +21,18 @@ Pure: no I/O; reasons name header fields, never addresses.
 
 from __future__ import annotations
 
-import email.errors
-import email.header
 import html
 import re
-import urllib.parse
 from collections.abc import Sequence
 
-from relay.addresses import Address, domain_key
 from relay.errors import BadData, HeaderDefect, LeakDetected
 from relay.headers import Field, ParsedMessage, check_line_endings, parse_fields
 from relay.mime import Piece, walk
 from relay.model import BodyCheck, Copy, Envelope, IsolationOptions
+from relay.spellings import address_key, addresses_in, key
 
-# Local-part characters (RFC 5322 atext, RFC 6531 non-ASCII) and domain characters.
-_LOCAL = r"a-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
-_DOMAIN = r"a-z0-9\-\u0080-\U0010ffff"
-# The longest run of local characters (dots too) before an "@": "sal@x" never
-# reads as "al@x", but ".bob@x" still reads as "bob@x".
-_AT_FORM = re.compile(rf'([{_LOCAL}.]+|"(?:[^"\\\r\n]|\\.)*")@([{_DOMAIN}.]+)')
-# VERP and friends: "bounce+bob=example.com@list.example" spells bob@example.com.
-_VERP_LOCAL = r"a-z0-9!#$'*/?^_`{|}~\-\u0080-\U0010ffff."  # no "+", "=", "&": they end the run
-_VERP_FORM = re.compile(rf"([{_VERP_LOCAL}]+)=([{_DOMAIN}]+(?:\.[{_DOMAIN}]+)+)")
-# Characters that are atext but in practice end a URL or template part before an address;
-# "-", "+" and "." are not among them: "x.bob@" is not "bob@" (both may be customers).
-_URL_BREAKS = frozenset("?=/&#'`{}|")
-_ENCODED_WORD = "=?"
-_MAX_UNQUOTE_ROUNDS = 3  # "%2540" is "%40" is "@"
-
-
-def key(local: str, domain: str) -> str:
-    """The guard's comparison form: local part case-folded, domain as lower-case A-label."""
-    if local.startswith('"') and local.endswith('"') and len(local) >= 2:
-        local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    local = local.strip(".")
-    domain = domain.strip(".-")
-    return f"{local.lower()}@{domain_key(domain)}" if local and domain else ""
-
-
-def address_key(address: Address) -> str:
-    return key(address.local, address.domain)
-
-
-def views(text: str) -> list[str]:
-    """The spellings the guard searches: raw, RFC 2047 decoded, percent-decoded; all lower case."""
-    found = [text.lower()]
-    if _ENCODED_WORD in text:
-        found.append(_decode_words(text).lower())
-    for view in list(found):
-        current = view
-        for _ in range(_MAX_UNQUOTE_ROUNDS):
-            unquoted = urllib.parse.unquote(current) if "%" in current else current
-            if unquoted == current:
-                break
-            found.append(unquoted)
-            current = unquoted
-    return found
-
-
-def addresses_in(text: str) -> set[str]:
-    """Every address key the text spells, in any of its views."""
-    found: set[str] = set()
-    for view in views(text):
-        if "@" in view:
-            for m in _AT_FORM.finditer(view):
-                local, domain = m.group(1), m.group(2)
-                found.add(key(local, domain))
-                # URL and template syntax is atext too: "?who=bob@x", "/u/bob@x", "{bob@x}".
-                found.update(
-                    key(local[i + 1 :], domain) for i, c in enumerate(local) if c in _URL_BREAKS
-                )
-        if "=" in view:
-            for m in _VERP_FORM.finditer(view):
-                local, domain = m.group(1), m.group(2)
-                found.add(key(local, domain))
-                # "bounces-bob=example.com": the part after a separator is the address.
-                found.update(key(local[i + 1 :], domain) for i, c in enumerate(local) if c in "-.")
-    found.discard("")
-    return found
-
-
-def _decode_words(text: str) -> str:
-    """RFC 2047 decoding; adjacent encoded words join, bad charsets fall back to Latin-1."""
-    try:
-        chunks = email.header.decode_header(text)
-    except (email.errors.HeaderParseError, ValueError):
-        return text
-    out = []
-    for chunk, charset in chunks:
-        if isinstance(chunk, str):
-            out.append(chunk)
-            continue
-        try:
-            out.append(chunk.decode(charset or "ascii", "replace"))
-        except LookupError:
-            out.append(chunk.decode("latin-1"))
-    return "".join(out)
+# Entities that can spell an "@" or a dot in HTML text: only then is an unescaped view made.
+_ENTITY_HINT = re.compile(r"&(?:#|commat;|period;)", re.IGNORECASE)
 
 
 def _field_text(raw: bytes) -> str:
@@ -212,16 +128,15 @@ class LeakGuard:
             top.get("content-type"),
             top.get("content-transfer-encoding"),
             limit=self._options.mime_nesting_limit,
+            read=scan,
         )
         for kind, content in pieces:
-            if not scan:
-                continue
             text = content.decode("utf-8", "surrogateescape")
-            if kind is Piece.TEXT and "&" in text:
-                text = text + "\n" + html.unescape(text)
             if kind is Piece.HEADERS:
                 text = text.replace("\r\n ", " ").replace("\r\n\t", " ")
             found |= addresses_in(text)
+            if kind is Piece.TEXT and _ENTITY_HINT.search(text):
+                found |= addresses_in(html.unescape(text))
         return found
 
 

@@ -40,13 +40,20 @@ class _Entity:
 
 
 def walk(
-    data: bytes, body_offset: int, content_type: str | None, encoding: str | None, *, limit: int
+    data: bytes,
+    body_offset: int,
+    content_type: str | None,
+    encoding: str | None,
+    *,
+    limit: int,
+    read: bool = True,
 ) -> Iterator[tuple[Piece, bytes]]:
     """Yield the text parts and nested header sections of the body at ``body_offset``.
 
     ``content_type`` and ``encoding`` are the top-level header values (``None``
     when absent: RFC 2045 5.2 makes that ``text/plain``). Raises
-    ``HeaderDefect`` when containers nest deeper than ``limit``.
+    ``HeaderDefect`` when containers nest deeper than ``limit``. With
+    ``read=False`` nothing is yielded or decoded: only the structure is checked.
     """
     stack = [_entity(body_offset, len(data), _headers(content_type, encoding), 0)]
     while stack:
@@ -63,10 +70,11 @@ def walk(
         elif maintype == "message" and entity.encoding not in ("base64", "quoted-printable"):
             split = data.find(b"\r\n\r\n", entity.start, entity.end)
             header_end = entity.end if split < 0 else split + 2
-            yield Piece.HEADERS, data[entity.start : header_end]
+            if read:
+                yield Piece.HEADERS, data[entity.start : header_end]
             if split >= 0:
                 stack.append(_part(data, entity.start, entity.end, entity.depth + 1))
-        elif maintype in ("text", "multipart"):  # multipart with no boundary: read it as text
+        elif read and maintype in ("text", "multipart"):  # multipart, no boundary: as text
             yield Piece.TEXT, _decode(data[entity.start : entity.end], entity.encoding)
 
 

@@ -6,9 +6,10 @@ import pytest
 
 from relay.addresses import parse_address
 from relay.errors import LeakDetected
-from relay.guard import LeakGuard, addresses_in
+from relay.guard import LeakGuard
 from relay.headers import parse_message
 from relay.model import Copy, Envelope, IsolationOptions
+from relay.spellings import addresses_in
 from tests.conftest import copy_headers, message, received
 
 ENVELOPE = Envelope.parse("news@example.org", ["alice@example.com", "bob@example.com"])
