@@ -41,6 +41,8 @@ _URL_BREAKS = frozenset("?=/&#'`{}|")
 _DOMAIN_RUN = re.compile(rf"[A-Za-z0-9\-.\u0080-\U0010ffff]{{1,{MAX_DOMAIN}}}")
 _VERP_AT = re.compile(r"=(?=[A-Za-z0-9\-\u0080-\U0010ffff]+\.[A-Za-z0-9\u0080-\U0010ffff])")
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
+_BETWEEN_WORDS = re.compile(r"(?<=\?=)[ \t]+(?==\?)")
 
 
 def key(local: str, domain: str) -> str:
@@ -130,18 +132,22 @@ def _verp_forms(text: str) -> Iterator[str]:
 
 
 def _decode_words(text: str) -> str:
-    """RFC 2047 decoding; adjacent encoded words join, bad charsets fall back to Latin-1."""
+    """RFC 2047 decoding of each encoded word in place; the text around them is untouched.
+
+    Whitespace between two encoded words is dropped (RFC 2047 6.2), so a name
+    split across words reads whole; an undecodable word stays as it was.
+    """
+    return _ENCODED_WORD.sub(_decode_word, _BETWEEN_WORDS.sub("", text))
+
+
+def _decode_word(match: re.Match[str]) -> str:
     try:
-        chunks = email.header.decode_header(text)
+        ((chunk, charset),) = email.header.decode_header(match.group())
     except (email.errors.HeaderParseError, ValueError):
-        return text
-    out = []
-    for chunk, charset in chunks:
-        if isinstance(chunk, str):
-            out.append(chunk)
-            continue
-        try:
-            out.append(chunk.decode(charset or "ascii", "replace"))
-        except LookupError:
-            out.append(chunk.decode("latin-1"))
-    return "".join(out)
+        return match.group()
+    if not isinstance(chunk, bytes):
+        return match.group()
+    try:
+        return chunk.decode(str(charset or "ascii"), "replace")
+    except LookupError:
+        return chunk.decode("latin-1")

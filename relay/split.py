@@ -18,6 +18,7 @@ Pure: no I/O.
 from __future__ import annotations
 
 import email.charset
+import email.header
 import email.utils
 import re
 from collections.abc import Sequence
@@ -157,9 +158,13 @@ def _to_line(rcpt: Address, name: str | None) -> bytes:
 
 
 def _phrase(name: str) -> str:
-    """A display name as RFC 5322 wants it: atoms, a quoted string, or RFC 2047 words."""
+    """A display name as RFC 5322 wants it: atoms, a quoted string, or RFC 2047 words.
+
+    Non-ASCII names become encoded words of at most 75 characters, folded
+    (RFC 2047 2), so the rebuilt ``To:`` never nears the 998-octet line limit.
+    """
     if not name.isascii():
-        return _UTF8.header_encode(name)
+        return email.header.Header(name, _UTF8, header_name="To").encode(linesep="\r\n")
     if _PHRASE_SPECIALS.search(name):
         return '"' + email.utils.quote(name) + '"'
     return name
