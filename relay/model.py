@@ -148,3 +148,53 @@ class Plan:
     copies: tuple[Copy, ...]
     merged_duplicates: int = 0
     warnings: tuple[str, ...] = field(default=())
+
+
+class Status(enum.Enum):
+    """What happened to one copy at the upstream (SPEC 5: transient retries, permanent bounces)."""
+
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+class Stage(enum.Enum):
+    """Where in the upstream transaction an outcome was decided (a metric label)."""
+
+    CONNECT = "connect"
+    TLS = "tls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    DOT = "dot"  # the reply after the final dot
+    WRITE = "write"  # the outbox upstream's file write
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The upstream's answer for one copy, already classified.
+
+    ``text`` is the upstream's own reply text: it may name the recipient, so it
+    is never logged by default nor used as a metric label.
+    """
+
+    status: Status
+    stage: Stage
+    code: int = 0  # 0: no reply at all (connection error, timeout)
+    enhanced: str = ""
+    text: str = ""
+    ambiguous: bool = False  # no reply after the final dot: the copy may have arrived
+    auth_failed: bool = False  # the upstream refused our credentials (535)
+
+    @property
+    def reply_class(self) -> str:
+        return f"{self.code // 100}xx" if self.code else "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A user name and secret for upstream AUTH; the secret never shows in a repr."""
+
+    username: str
+    password: str = field(repr=False)

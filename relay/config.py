@@ -1,0 +1,362 @@
+"""The one configuration object: TOML file, then ``RELAY_*`` environment over it.
+
+Rule 1: every key has a default, so no file at all gives a working relay
+(listen on 127.0.0.1:2525, write copies to ./outbox).
+Rule 2: the environment name of a key is ``RELAY_`` and its TOML path joined
+with ``_`` in upper case (``[smtp] max_recipients`` is
+``RELAY_SMTP_MAX_RECIPIENTS``); ``RELAY_UPSTREAM`` is also accepted for
+``[upstream] url``, and ``RELAY_CONFIG`` names the file. An unknown key or
+``RELAY_*`` name is an error, not a silent no-op.
+Rule 3: bad configuration raises ``ConfigError`` naming the key, once, at
+start; nothing else in the relay re-validates it.
+
+``config/solo-relay.toml`` documents every key; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from relay.errors import ConfigError
+from relay.model import (
+    MAX_HEADER_OCTETS,
+    MAX_HOPS,
+    MIME_NESTING_LIMIT,
+    BodyCheck,
+    IsolationOptions,
+)
+
+ENV_PREFIX = "RELAY_"
+ENV_ALIASES = {"RELAY_UPSTREAM": ("upstream", "url")}
+ENV_NOT_KEYS = frozenset({"RELAY_CONFIG"})
+
+# Loopback addresses: the only networks a relay may serve with no allow-list or AUTH.
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
+class Mode(enum.Enum):
+    DIRECT = "direct"
+
+
+class LogFormat(enum.Enum):
+    AUTO = "auto"  # JSON when stderr is not a terminal, text when it is
+    JSON = "json"
+    TEXT = "text"
+
+
+class StartTLS(enum.Enum):
+    OFF = "off"
+    SELF_SIGNED = "self-signed"
+    CERTIFICATE = "certificate"
+
+
+class AuthMode(enum.Enum):
+    OFF = "off"
+    USERS = "users"
+    PASSTHROUGH = "passthrough"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    hostname: str = "solo-relay.localhost"
+    max_message_size: int = 36_700_160  # 35 MiB: what large providers accept (Gmail: 35 MB)
+    max_recipients: int = 1000
+    max_connections: int = 100
+    idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
+    data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the whole DATA phase
+    max_bad_commands: int = 10
+    allow_networks: tuple[str, ...] = LOOPBACK
+    starttls: StartTLS = StartTLS.OFF
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    auth: AuthMode = AuthMode.OFF
+    users_file: str = ""  # lines of "user:password"; only with auth = "users"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "outbox:./outbox"
+    password: str = ""
+    password_file: str = ""
+    oauth_token_file: str = ""  # XOAUTH2 bearer token, read at each connection
+    ca_file: str = ""  # extra CA bundle; the system store otherwise
+    insecure: bool = False  # allow smtp+plain:// to a non-loopback host
+    pool_size: int = 4
+    max_messages_per_connection: int = 100
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2: 5 minutes per command
+    data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes after the final dot
+
+
+@dataclass(frozen=True, slots=True)
+class IsolationConfig:
+    remove_headers: tuple[str, ...] = ()
+    body_check: BodyCheck = BodyCheck.WARN
+    normalize_line_endings: bool = False
+    max_header_size: int = MAX_HEADER_OCTETS
+    max_hops: int = MAX_HOPS
+    mime_nesting_limit: int = MIME_NESTING_LIMIT
+
+    def options(self) -> IsolationOptions:
+        return IsolationOptions(
+            removed_headers=frozenset(self.remove_headers),
+            body_check=self.body_check,
+            normalize=self.normalize_line_endings,
+            max_header_octets=self.max_header_size,
+            max_hops=self.max_hops,
+            mime_nesting_limit=self.mime_nesting_limit,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    direct_deadline: float = 120.0  # well under a client's 10-minute DATA timeout
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9925"
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    dir: str = "./spool"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: LogFormat = LogFormat.AUTO
+    level: str = "info"
+    hash_key: str = ""  # key of the address tokens; default: one kept in the spool directory
+    show_addresses: bool = False  # log addresses in clear (debugging only)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: str = "127.0.0.1:2525"
+    mode: Mode = Mode.DIRECT
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def listen_address(self) -> HostPort:
+        return parse_host_port("listen", self.listen)
+
+    @property
+    def metrics_address(self) -> HostPort:
+        return parse_host_port("metrics.listen", self.metrics.listen)
+
+
+def load(environ: Mapping[str, str] | None = None, path: str | Path | None = None) -> Config:
+    """Build the configuration: defaults, then the TOML file, then the environment.
+
+    The file is ``path``, else ``$RELAY_CONFIG``, else none. Raises ``ConfigError``.
+    """
+    env = dict(os.environ if environ is None else environ)
+    path = path or env.get("RELAY_CONFIG") or None
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError("RELAY_CONFIG", f"cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("RELAY_CONFIG", f"{path} is not valid TOML: {exc}") from exc
+    config = _apply(Config(), raw, ())
+    config = _apply_env(config, env)
+    validate(config)
+    return config
+
+
+def env_names(config: Config | None = None) -> dict[str, tuple[str, ...]]:
+    """Every ``RELAY_*`` name and the key path it sets."""
+    names: dict[str, tuple[str, ...]] = {}
+
+    def walk(obj: Any, prefix: tuple[str, ...]) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if hasattr(value, "__dataclass_fields__"):
+                walk(value, (*prefix, f.name))
+            else:
+                path = (*prefix, f.name)
+                names[ENV_PREFIX + "_".join(path).upper()] = path
+
+    walk(config or Config(), ())
+    names.update(ENV_ALIASES)
+    return names
+
+
+def _apply(obj: Any, raw: Mapping[str, Any], prefix: tuple[str, ...]) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for name, value in raw.items():
+        dotted = ".".join((*prefix, name))
+        if name not in known:
+            raise ConfigError(dotted, "unknown key")
+        current = getattr(obj, name)
+        if hasattr(current, "__dataclass_fields__"):
+            if not isinstance(value, dict):
+                raise ConfigError(dotted, "must be a table")
+            changes[name] = _apply(current, value, (*prefix, name))
+        else:
+            changes[name] = _convert(dotted, current, value)
+    return replace(obj, **changes)
+
+
+def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
+    names = env_names(config)
+    for name, text in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
+            continue
+        if name not in names:
+            raise ConfigError(name, "unknown setting (see config/solo-relay.toml)")
+        path = names[name]
+        nested: dict[str, Any] = {path[-1]: _from_env(name, _get(config, path), text)}
+        for part in reversed(path[:-1]):
+            nested = {part: nested}
+        config = _apply(config, nested, ())
+    return config
+
+
+def _get(config: Config, path: tuple[str, ...]) -> Any:
+    obj: Any = config
+    for part in path:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _from_env(name: str, current: Any, text: str) -> Any:
+    """Environment values are strings; lists are comma-separated."""
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(name, f"must be true or false, not {text!r}")
+        return lowered in ("true", "1", "yes")
+    if isinstance(current, tuple):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if isinstance(current, int | float):
+        try:
+            return type(current)(text)
+        except ValueError as exc:
+            raise ConfigError(name, f"must be a number, not {text!r}") from exc
+    return text
+
+
+def _convert(key: str, current: Any, value: Any) -> Any:
+    if isinstance(current, enum.Enum):
+        try:
+            return type(current)(value)
+        except ValueError as exc:
+            allowed = ", ".join(repr(m.value) for m in type(current))
+            raise ConfigError(key, f"must be one of {allowed}, not {value!r}") from exc
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, not {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be a whole number, not {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, not {value!r}")
+        return float(value)
+    if isinstance(current, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, "must be a list of strings")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, not {value!r}")
+    return value
+
+
+def parse_host_port(key: str, text: str) -> HostPort:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"must be host:port, not {text!r}")
+    return HostPort(host, int(port))
+
+
+def validate(config: Config) -> None:
+    """Checks that involve more than one key, or a value's range."""
+    listen = config.listen_address
+    config.metrics_address  # noqa: B018 - parses, raising ConfigError when malformed
+    for key, value in (
+        ("smtp.max_message_size", config.smtp.max_message_size),
+        ("smtp.max_recipients", config.smtp.max_recipients),
+        ("smtp.max_connections", config.smtp.max_connections),
+        ("upstream.pool_size", config.upstream.pool_size),
+        ("upstream.max_messages_per_connection", config.upstream.max_messages_per_connection),
+        ("isolation.max_header_size", config.isolation.max_header_size),
+    ):
+        if value < 1:
+            raise ConfigError(key, "must be at least 1")
+    for key, seconds in (
+        ("smtp.idle_timeout", config.smtp.idle_timeout),
+        ("smtp.data_timeout", config.smtp.data_timeout),
+        ("upstream.connect_timeout", config.upstream.connect_timeout),
+        ("upstream.command_timeout", config.upstream.command_timeout),
+        ("upstream.data_timeout", config.upstream.data_timeout),
+        ("delivery.direct_deadline", config.delivery.direct_deadline),
+    ):
+        if seconds <= 0:
+            raise ConfigError(key, "must be more than 0 seconds")
+    networks = []
+    for text in config.smtp.allow_networks:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as exc:
+            raise ConfigError("smtp.allow_networks", f"{text!r} is not a network") from exc
+    if not listen.is_loopback and config.smtp.auth is AuthMode.OFF:
+        # SPEC 4: never an open relay. Off loopback, name the clients or require AUTH.
+        if config.smtp.allow_networks == LOOPBACK:
+            raise ConfigError(
+                "smtp.allow_networks",
+                f"listening on {listen} needs the client networks listed here, or smtp.auth",
+            )
+        if any(n.prefixlen == 0 for n in networks):
+            raise ConfigError(
+                "smtp.allow_networks", "every network without AUTH would make an open relay"
+            )
+    if config.smtp.starttls is StartTLS.CERTIFICATE and not (
+        config.smtp.tls_cert_file and config.smtp.tls_key_file
+    ):
+        raise ConfigError("smtp.tls_cert_file", "starttls = 'certificate' needs cert and key files")
+    if config.smtp.auth is AuthMode.USERS and not config.smtp.users_file:
+        raise ConfigError("smtp.users_file", "auth = 'users' needs a users file")
+    if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(
+            "log.level", f"must be debug, info, warning or error: {config.log.level!r}"
+        )
