@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from relay import __version__, preview
+from relay.config import Config, load
+from relay.errors import ConfigError
+from relay.logs import load_key, setup_logging
 from relay.model import REMOVED_HEADERS, BodyCheck, IsolationOptions
+from relay.server import Relay
+from relay.upstream import open_upstream, parse_upstream_url
+
+_SERVE_HELP = """\
+Run the relay: listen for SMTP (default 127.0.0.1:2525), make one isolated
+copy per recipient, and send each copy upstream (default: write .eml files to
+./outbox). Metrics and health on 127.0.0.1:9925. Configuration: the TOML file
+named by --config or RELAY_CONFIG, then RELAY_* environment variables (see
+config/solo-relay.toml). SIGTERM or Ctrl-C stops it gracefully.
+"""
+
+_CHECK_HELP = """\
+Validate the configuration and print what the relay would use. With
+--upstream, also connect to the upstream, do TLS and AUTH, and report each
+step. Exit status 0: all good; 1: an upstream step failed; 2: bad configuration.
+"""
 
 _PREVIEW_HELP = """\
 Print the copies the relay would make of MESSAGE, one per unique recipient:
@@ -71,7 +91,67 @@ def _parser() -> argparse.ArgumentParser:
         + ")",
     )
     p.add_argument("--raw", action="store_true", help="send the file's bytes exactly as they are")
+    serve = commands.add_parser("serve", help="run the relay", description=_SERVE_HELP)
+    serve.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
+    check = commands.add_parser("check", help="validate the configuration", description=_CHECK_HELP)
+    check.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
+    check.add_argument(
+        "--upstream", action="store_true", help="also connect to the upstream: TLS, AUTH"
+    )
     return parser
+
+
+def _load(path: str | None) -> Config | None:
+    try:
+        return load(path=path)
+    except ConfigError as exc:
+        print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+def _serve(path: str | None) -> int:
+    config = _load(path)
+    if config is None:
+        return 2
+    try:
+        tokens = setup_logging(config.log, key=load_key(config.log, Path(config.spool.dir)))
+        asyncio.run(Relay(config, tokens=tokens).run())
+    except ConfigError as exc:
+        print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"solo-relay: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(path: str | None, upstream: bool) -> int:
+    config = _load(path)
+    if config is None:
+        return 2
+    try:
+        target = parse_upstream_url(config.upstream.url, insecure=config.upstream.insecure)
+    except ConfigError as exc:
+        print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print("configuration OK")
+    print(f"  listen    {config.listen_address}  (mode {config.mode.value})")
+    print(f"  upstream  {target.redacted()}")
+    print(f"  metrics   {config.metrics_address}")
+    if not upstream:
+        return 0
+
+    async def steps() -> bool:
+        client = open_upstream(config.upstream)
+        try:
+            results = await client.check()
+        finally:
+            await client.aclose()
+        for step in results:
+            print(f"  {'ok ' if step.ok else 'FAIL'} {step.name:<8} {step.detail}")
+        return all(step.ok for step in results)
+
+    return 0 if asyncio.run(steps()) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,4 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         (sys.stdout if status == 0 else sys.stderr).write(text)
         return status
+    if args.command == "serve":
+        return _serve(args.config)
+    if args.command == "check":
+        return _check(args.config, args.upstream)
     return 2  # pragma: no cover - argparse requires a known command

@@ -89,7 +89,6 @@ class SmtpConfig:
     max_connections: int = 100
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the whole DATA phase
-    max_bad_commands: int = 10
     allow_networks: tuple[str, ...] = LOOPBACK
     starttls: StartTLS = StartTLS.OFF
     tls_cert_file: str = ""

@@ -1,0 +1,352 @@
+"""The SMTP listener: the only module that imports aiosmtpd.
+
+Rule 1: never an open relay: a client outside the allowed networks gets
+``550 5.7.1`` at MAIL unless it authenticated.
+Rule 2: envelope addresses are judged on the exact text the client sent
+(comments, source routes, literals and quoting tricks are refused, not
+normalised away by a parser), and what is accepted is what goes upstream.
+Rule 3: DATA is read in blocks, ends only at CRLF "." CRLF, and is handed on
+only when complete: a client that drops or half-closes mid-DATA leaves
+nothing behind.
+Rule 4: every reply has an enhanced status code; an internal error is
+``451 4.3.0`` with no internal text.
+
+Past this module the relay sees ``Submission`` values and ``Reply`` values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from relay.addresses import Address, parse_address
+from relay.config import AuthMode, Config
+from relay.dotstream import DataCollector
+from relay.errors import BadAddress, Reply
+from relay.model import Credentials
+
+log = logging.getLogger("relay.inbound")
+
+READ_BLOCK = 65536  # one socket read; lines of any length fit, in as many blocks as they need
+NULL_SENDER = "<>"
+CALL_LIMITS = {  # per session; MAIL/RCPT/DATA are bounded by the message and recipient limits
+    "NOOP": 100,
+    "HELP": 10,
+    "VRFY": 10,
+    "EXPN": 10,
+    "*": 1_000_000,
+}
+
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout during DATA, closing connection")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+NOT_ALLOWED = Reply(550, "5.7.1", "Relaying not allowed from your network")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+INTERNAL = Reply(451, "4.3.0", "Internal error, try again later")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One message as the client gave it, ready for the isolation core."""
+
+    sender: Address | None
+    recipients: tuple[Address, ...]
+    smtputf8: bool
+    data: bytes
+    helo: str
+    client_ip: str
+    protocol: str  # RFC 3848 / RFC 6531 "with" keyword for the Received line
+    credentials: Credentials | None
+
+
+Accept = Callable[[Submission], Awaitable[Reply]]
+
+
+class Gate:
+    """Connection limit and client networks, shared by every session of one listener."""
+
+    def __init__(self, max_connections: int, networks: Sequence[str]) -> None:
+        self.max_connections = max_connections
+        self.sessions: set[RelaySMTP] = set()
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    @property
+    def open(self) -> int:
+        return len(self.sessions)
+
+    def close_all(self) -> None:
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+
+    def allows(self, peer: Any) -> bool:
+        try:
+            ip = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else str(peer))
+        except (ValueError, IndexError, TypeError):
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self._networks)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with strict address capture, block DATA and a connection gate."""
+
+    def __init__(self, handler: InboundHandler, gate: Gate, config: Config, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._gate = gate
+        self._config = config
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starting = self.transport is None
+        super().connection_made(transport)
+        if not starting:
+            return  # the TLS transport after STARTTLS: the same session
+        if self._gate.open >= self._gate.max_connections:
+            assert isinstance(transport, asyncio.Transport)
+            transport.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())
+            transport.close()
+            return
+        self._gate.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._gate.sessions.discard(self)
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.Transport) and not transport.is_closing():
+            transport.write(f"{IDLE_TIMEOUT}\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it untyped
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The address exactly as sent (validated later, with the right reply); "<>" for null."""
+        text = arg.strip()
+        if text.startswith("<"):
+            close = text.find(">")
+            if close < 0:
+                return None, None
+            address, rest = text[1:close], text[close + 1 :]
+        else:
+            address, _, rest = text.partition(" ")
+        return (address or NULL_SENDER), rest
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        collector = DataCollector(self._config.smtp.max_message_size)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.smtp.data_timeout
+        while not collector.done:
+            remaining = min(deadline - loop.time(), self._config.smtp.idle_timeout)
+            try:
+                block = await asyncio.wait_for(self._reader.read(READ_BLOCK), max(remaining, 0))
+            except TimeoutError:
+                await self.push(str(DATA_TIMEOUT))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            if not block:
+                log.info("connection closed during DATA: nothing was taken")
+                return
+            self._reset_timeout()
+            rest = collector.feed(block)
+            if rest:
+                # Pipelined commands after the end of data go back where the
+                # command loop reads them (aiosmtpd itself uses this buffer).
+                self._reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+        if collector.too_big:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(TOO_BIG))
+            return
+        content = collector.content()
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+
+class InboundHandler:
+    """aiosmtpd hooks: validate the envelope, then hand the message to ``accept``."""
+
+    def __init__(self, config: Config, gate: Gate, accept: Accept, tls: bool) -> None:
+        self._config = config
+        self._gate = gate
+        self._accept = accept
+        self._tls = tls
+        self._users = (
+            _read_users(config.smtp.users_file) if config.smtp.auth is AuthMode.USERS else {}
+        )
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        extra = [
+            f"250-SIZE {self._config.smtp.max_message_size}",
+            "250-PIPELINING",
+            "250-ENHANCEDSTATUSCODES",
+        ]
+        return [responses[0], *extra, *responses[1:]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not self._gate.allows(session.peer) and not session.authenticated:
+            return str(AUTH_REQUIRED if self._config.smtp.auth is not AuthMode.OFF else NOT_ALLOWED)
+        for option in options:
+            name, _, value = option.partition("=")
+            if (
+                name == "SIZE"
+                and value.isdigit()
+                and int(value) > self._config.smtp.max_message_size
+            ):
+                return str(TOO_BIG)
+        try:
+            parse_address(
+                "" if address == NULL_SENDER else address,
+                smtputf8=envelope.smtp_utf8,
+                allow_null=True,
+            )
+        except BadAddress as exc:
+            return str(exc.reply)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return str(SENDER_OK)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if options:
+            return "555 5.5.4 RCPT TO parameters not supported"
+        try:
+            parse_address(address, smtputf8=envelope.smtp_utf8)
+        except BadAddress as exc:
+            return str(exc.reply)
+        if len(envelope.rcpt_tos) >= self._config.smtp.max_recipients:
+            return str(TOO_MANY_RCPTS)
+        envelope.rcpt_tos.append(address)
+        return str(RECIPIENT_OK)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        smtputf8 = envelope.smtp_utf8
+        mail_from = envelope.mail_from or NULL_SENDER
+        sender = parse_address(
+            "" if mail_from == NULL_SENDER else mail_from, smtputf8=smtputf8, allow_null=True
+        )
+        recipients = []
+        for text in envelope.rcpt_tos:
+            rcpt = parse_address(text, smtputf8=smtputf8)
+            assert rcpt is not None
+            recipients.append(rcpt)
+        assert isinstance(envelope.original_content, bytes)
+        submission = Submission(
+            sender=sender,
+            recipients=tuple(recipients),
+            smtputf8=smtputf8,
+            data=envelope.original_content,
+            helo=session.host_name or "unknown",
+            client_ip=_peer_ip(session.peer),
+            protocol=_protocol(smtputf8, session.ssl is not None, bool(session.authenticated)),
+            credentials=session.auth_data if isinstance(session.auth_data, Credentials) else None,
+        )
+        return str(await self._accept(submission))
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("internal error in SMTP session: %s", type(error).__name__, exc_info=error)
+        return str(INTERNAL)
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        """PLAIN/LOGIN: configured users, or passthrough of the application's own credentials."""
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        username = auth_data.login.decode("utf-8", "replace")
+        password = auth_data.password.decode("utf-8", "replace")
+        if self._config.smtp.auth is AuthMode.PASSTHROUGH:
+            return AuthResult(success=True, auth_data=Credentials(username, password))
+        expected = self._users.get(username)
+        if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
+            return AuthResult(success=True, auth_data=None)
+        return AuthResult(success=False, handled=False)
+
+
+def _read_users(path: str) -> dict[str, str]:
+    users = {}
+    with open(path, encoding="utf-8") as handle:
+        for raw in handle:
+            line = raw.rstrip("\r\n")
+            if line and not line.startswith("#"):
+                name, _, secret = line.partition(":")
+                users[name] = secret
+    return users
+
+
+def _peer_ip(peer: Any) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+
+
+def _protocol(smtputf8: bool, tls: bool, authenticated: bool) -> str:
+    """RFC 3848 and RFC 6531 3.7.3 "with" keywords."""
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def make_protocol_factory(
+    config: Config, accept: Accept, tls_context: ssl.SSLContext | None
+) -> tuple[Callable[[], RelaySMTP], Gate]:
+    """The factory ``loop.create_server`` calls for each connection, and the shared gate."""
+    gate = Gate(config.smtp.max_connections, config.smtp.allow_networks)
+    handler = InboundHandler(config, gate, accept, tls_context is not None)
+    auth_on = config.smtp.auth is not AuthMode.OFF
+    loopback = config.listen_address.is_loopback
+
+    def factory() -> RelaySMTP:
+        return RelaySMTP(
+            handler,
+            gate,
+            config,
+            data_size_limit=None,  # SIZE is advertised and enforced here, with 552 5.3.4
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.smtp.hostname,
+            ident="solo-relay ESMTP",
+            tls_context=tls_context,
+            timeout=config.smtp.idle_timeout,
+            auth_required=False,  # Rule 1 is applied at MAIL: networks or AUTH
+            auth_require_tls=not loopback,  # 538 5.7.11 for AUTH in clear off loopback
+            authenticator=handler.authenticate if auth_on else None,
+            auth_exclude_mechanism=None if auth_on else ["PLAIN", "LOGIN"],
+            command_call_limit=CALL_LIMITS,
+        )
+
+    return factory, gate

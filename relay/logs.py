@@ -1,0 +1,303 @@
+"""Logging for the relay: JSON lines or text, with addresses as keyed tokens.
+
+Rule 1: an address never reaches a log line in clear unless the operator
+asked for it (``[log] show_addresses``). Code logs ``token(address)``: an
+HMAC-SHA256 of the lower-cased address under the deployment's key, so the
+same address gives the same token within one deployment (lines can be
+correlated) and nobody without the key can test a guess.
+Rule 2: as a last line of defence, a filter on the relay's handler replaces
+anything that looks like an address in each record's message, fields and
+traceback with its token, whichever logger wrote it.
+Rule 3: aiosmtpd's ``mail.log`` (which logs every ``RCPT TO`` and the peer)
+and its ``mail.debug``, and aiosmtplib's logger, are held at WARNING.
+
+Structured fields go in ``extra={"fields": {...}}``; the JSON formatter puts
+them beside ``ts``, ``level``, ``logger`` and ``event``. This module formats
+and redacts; it does not decide what is logged, nor where logs are shipped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from relay.config import LogConfig, LogFormat
+from relay.errors import ConfigError
+
+KEY_FILE = "log-hash.key"
+KEY_BYTES = 32  # HMAC-SHA256's block-size-safe key length (RFC 2104 2: at least L=32)
+MIN_KEY_BYTES = 16  # a configured or stored key shorter than this is refused
+TOKEN_HEX = 16  # 64 bits: collisions stay unlikely across millions of addresses
+TOKEN_PREFIX = "a_"
+NULL_SENDER = "<>"
+
+# Loggers of the libraries underneath: chatty at INFO/DEBUG, and they name addresses.
+QUIET_LOGGERS = ("mail.log", "mail.debug", "aiosmtplib")
+
+# Something that looks like an address: a dot-atom or quoted local part, "@", and a
+# domain of dot-separated labels or an address literal. Broad on purpose (Unicode
+# letters for SMTPUTF8): a false hit costs a token, a miss costs an address in a log.
+ADDRESS_PATTERN = re.compile(
+    r"""(?:"[^"\r\n]{0,64}"|[\w!#$%&*+/=?^`{|}~-][\w.!#$%&'*+/=?^`{|}~-]*)"""
+    r"""@(?:\[[^\]\s]{1,64}\]|[\w-]+(?:\.[\w-]+)*)"""
+)
+
+# Attributes every LogRecord has; anything else came in through ``extra``.
+_RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_HANDLER_MARK = "_solo_relay_handler"
+
+
+class AddressTokens:
+    """Turns addresses into stable, keyed tokens (or leaves them, when asked).
+
+    ``tokens("Bob@Example.COM")`` and ``tokens("bob@example.com")`` give the
+    same ``a_`` + 16 hex digits under one key, and different ones under another.
+    """
+
+    __slots__ = ("_key", "show")
+
+    def __init__(self, key: bytes, *, show: bool = False) -> None:
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"the address token key needs at least {MIN_KEY_BYTES} bytes")
+        self._key = key
+        self.show = show
+
+    def __repr__(self) -> str:
+        return f"<AddressTokens show={self.show}>"  # never the key
+
+    def __call__(self, address: str) -> str:
+        """The token of ``address`` (the address itself when ``show`` is set)."""
+        if self.show:
+            return address
+        normalised = address.strip().removeprefix("<").removesuffix(">").strip().lower()
+        if not normalised:
+            return NULL_SENDER  # the null reverse-path names nobody
+        digest = hmac.new(self._key, normalised.encode("utf-8", "surrogatepass"), hashlib.sha256)
+        return TOKEN_PREFIX + digest.hexdigest()[:TOKEN_HEX]
+
+    def token(self, address: str) -> str:
+        """The same as calling the instance: the token of ``address``."""
+        return self(address)
+
+    def redact(self, text: str) -> str:
+        """``text`` with everything that looks like an address replaced by its token."""
+        if self.show or "@" not in text:
+            return text
+        return ADDRESS_PATTERN.sub(lambda m: self(m.group(0)), text)
+
+    def redact_value(self, value: Any) -> Any:
+        """A field value with every string in it redacted (dicts, lists, tuples, sets)."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, Mapping):
+            return {self.redact(str(k)): self.redact_value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.redact_value(v) for v in value]
+        if isinstance(value, bool | int | float) or value is None:
+            return value
+        return self.redact(str(value))  # an object's str() can name anyone
+
+
+# Until setup_logging runs, tokens use a key that lives only as long as the process.
+_tokens = AddressTokens(secrets.token_bytes(KEY_BYTES))
+
+
+def token(address: str) -> str:
+    """The token of ``address`` under the key ``setup_logging`` installed."""
+    return _tokens(address)
+
+
+class RedactAddresses(logging.Filter):
+    """Rewrites a record in place so no address survives in it (Rule 2).
+
+    The message is formatted (``msg % args``) and redacted; ``fields``, any
+    other ``extra`` attribute, the traceback and the stack are redacted too.
+    A record passes through once per handler; tokens do not match the
+    pattern, so a second pass changes nothing.
+    """
+
+    def __init__(self, tokens: AddressTokens) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.tokens.show:
+            return True
+        redact = self.tokens.redact
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not lose the line, nor leak its args
+            message = f"{record.msg!s} {record.args!r}"
+        record.msg = redact(message)
+        record.args = None
+        for name, value in list(record.__dict__.items()):
+            if name not in _RECORD_ATTRS:
+                setattr(record, name, self.tokens.redact_value(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return dict(fields) if isinstance(fields, Mapping) else {}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, event, then the record's fields.
+
+    A field named like one of the four fixed keys is written as ``field_<name>``.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        for name, value in _fields(record).items():
+            line[f"field_{name}" if name in line else str(name)] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``ts LEVEL logger: event key=value ...`` for a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [_timestamp(record), record.levelname, f"{record.name}:", record.getMessage()]
+        parts.extend(
+            f"{name}={json.dumps(value, ensure_ascii=False, default=str)}"
+            if not isinstance(value, str) or not value or any(c.isspace() for c in value)
+            else f"{name}={value}"
+            for name, value in _fields(record).items()
+        )
+        text = " ".join(parts)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + record.exc_text
+        if record.stack_info:
+            text += "\n" + record.stack_info
+        return text
+
+
+def wants_json(fmt: LogFormat, stream: TextIO) -> bool:
+    """JSON for ``json``, text for ``text``; ``auto``: JSON unless ``stream`` is a terminal."""
+    if fmt is LogFormat.AUTO:
+        isatty = getattr(stream, "isatty", None)
+        return not (callable(isatty) and isatty())
+    return fmt is LogFormat.JSON
+
+
+def setup_logging(config: LogConfig, *, key: bytes, stream: TextIO | None = None) -> AddressTokens:
+    """Install the relay's one handler on the root logger and return its tokens.
+
+    Idempotent: a handler an earlier call installed is replaced; handlers
+    others installed are left alone. Also makes ``token()`` use ``key``.
+    Raises ``ValueError`` for a key shorter than 16 bytes.
+    """
+    global _tokens  # noqa: PLW0603 - logging is process-wide; token() follows the setup
+    tokens = AddressTokens(key, show=config.show_addresses)
+    out = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter() if wants_json(config.format, out) else TextFormatter())
+    handler.addFilter(RedactAddresses(tokens))
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, _HANDLER_MARK, False):
+            root.removeHandler(old)
+            old.close()
+    root.addHandler(handler)
+    root.setLevel(config.level.upper())
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    _tokens = tokens
+    return tokens
+
+
+def load_key(config: LogConfig, spool_dir: Path) -> bytes:
+    """The deployment's token key: ``[log] hash_key``, else the one kept in the spool.
+
+    The stored key is 32 random bytes at ``spool_dir / "log-hash.key"``, created
+    once with mode 0600 (written to a temporary file, then linked into place, so
+    two starting relays agree on one key and a crash leaves no half key).
+    Raises ``ConfigError`` (key ``log.hash_key``) when the key is too short or
+    the file cannot be read or created.
+    """
+    if config.hash_key:
+        key = config.hash_key.encode("utf-8")
+        if len(key) < MIN_KEY_BYTES:
+            raise ConfigError("log.hash_key", f"must be at least {MIN_KEY_BYTES} bytes long")
+        return key
+    path = spool_dir / KEY_FILE
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    try:
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        _create_key(path)
+        return _read_key(path)
+    except OSError as exc:
+        raise ConfigError("log.hash_key", f"cannot create {path}: {exc.strerror}") from exc
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError("log.hash_key", f"cannot read {path}: {exc.strerror}") from exc
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError("log.hash_key", f"{path} holds no usable key; remove it to make one")
+    return key
+
+
+def _create_key(path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, secrets.token_bytes(KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temporary, path)  # fails if another process made the key first: use theirs
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,314 @@
+"""Every Prometheus series the relay exports, behind small typed methods.
+
+Rule 1: every label value comes from a closed set defined here or in
+``relay.model`` (an enum or a frozen set). Nothing a peer sends (an address, a
+domain, a Message-ID, reply text, a header name outside the fixed list) can
+become a label value, so the series count is bounded whatever the traffic.
+Rule 2: every labelled child is created at construction, so the set of
+series exported is the same after one message as after a million; a
+dashboard never sees a series appear, and a rate over a fresh series is
+never missing its zero.
+
+Closed label sets:
+
+- ``result`` of a received message: the values of ``MessageResult``.
+- ``outcome`` of a copy: the values of ``relay.model.Status``.
+- ``class`` of an upstream reply: ``REPLY_CLASSES`` (``2xx``, ``4xx``,
+  ``5xx``, ``other`` for any other code, ``none`` for no reply at all).
+- ``stage`` of an upstream reply: the values of ``relay.model.Stage``.
+- ``state`` of a spooled copy: the values of ``SpoolState``.
+- ``header`` that was changed: ``HEADER_LABELS`` (``REMOVED_HEADERS``, plus
+  ``to``, ``received``, ``dkim-signature``, and ``other`` for the names a
+  deployment adds to the removal list).
+- ``change`` made to a header: the values of ``relay.model.ChangeKind``.
+- ``result`` of an inbound connection: the values of ``ConnectionResult``.
+- ``version`` of ``solo_relay_build_info``: the one running version.
+
+This module holds counters only: it does not serve them (``relay.health``
+does), log, or decide anything; readiness is not a metric.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from relay import __version__
+from relay.model import REMOVED_HEADERS, Change, ChangeKind, Outcome, Stage, Status
+
+PREFIX = "solo_relay"
+
+
+class MessageResult(enum.Enum):
+    """What the relay told the application about one message (the ``result`` label)."""
+
+    ACCEPTED = "accepted"  # 250: custody taken (direct mode: delivered to every recipient)
+    REJECTED_POLICY = "rejected_policy"  # refused by policy: network, AUTH, limits, open relay
+    REJECTED_LEAK = "rejected_leak"  # 550 5.7.1: the leak guard refused a copy
+    REJECTED_HEADER = "rejected_header"  # 554: malformed header section or too many hops
+    REJECTED_DATA = "rejected_data"  # 550 5.5.2: bare CR, bare LF or NUL
+    REJECTED_SIZE = "rejected_size"  # 552: larger than smtp.max_message_size
+    REJECTED_ADDRESS = "rejected_address"  # 553: an envelope address the relay will not carry
+    DEFERRED = "deferred"  # 4xx to the application: it should retry
+    ERROR = "error"  # the relay failed (a bug or a local fault): 451 4.3.0
+
+
+class ConnectionResult(enum.Enum):
+    """What happened to one inbound TCP connection (the ``result`` label)."""
+
+    ACCEPTED = "accepted"
+    REFUSED_LIMIT = "refused_limit"  # smtp.max_connections reached
+    REFUSED_NETWORK = "refused_network"  # the peer is outside smtp.allow_networks
+
+
+class SpoolState(enum.Enum):
+    """The states a spooled copy can be in (the ``state`` label)."""
+
+    QUEUED = "queued"
+    DELIVERING = "delivering"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+# The ``class`` label: Outcome.reply_class folded into a closed set.
+REPLY_CLASSES: frozenset[str] = frozenset({"2xx", "4xx", "5xx", "other", "none"})
+
+OTHER_HEADER = "other"
+# The ``header`` label: the built-in removal list, the fields the relay rebuilds or adds
+# or strips, and "other" for names a deployment adds to the removal list.
+HEADER_LABELS: frozenset[str] = REMOVED_HEADERS | {
+    "to",
+    "received",
+    "dkim-signature",
+    OTHER_HEADER,
+}
+
+# 1 to smtp.max_recipients' default (1000), roughly 1-2-5 per decade.
+RECIPIENT_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
+# 1 KiB to 35 MiB (smtp.max_message_size's default), powers of 4.
+SIZE_BUCKETS = (
+    1024,
+    4096,
+    16_384,
+    65_536,
+    262_144,
+    1_048_576,
+    4_194_304,
+    16_777_216,
+    36_700_160,
+)
+# 10 ms to 10 minutes: an upstream may take RFC 5321's full 10 minutes after the dot.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0)
+
+
+def reply_class(outcome: Outcome) -> str:
+    """The ``class`` label for an outcome: one of ``REPLY_CLASSES``."""
+    label = outcome.reply_class
+    return label if label in REPLY_CLASSES else "other"
+
+
+def header_label(name: str) -> str:
+    """The ``header`` label for a field name: one of ``HEADER_LABELS``."""
+    lowered = name.lower()
+    return lowered if lowered in HEADER_LABELS else OTHER_HEADER
+
+
+class Metrics:
+    """The relay's series, registered in ``registry`` (a fresh one per test).
+
+    Methods are named for the event the caller saw; each moves only the
+    series its docstring names.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, version: str = __version__) -> None:
+        self.registry = registry
+        p = PREFIX
+        self._messages = Counter(
+            f"{p}_messages_received_total",
+            "Messages received from the application, by what the relay replied.",
+            ["result"],
+            registry=registry,
+        )
+        self._recipients = Histogram(
+            f"{p}_message_recipients",
+            "Envelope recipients per received message.",
+            buckets=RECIPIENT_BUCKETS,
+            registry=registry,
+        )
+        self._size = Histogram(
+            f"{p}_message_size_bytes",
+            "Size of each received message's data, in bytes.",
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self._copies = Counter(
+            f"{p}_copies_total",
+            "Copy outcomes at the upstream, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self._ambiguous = Counter(
+            f"{p}_copies_ambiguous_total",
+            "Copies with no reply after the final dot: they may have arrived.",
+            registry=registry,
+        )
+        self._replies = Counter(
+            f"{p}_upstream_replies_total",
+            "Final upstream replies for copies, by reply class and transaction stage.",
+            ["class", "stage"],
+            registry=registry,
+        )
+        self._latency = Histogram(
+            f"{p}_delivery_latency_seconds",
+            "Duration of each copy's delivery attempt, by outcome.",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._spool = Gauge(
+            f"{p}_spool_copies",
+            "Copies in the spool, by state.",
+            ["state"],
+            registry=registry,
+        )
+        self._oldest = Gauge(
+            f"{p}_spool_oldest_queued_age_seconds",
+            "Age of the oldest copy waiting for delivery (0 when none waits).",
+            registry=registry,
+        )
+        self._headers = Counter(
+            f"{p}_header_changes_total",
+            "Header changes made to copies, by field name (closed set) and kind of change.",
+            ["header", "change"],
+            registry=registry,
+        )
+        self._leaks = Counter(
+            f"{p}_leak_guard_rejections_total",
+            "Messages the leak guard refused (550 5.7.1): nothing of them was sent.",
+            registry=registry,
+        )
+        self._body_warnings = Counter(
+            f"{p}_body_check_warnings_total",
+            "Messages whose body names a recipient of another copy (body_check = warn).",
+            registry=registry,
+        )
+        self._connections = Counter(
+            f"{p}_inbound_connections_total",
+            "Inbound SMTP connections, by result.",
+            ["result"],
+            registry=registry,
+        )
+        self._open = Gauge(
+            f"{p}_inbound_connections_open",
+            "Inbound SMTP connections open now.",
+            registry=registry,
+        )
+        self._auth_failures = Counter(
+            f"{p}_upstream_auth_failures_total",
+            "Times the upstream refused the relay's credentials.",
+            registry=registry,
+        )
+        self._auth_paused = Gauge(
+            f"{p}_upstream_auth_paused",
+            "1 while delivery is paused after the upstream refused the credentials, else 0.",
+            registry=registry,
+        )
+        self._build = Gauge(
+            f"{p}_build_info",
+            "Always 1; the label names the running version.",
+            ["version"],
+            registry=registry,
+        )
+        self._build.labels(version).set(1)
+        self._preinitialise()
+
+    def _preinitialise(self) -> None:
+        for message in MessageResult:
+            self._messages.labels(message.value)
+        for status in Status:
+            self._copies.labels(status.value)
+            self._latency.labels(status.value)
+        for cls in REPLY_CLASSES:
+            for stage in Stage:
+                self._replies.labels(cls, stage.value)
+        for state in SpoolState:
+            self._spool.labels(state.value).set(0)
+        for header in HEADER_LABELS:
+            for kind in ChangeKind:
+                self._headers.labels(header, kind.value)
+        for connection in ConnectionResult:
+            self._connections.labels(connection.value)
+
+    def message_received(self, result: MessageResult, size: int, recipients: int) -> None:
+        """Count one message by ``result``; observe its size and recipient count.
+
+        ``size`` (bytes of DATA) and ``recipients`` (envelope recipients) are
+        observed only when more than 0: pass 0 when the message was refused
+        before that was known (no DATA yet), so refusals do not skew the
+        histograms toward zero.
+        """
+        self._messages.labels(result.value).inc()
+        if size > 0:
+            self._size.observe(size)
+        if recipients > 0:
+            self._recipients.observe(recipients)
+
+    def copy_outcome(self, outcome: Outcome, latency: float) -> None:
+        """Count one copy's outcome, its upstream reply (class, stage) and its latency.
+
+        ``latency`` is the attempt's duration in seconds, measured by the caller
+        on a monotonic clock. An ambiguous outcome also counts in
+        ``copies_ambiguous_total``; one with ``auth_failed`` also counts as an
+        upstream auth failure (do not call ``upstream_auth_failed`` for it too).
+        """
+        status = outcome.status.value
+        self._copies.labels(status).inc()
+        self._replies.labels(reply_class(outcome), outcome.stage.value).inc()
+        self._latency.labels(status).observe(max(latency, 0.0))
+        if outcome.ambiguous:
+            self._ambiguous.inc()
+        if outcome.auth_failed:
+            self._auth_failures.inc()
+
+    def header_changes(self, changes: Iterable[Change]) -> None:
+        """Count each change to one copy's header section by field name and kind."""
+        for change in changes:
+            self._headers.labels(header_label(change.header), change.kind.value).inc()
+
+    def leak_rejected(self) -> None:
+        """Count one message the leak guard refused."""
+        self._leaks.inc()
+
+    def body_warning(self) -> None:
+        """Count one message whose body check warned."""
+        self._body_warnings.inc()
+
+    def connection(self, result: ConnectionResult) -> None:
+        """Count one inbound connection; an accepted one is also open until closed."""
+        self._connections.labels(result.value).inc()
+        if result is ConnectionResult.ACCEPTED:
+            self._open.inc()
+
+    def connection_closed(self) -> None:
+        """An accepted connection closed (call once per ``connection(ACCEPTED)``)."""
+        self._open.dec()
+
+    def upstream_auth_failed(self) -> None:
+        """Count an auth refusal that no copy's outcome carries (a probe, a pool warm-up)."""
+        self._auth_failures.inc()
+
+    def upstream_auth_paused(self, paused: bool) -> None:
+        """Set the paused gauge: 1 while delivery waits for working credentials."""
+        self._auth_paused.set(1 if paused else 0)
+
+    def spool_copies(self, counts: Mapping[SpoolState, int]) -> None:
+        """Set the spool gauge for every state; a state missing from ``counts`` is 0."""
+        for state in SpoolState:
+            self._spool.labels(state.value).set(counts.get(state, 0))
+
+    def oldest_queued_age(self, seconds: float) -> None:
+        """Set the age of the oldest waiting copy (0 when none waits)."""
+        self._oldest.set(max(seconds, 0.0))

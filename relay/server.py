@@ -1,0 +1,135 @@
+"""The relay process: start, serve, stop gracefully (uvicorn's ``Server`` is the model).
+
+Rule 1: start-up does every check that can fail before the port opens; a
+bad key stops it with one line.
+Rule 2: SIGTERM and SIGINT only ask for a stop: the listener closes (no new
+sessions), sessions in progress may finish until the grace time, then the
+rest are closed and the upstream pool is shut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from relay import __version__
+from relay.config import Config
+from relay.health import HealthServer
+from relay.inbound import Gate, make_protocol_factory
+from relay.intake import Intake
+from relay.logs import AddressTokens, load_key
+from relay.metrics import Metrics
+from relay.tlsconf import server_context
+from relay.upstream import Upstream, open_upstream, parse_upstream_url
+
+log = logging.getLogger("relay.server")
+
+SHUTDOWN_GRACE = 30.0  # seconds for sessions in progress after SIGTERM
+
+
+class Relay:
+    """One relay: the SMTP listener, the upstream, metrics and health endpoints."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: CollectorRegistry | None = None,
+        tokens: AddressTokens | None = None,
+    ) -> None:
+        self.config = config
+        self._tokens = tokens
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.smtp_port = 0
+        self.metrics_port = 0
+        self._stop = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._gate: Gate | None = None
+        self._health: HealthServer | None = None
+        self._upstream: Upstream | None = None
+        self._started = 0.0
+
+    def __repr__(self) -> str:
+        open_sessions = self._gate.open if self._gate else 0
+        return f"<Relay smtp={self.smtp_port} metrics={self.metrics_port} sessions={open_sessions}>"
+
+    async def start(self) -> None:
+        """Open the upstream, the listener and the health server; raises ``ConfigError``."""
+        config = self.config
+        tls = server_context(config.smtp)
+        tokens = self._tokens or AddressTokens(
+            load_key(config.log, Path(config.spool.dir)), show=config.log.show_addresses
+        )
+        self._upstream = open_upstream(config.upstream)
+        intake = Intake(config, self._upstream, self.metrics, tokens)
+        factory, self._gate = make_protocol_factory(config, intake.accept, tls)
+        listen = config.listen_address
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(factory, listen.host, listen.port)
+        self.smtp_port = self._server.sockets[0].getsockname()[1]
+        self._health = HealthServer(self.registry, self._ready)
+        metrics = config.metrics_address
+        self.metrics_port = await self._health.start(metrics.host, metrics.port)
+        self._started = time.monotonic()
+        log.info(
+            "listening",
+            extra={
+                "fields": {
+                    "smtp": f"{listen.host}:{self.smtp_port}",
+                    "metrics": f"{metrics.host}:{self.metrics_port}",
+                    "upstream": self._upstream_name(),
+                    "version": __version__,
+                }
+            },
+        )
+
+    def _upstream_name(self) -> str:
+        target = parse_upstream_url(
+            self.config.upstream.url, insecure=self.config.upstream.insecure
+        )
+        return target.redacted()
+
+    def _ready(self) -> tuple[bool, str]:
+        if self._server is None or not self._server.is_serving():
+            return False, "not listening"
+        return True, "ready"
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or ``request_stop``), then stop."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, let sessions finish until ``grace``, then close everything."""
+        log.info("stopping", extra={"fields": {"grace": grace}})
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._gate is not None and self._gate.open and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._gate is not None:
+            self._gate.close_all()
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._upstream is not None:
+            await self._upstream.aclose()
+        if self._health is not None:
+            await self._health.stop()
+        log.info("stopped")
