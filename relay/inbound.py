@@ -17,6 +17,7 @@ Past this module the relay sees ``Submission`` values and ``Reply`` values.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import ipaddress
 import logging
@@ -108,6 +109,11 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._gate = gate
         self._config = config
+        # aiosmtpd widens MAIL's limit at every EHLO on a class-wide dict, so
+        # each session gets its own: RFC 5321 4.5.3.1.4's 512, plus SIZE=.
+        self.command_size_limits = collections.defaultdict(
+            lambda: SMTP.command_size_limit, {"MAIL": SMTP.command_size_limit + 26}
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starting = self.transport is None
@@ -197,6 +203,7 @@ class InboundHandler:
         self._gate = gate
         self._accept = accept
         self._tls = tls
+        self._auth = config.smtp.auth is not AuthMode.OFF
         self._users = (
             _read_users(config.smtp.users_file) if config.smtp.auth is AuthMode.USERS else {}
         )
@@ -215,7 +222,8 @@ class InboundHandler:
             "250-PIPELINING",
             "250-ENHANCEDSTATUSCODES",
         ]
-        return [responses[0], *extra, *responses[1:]]
+        kept = [r for r in responses[1:] if self._auth or not r.startswith("250-AUTH")]
+        return [responses[0], *extra, *kept]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from relay.model import Trace
 
+pytest_plugins = ["tests.upstream_server"]
+
 CRLF = b"\r\n"
 
 

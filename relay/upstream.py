@@ -1,0 +1,596 @@
+"""The upstream: hand one copy to the real provider (or the outbox) and say what happened.
+
+Rule 1: AUTH and mail never cross the network in clear. ``smtps://`` is TLS
+from the first byte; ``smtp://`` must complete STARTTLS, and when STARTTLS is
+missing or fails the connection is dropped before any AUTH or MAIL (a
+transient outcome at ``Stage.TLS``). ``smtp+plain://`` is for a loopback host
+(or an explicit ``insecure``), and sends AUTH in clear only to a loopback host.
+Rule 2: certificates are verified against the system store plus ``ca_file``,
+the host name is checked, and nothing older than TLS 1.2 is spoken (RFC 8314).
+Rule 3: every way a send can end is an ``Outcome``, never an exception. A
+reply is classified by ``classify_reply``; an aiosmtplib or socket error
+becomes an outcome in ``_failure`` only. This is the one module that imports
+aiosmtplib; nothing of it leaves here.
+Rule 4: no reply after the final dot (disconnect or timeout) is ``ambiguous``:
+the copy may have arrived (RFC 5321 4.5.3.2.6 and 6.1).
+Rule 5: the bytes sent are exactly ``copy.headers + copy.body``, dot-stuffed.
+The body is shared by every copy of a message: it is never changed, and is
+scanned (and stuffed, when a line starts with a dot) once per message.
+Rule 6: the password never appears in a repr, an outcome or a check step.
+
+Classification (SPEC 5): 4xx, connection errors, timeouts, any failure
+before MAIL, and ``552`` at RCPT (RFC 5321 4.5.3.1.10) are transient; other
+5xx are permanent. Any AUTH refusal is transient; a 5xx one (``535``) also
+sets ``auth_failed`` so delivery pauses instead of bouncing mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import re
+import ssl
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from aiosmtplib import SMTP, SMTPConnectError, SMTPException, SMTPResponseException
+
+from relay.config import HostPort, UpstreamConfig
+from relay.errors import ConfigError
+from relay.model import Copy, Credentials, Outcome, Stage, Status
+from relay.outbox import CheckStep, OutboxUpstream
+
+DEFAULT_PORTS = {"smtps": 465, "smtp": 587, "smtp+plain": 25}  # RFC 8314 3.3, RFC 6409, RFC 5321
+URL_FORMS = "smtps://user@host:465, smtp://user@host:587, smtp+plain://host:25 or outbox:DIR"
+_HOST = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.?")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?= |$)")  # RFC 3463
+_LINE_DOT = re.compile(rb"(?m)^\.")  # RFC 5321 4.5.2: transparency
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A parsed ``upstream.url``; ``redacted()`` is the only form fit for logs."""
+
+    scheme: str  # "smtps", "smtp", "smtp+plain" or "outbox"
+    host: str = ""
+    port: int = 0
+    username: str = ""
+    password_in_url: str = field(default="", repr=False)
+    outbox_dir: str = ""
+
+    @property
+    def is_loopback(self) -> bool:
+        return HostPort(self.host, self.port).is_loopback
+
+    def redacted(self) -> str:
+        if self.scheme == "outbox":
+            return f"outbox:{self.outbox_dir}"
+        user = f"{self.username}@" if self.username else ""
+        return f"{self.scheme}://{user}{HostPort(self.host, self.port)}"
+
+
+def parse_upstream_url(url: str, *, insecure: bool) -> Target:
+    """Parse ``upstream.url``; raise ``ConfigError("upstream.url", ...)`` for anything else.
+
+    User and password may be percent-encoded. ``smtp+plain://`` is refused to a
+    host that is not loopback unless ``insecure``.
+    """
+    key = "upstream.url"
+    scheme, _, rest = url.partition(":")
+    scheme = scheme.lower()
+    if scheme == "outbox":
+        if not rest.strip():
+            raise ConfigError(key, "outbox: needs a directory, for example outbox:./outbox")
+        return Target("outbox", outbox_dir=rest)
+    if scheme not in DEFAULT_PORTS or not rest.startswith("//"):
+        shown = f"scheme {scheme!r}" if rest.startswith("//") else "the value"
+        raise ConfigError(key, f"{shown} is not one of {URL_FORMS}")
+    if _CONTROL_OR_SPACE.search(url):
+        raise ConfigError(key, "contains a space or a control character")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # for example a bad [IPv6] literal
+        raise ConfigError(key, f"is not a valid URL ({exc})") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(key, f"must be {scheme}://[user@]host[:port] with nothing after the port")
+    try:
+        port = DEFAULT_PORTS[scheme] if parts.port is None else parts.port
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise ConfigError(key, "the port must be a number from 1 to 65535")
+    host = parts.hostname or ""
+    if not host:
+        raise ConfigError(key, "names no host")
+    if not (_HOST.fullmatch(host) or _is_ip(host)):
+        raise ConfigError(key, "the host must be a DNS name (A-labels for IDN) or an IP address")
+    target = Target(
+        scheme, host, port, unquote(parts.username or ""), unquote(parts.password or "")
+    )
+    if scheme == "smtp+plain" and not insecure and not target.is_loopback:
+        raise ConfigError(
+            key,
+            "smtp+plain:// sends mail in clear: only to a loopback host, unless upstream.insecure",
+        )
+    return target
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class Upstream(Protocol):
+    """Where copies go. Tests replace it to inject faults; ``send`` never raises for a peer."""
+
+    async def send(
+        self, mail_from: str, copy: Copy, *, smtputf8: bool, credentials: Credentials | None = None
+    ) -> Outcome:
+        """Deliver ``copy`` to ``copy.recipient`` from ``mail_from`` ("" is ``<>``)."""
+        ...
+
+    async def check(self) -> list[CheckStep]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def open_upstream(config: UpstreamConfig, *, helo_name: str | None = None) -> Upstream:
+    """The upstream ``config.url`` names. Raises ``ConfigError`` naming the bad key.
+
+    The password comes from ``password_file``, else ``password``, else the URL.
+    ``helo_name`` is the EHLO name (default: this host's FQDN).
+    """
+    target = parse_upstream_url(config.url, insecure=config.insecure)
+    if target.scheme == "outbox":
+        return OutboxUpstream(Path(target.outbox_dir))
+    credentials = _configured_credentials(config, target)
+    tls = None if target.scheme == "smtp+plain" else _tls_context(config.ca_file)
+    return SmtpUpstream(target, config, credentials, tls, helo_name=helo_name)
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().rstrip("\r\n")
+
+
+def _configured_credentials(config: UpstreamConfig, target: Target) -> Credentials | None:
+    try:
+        password = _read_secret(config.password_file) if config.password_file else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("upstream.password_file", f"cannot read it: {exc}") from None
+    password = password or config.password or target.password_in_url
+    if config.oauth_token_file:
+        if not target.username:
+            raise ConfigError("upstream.oauth_token_file", "XOAUTH2 needs the user in upstream.url")
+        try:
+            _read_secret(config.oauth_token_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("upstream.oauth_token_file", f"cannot read it: {exc}") from None
+        return Credentials(target.username, "")  # the token is read at each connection
+    if not target.username:
+        if password:
+            raise ConfigError("upstream.url", "a password is set but the URL names no user")
+        return None  # no AUTH, or passthrough credentials per send
+    if not password:
+        raise ConfigError(
+            "upstream.password", "the URL names a user but no password or password_file is set"
+        )
+    if target.scheme == "smtp+plain" and not target.is_loopback:
+        raise ConfigError("upstream.url", "smtp+plain:// would send the password in clear")
+    return Credentials(target.username, password)
+
+
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    context = ssl.create_default_context()  # system store, CERT_REQUIRED, host name checked
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)  # in addition to the system store
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("upstream.ca_file", f"cannot load it: {exc}") from None
+    return context
+
+
+# -- classification: pure ------------------------------------------------------
+
+
+def split_enhanced(code: int, text: str) -> tuple[str, str]:
+    """The RFC 3463 code leading the reply text (only if its class matches), and the rest."""
+    lines = text.split("\n")
+    match = _ENHANCED.match(lines[0])
+    if match is None or int(match[1]) != code // 100:
+        return "", " ".join(lines)
+    enhanced = match[0]
+    rest = [ln[len(enhanced) :].lstrip() if ln.startswith(enhanced) else ln for ln in lines]
+    return enhanced, " ".join(rest)
+
+
+def classify_reply(stage: Stage, code: int, text: str) -> Outcome:
+    """A refusal (any reply but the one expected) at ``stage``, as an outcome."""
+    enhanced, text = split_enhanced(code, text)
+    if stage is Stage.AUTH:  # bad credentials: pause and alert, never bounce (SPEC 5)
+        return Outcome(Status.TRANSIENT, stage, code, enhanced, text, auth_failed=code >= 500)
+    permanent = (
+        500 <= code < 600
+        and stage not in (Stage.CONNECT, Stage.TLS)  # about the connection, not this copy
+        and not (stage is Stage.RCPT and code == 552)  # RFC 5321 4.5.3.1.10
+    )
+    return Outcome(Status.PERMANENT if permanent else Status.TRANSIENT, stage, code, enhanced, text)
+
+
+def _tls_problem(exc: BaseException) -> str | None:
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain is short; never loop on a cycle
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen)
+        if isinstance(seen, ssl.SSLError):
+            return str(seen.reason or seen)
+        if seen is None:
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _failure(exc: BaseException, stage: Stage) -> Outcome:
+    """The one place where aiosmtplib and socket errors become outcomes (httpcore's
+    ``map_exceptions``)."""
+    if isinstance(exc, SMTPResponseException) and (exc.code >= 200 or stage is not Stage.DOT):
+        return classify_reply(stage, exc.code, exc.message)  # a reply (or garbage before the dot)
+    problem = _tls_problem(exc)
+    if problem is not None:
+        return Outcome(Status.TRANSIENT, Stage.TLS, text=f"TLS failed: {problem}")
+    if isinstance(exc, TimeoutError):
+        text = "timed out"
+    elif isinstance(exc, SMTPConnectError):
+        text = str(exc)
+    elif isinstance(exc, ConnectionError):
+        text = "connection lost"
+    else:
+        text = str(exc) or type(exc).__name__
+    if stage is Stage.DOT:
+        return Outcome(
+            Status.TRANSIENT, stage, text=f"no reply after the final dot: {text}", ambiguous=True
+        )
+    return Outcome(Status.TRANSIENT, stage, text=text)
+
+
+class _Failed(Exception):
+    """Internal: carries an outcome out of a connection step."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
+
+
+@contextlib.contextmanager
+def _at(stage: Stage) -> Iterator[None]:
+    try:
+        yield
+    except (SMTPException, OSError) as exc:  # OSError covers ssl.SSLError and TimeoutError
+        raise _Failed(_failure(exc, stage)) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """A message body made ready to send: stuffed if needed, and what it needs upstream."""
+
+    payload: bytes | memoryview  # the shared body itself unless a line starts with "."
+    tail: bytes  # the end-of-data marker, after a CRLF when the body lacks one
+    eight_bit: bool
+
+
+def _prepare_body(body: memoryview) -> _Body | None:
+    """``None`` when the body holds a bare CR, LF or NUL (never sent: SPEC 4)."""
+    if _BARE.search(body):
+        return None
+    payload: bytes | memoryview = _LINE_DOT.sub(b"..", body) if _LINE_DOT.search(body) else body
+    tail = b".\r\n" if not body or bytes(body[-2:]) == b"\r\n" else b"\r\n.\r\n"
+    return _Body(payload, tail, _EIGHT_BIT.search(body) is not None)
+
+
+# -- the SMTP pool -------------------------------------------------------------
+
+
+class _Connection:
+    """One pooled session, past TLS and AUTH, used by one send at a time."""
+
+    __slots__ = ("credentials", "smtp", "transactions")
+
+    def __init__(self, smtp: SMTP, credentials: Credentials | None) -> None:
+        self.smtp = smtp
+        self.credentials = credentials
+        self.transactions = 0
+
+
+class SmtpUpstream:
+    """A pool of aiosmtplib sessions to one provider, keyed by the credentials they used.
+
+    At most ``pool_size`` are open; each carries up to ``max_messages_per_connection``
+    transactions, gets RSET after a refusal, and is dropped after a 421 or an error.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        config: UpstreamConfig,
+        credentials: Credentials | None,
+        tls: ssl.SSLContext | None,
+        *,
+        helo_name: str | None = None,
+    ) -> None:
+        self.target = target
+        self._config = config
+        self._credentials = credentials
+        self._tls = tls
+        self._helo_name = helo_name
+        self._slots = asyncio.Semaphore(config.pool_size)
+        self._idle: list[_Connection] = []
+        self._busy = 0
+        self._bodies: OrderedDict[int, tuple[memoryview, _Body | None]] = OrderedDict()
+        self._closed = False
+        self.connections_opened = 0
+
+    def __repr__(self) -> str:
+        state = f"busy={self._busy} idle={len(self._idle)} opened={self.connections_opened}"
+        return f"<SmtpUpstream {self.target.redacted()} {state}>"
+
+    async def send(
+        self, mail_from: str, copy: Copy, *, smtputf8: bool, credentials: Credentials | None = None
+    ) -> Outcome:
+        key = credentials if credentials is not None else self._credentials
+        body = self._prepare(copy.body)
+        if body is None:
+            text = "the copy holds a bare CR, LF or NUL; not sent"
+            return Outcome(Status.PERMANENT, Stage.DATA, 554, "5.6.0", text)
+        async with self._slots:
+            self._busy += 1
+            try:
+                conn, reused = await self._checkout(key, reuse=True)
+                outcome = await self._transaction(conn, mail_from, copy, body, smtputf8)
+                if reused and outcome.stage is Stage.MAIL and outcome.code in (0, 421):
+                    # A pooled session the server had dropped: nothing was sent, use a fresh one.
+                    conn, _ = await self._checkout(key, reuse=False)
+                    outcome = await self._transaction(conn, mail_from, copy, body, smtputf8)
+                return outcome
+            except _Failed as failed:
+                return failed.outcome
+            finally:
+                self._busy -= 1
+
+    async def check(self) -> list[CheckStep]:
+        steps: list[CheckStep] = []
+        try:
+            conn = await self._connect(self._credentials, steps)
+        except _Failed as failed:
+            done = {step.name for step in steps}
+            name = {Stage.TLS: "tls", Stage.AUTH: "auth"}.get(failed.outcome.stage)
+            name = name or ("ehlo" if "connect" in done else "connect")
+            o = failed.outcome
+            steps.append(
+                CheckStep(
+                    name, False, " ".join(str(p) for p in (o.code or "", o.enhanced, o.text) if p)
+                )
+            )
+            return steps
+        await self._quit(conn)
+        return steps
+
+    async def aclose(self) -> None:
+        """QUIT the idle connections; one still in use closes when its send ends."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._quit(conn)
+
+    def _prepare(self, body: memoryview) -> _Body | None:
+        """Scan and stuff a shared body once per message (keeps the last ``pool_size`` bodies)."""
+        hit = self._bodies.get(id(body))
+        if hit is not None and hit[0] is body:
+            self._bodies.move_to_end(id(body))
+            return hit[1]
+        prepared = _prepare_body(body)
+        self._bodies[id(body)] = (body, prepared)
+        while len(self._bodies) > max(2, self._config.pool_size):
+            self._bodies.popitem(last=False)
+        return prepared
+
+    async def _checkout(self, key: Credentials | None, *, reuse: bool) -> tuple[_Connection, bool]:
+        for index in range(len(self._idle) - 1, -1, -1) if reuse else ():
+            conn = self._idle[index]
+            if conn.credentials == key:
+                del self._idle[index]
+                if conn.smtp.is_connected:
+                    return conn, True
+                conn.smtp.close()
+        while self._idle and self._busy + len(self._idle) > self._config.pool_size:
+            self._idle.pop(0).smtp.close()  # the least recently used, to stay within pool_size
+        return await self._connect(key, None), False
+
+    async def _quit(self, conn: _Connection) -> None:
+        with contextlib.suppress(SMTPException, OSError):
+            await conn.smtp.quit(timeout=min(self._config.command_timeout, 10.0))
+        conn.smtp.close()
+
+    async def _transaction(
+        self, conn: _Connection, mail_from: str, copy: Copy, body: _Body, smtputf8: bool
+    ) -> Outcome:
+        try:
+            outcome = await self._exchange(conn, mail_from, copy, body, smtputf8)
+        except _Failed as failed:
+            conn.smtp.close()  # the session's state is unknown: never reuse it
+            return failed.outcome
+        except BaseException:  # cancelled (a direct-mode deadline): the same
+            conn.smtp.close()
+            raise
+        if not conn.smtp.is_connected:
+            return outcome
+        if self._closed or conn.transactions >= self._config.max_messages_per_connection:
+            await self._quit(conn)
+        else:
+            self._idle.append(conn)
+        return outcome
+
+    async def _exchange(
+        self, conn: _Connection, mail_from: str, copy: Copy, body: _Body, smtputf8: bool
+    ) -> Outcome:
+        smtp, timeout = conn.smtp, self._config.command_timeout
+        offered = smtp.esmtp_extensions
+        rcpt = copy.recipient.text
+        non_ascii = not (mail_from.isascii() and rcpt.isascii() and copy.headers.isascii())
+        if non_ascii and "smtputf8" not in offered:
+            text = "the upstream does not offer SMTPUTF8, which this copy needs"
+            return Outcome(Status.PERMANENT, Stage.MAIL, 553, "5.6.7", text)  # RFC 6531 3.7.4.1
+        utf8 = (smtputf8 or non_ascii) and "smtputf8" in offered
+        eight_bit = body.eight_bit or not copy.headers.isascii()
+        if eight_bit and "8bitmime" not in offered and not utf8:
+            text = "the upstream does not offer 8BITMIME, which this copy needs"
+            return Outcome(Status.PERMANENT, Stage.MAIL, 554, "5.6.3", text)  # RFC 6152 3
+        options = [f"SIZE={copy.size}".encode()] if "size" in offered else []
+        options += [b"BODY=8BITMIME"] if eight_bit and "8bitmime" in offered else []
+        options += [b"SMTPUTF8"] if utf8 else []
+        encoding = "utf-8" if utf8 else "ascii"
+        with _at(Stage.MAIL):
+            sender = b"FROM:<" + mail_from.encode(encoding) + b">"
+            reply = await smtp.execute_command(b"MAIL", sender, *options, timeout=timeout)
+        if reply.code != 250:
+            return await self._refused(conn, Stage.MAIL, reply.code, reply.message)
+        with _at(Stage.RCPT):
+            to = b"TO:<" + rcpt.encode(encoding) + b">"
+            reply = await smtp.execute_command(b"RCPT", to, timeout=timeout)
+        if reply.code not in (250, 251):
+            return await self._refused(conn, Stage.RCPT, reply.code, reply.message)
+        with _at(Stage.DATA):
+            reply = await smtp.execute_command(b"DATA", timeout=timeout)
+            if reply.code != 354:
+                return await self._refused(conn, Stage.DATA, reply.code, reply.message)
+            protocol = smtp.protocol
+            if protocol is None:
+                raise ConnectionResetError("connection lost after DATA")
+            protocol.write(_LINE_DOT.sub(b"..", copy.headers))
+            protocol.write(body.payload)  # type: ignore[arg-type]  # any buffer is fine
+            protocol.write(body.tail)
+        with _at(Stage.DOT):  # RFC 5321 4.5.3.2.6: up to 10 minutes for this reply
+            reply = await protocol.read_response(timeout=self._config.data_timeout)
+        if reply.code != 250:
+            return await self._refused(conn, Stage.DOT, reply.code, reply.message)
+        conn.transactions += 1
+        enhanced, text = split_enhanced(reply.code, reply.message)
+        return Outcome(Status.DELIVERED, Stage.DOT, reply.code, enhanced, text)
+
+    async def _refused(self, conn: _Connection, stage: Stage, code: int, message: str) -> Outcome:
+        """Classify a refusal; RSET so the session can carry the next copy (or drop it)."""
+        if code == 421 or not conn.smtp.is_connected:  # 421: the server is closing (RFC 5321 3.8)
+            conn.smtp.close()
+        else:
+            try:
+                reset = await conn.smtp.execute_command(
+                    b"RSET", timeout=self._config.command_timeout
+                )
+                if reset.code != 250:
+                    conn.smtp.close()
+            except (SMTPException, OSError):
+                conn.smtp.close()
+        return classify_reply(stage, code, message)
+
+    async def _connect(
+        self, credentials: Credentials | None, steps: list[CheckStep] | None
+    ) -> _Connection:
+        """Connect, greet, TLS, EHLO, AUTH; raise ``_Failed`` at the first step that fails."""
+
+        def note(name: str, detail: str) -> None:
+            if steps is not None:
+                steps.append(CheckStep(name, True, detail))
+
+        target, config = self.target, self._config
+        implicit = target.scheme == "smtps"
+        smtp = SMTP(
+            hostname=target.host,
+            port=target.port,
+            use_tls=implicit,
+            start_tls=False,  # STARTTLS is done below, where a failure stops the session
+            tls_context=self._tls,
+            timeout=config.command_timeout,
+            local_hostname=self._helo_name,
+        )
+        try:
+            with _at(Stage.CONNECT):
+                greeting = await smtp.connect(timeout=config.connect_timeout)
+            self.connections_opened += 1
+            note(
+                "connect",
+                f"{HostPort(target.host, target.port)}: {greeting.code} {greeting.message}",
+            )
+            if implicit:
+                note("tls", _tls_detail(smtp, target.host))
+            with _at(Stage.CONNECT):
+                await smtp.ehlo()
+            if target.scheme == "smtp":
+                if not smtp.supports_extension("starttls"):
+                    text = "the upstream does not offer STARTTLS; nothing was sent in clear"
+                    raise _Failed(Outcome(Status.TRANSIENT, Stage.TLS, text=text))
+                with _at(Stage.TLS):
+                    await smtp.starttls(server_hostname=target.host, tls_context=self._tls)
+                note("tls", _tls_detail(smtp, target.host))
+                with _at(Stage.CONNECT):
+                    await smtp.ehlo()  # RFC 3207 4.2: forget what was offered in clear
+            elif not implicit:
+                note("tls", "not used (smtp+plain://)")
+            note("ehlo", "offers " + (" ".join(sorted(smtp.esmtp_extensions)).upper() or "nothing"))
+            if credentials is None:
+                note("auth", "no credentials configured")
+            else:
+                note("auth", await self._authenticate(smtp, credentials))
+        except BaseException:
+            smtp.close()
+            raise
+        return _Connection(smtp, credentials)
+
+    async def _authenticate(self, smtp: SMTP, credentials: Credentials) -> str:
+        tls = smtp.get_transport_info("sslcontext") is not None
+        if not tls and not self.target.is_loopback:
+            text = "refusing to send AUTH in clear to a host that is not loopback"
+            raise _Failed(Outcome(Status.TRANSIENT, Stage.AUTH, text=text))
+        if not smtp.supports_extension("auth"):
+            text = "the upstream offers no AUTH" + (" after TLS" if tls else "")
+            raise _Failed(Outcome(Status.TRANSIENT, Stage.AUTH, text=text))
+        offered = smtp.server_auth_methods
+        user = credentials.username
+        if credentials is self._credentials and self._config.oauth_token_file:
+            try:
+                token = await asyncio.to_thread(_read_secret, self._config.oauth_token_file)
+            except (OSError, UnicodeDecodeError) as exc:
+                text = f"cannot read upstream.oauth_token_file: {exc}"
+                raise _Failed(Outcome(Status.TRANSIENT, Stage.AUTH, text=text)) from None
+            if "xoauth2" not in offered:
+                text = "the upstream does not offer XOAUTH2"
+                raise _Failed(Outcome(Status.TRANSIENT, Stage.AUTH, text=text))
+            with _at(Stage.AUTH):
+                await smtp.auth_xoauth2(user, token)  # Google's SASL XOAUTH2 string
+            return f"XOAUTH2 as {user}"
+        with _at(Stage.AUTH):
+            if "plain" in offered:
+                await smtp.auth_plain(user, credentials.password)
+                return f"PLAIN as {user}"
+            if "login" in offered:
+                await smtp.auth_login(user, credentials.password)
+                return f"LOGIN as {user}"
+        text = f"no AUTH mechanism in common (offered: {' '.join(offered) or 'none'})"
+        raise _Failed(Outcome(Status.TRANSIENT, Stage.AUTH, text=text))
+
+
+def _tls_detail(smtp: SMTP, host: str) -> str:
+    tls: Any = smtp.get_transport_info("ssl_object")
+    if tls is None:  # pragma: no cover - only after a TLS handshake
+        return "no TLS"
+    return f"{tls.version()} {tls.cipher()[0]}, certificate verified for {host}"

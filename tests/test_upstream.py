@@ -1,0 +1,729 @@
+"""The upstream against a real, recording SMTP server on loopback (tests/upstream_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import re
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from relay.addresses import parse_address
+from relay.config import UpstreamConfig
+from relay.errors import ConfigError
+from relay.isolation import isolate
+from relay.model import Copy, Credentials, Envelope, Outcome, Stage, Status
+from relay.outbox import OutboxUpstream
+from relay.upstream import (
+    Target,
+    Upstream,
+    classify_reply,
+    open_upstream,
+    parse_upstream_url,
+)
+from tests.conftest import message
+from tests.upstream_server import (
+    DISCONNECT,
+    PASSWORD,
+    TOKEN,
+    USER,
+    Delay,
+    UpstreamServer,
+    self_signed_context,
+    server_context,
+)
+
+pytest_plugins = ["tests.upstream_server"]  # also in conftest.py; loading twice is a no-op
+
+SENDER = "news@example.org"
+RCPT = "alice@example.com"
+BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
+
+
+def make_copy(
+    rcpt: str = RCPT, body: bytes = b"Hello.\r\n", *, smtputf8: bool = False, rcpts: int = 1
+) -> Copy:
+    recipients = [rcpt] + [f"other{i}@example.net" for i in range(1, rcpts)]
+    data = message("From: News <news@example.org>", f"To: {rcpt}", "Subject: Hi", body=body)
+    return isolate(Envelope.parse(SENDER, recipients, smtputf8=smtputf8), data).copies[0]
+
+
+def config(server: UpstreamServer, scheme: str = "smtp+plain", **options: Any) -> UpstreamConfig:
+    user = options.pop("user", None)
+    settings: dict[str, Any] = {
+        "connect_timeout": 2.0,
+        "command_timeout": 2.0,
+        "data_timeout": 2.0,
+        "password": PASSWORD if user else "",
+    }
+    settings.update(options)
+    return UpstreamConfig(url=server.url(scheme, user), **settings)
+
+
+@contextlib.asynccontextmanager
+async def opened(cfg: UpstreamConfig) -> AsyncIterator[Upstream]:
+    upstream = open_upstream(cfg, helo_name="relay.example.com")
+    try:
+        yield upstream
+    finally:
+        await upstream.aclose()
+
+
+async def send_one(cfg: UpstreamConfig, copy: Copy | None = None, **kw: Any) -> Outcome:
+    async with opened(cfg) as upstream:
+        return await upstream.send(SENDER, copy or make_copy(), smtputf8=False, **kw)
+
+
+def stuffed(data: bytes) -> bytes:
+    return re.sub(rb"(?m)^\.", b"..", data) + b".\r\n"
+
+
+# -- delivery ------------------------------------------------------------------
+
+
+async def test_plain_delivery_to_loopback_sends_the_exact_bytes(
+    plain_server: UpstreamServer,
+) -> None:
+    """smtp+plain:// to loopback delivers; upstream gets exactly headers+body, no bare CR/LF/NUL."""
+    copy = make_copy(body=b".starts with a dot\r\n..two dots\r\nend\r\n")
+    outcome = await send_one(config(plain_server), copy)
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.DELIVERED, Stage.DOT, 250)
+    assert outcome.enhanced == "2.0.0"
+    [t] = plain_server.transactions
+    assert (t.mail_from, t.rcpt_tos, t.tls) == (SENDER, [RCPT], False)
+    assert t.content == bytes(copy)
+    assert t.wire == stuffed(bytes(copy))
+    assert BARE.search(plain_server.clear_bytes()) is None
+
+
+async def test_null_sender_is_sent_as_empty_path(plain_server: UpstreamServer) -> None:
+    """mail_from "" goes upstream as MAIL FROM:<>."""
+    async with opened(config(plain_server)) as upstream:
+        outcome = await upstream.send("", make_copy(), smtputf8=False)
+    assert outcome.status is Status.DELIVERED
+    assert b"MAIL FROM:<>" in plain_server.clear_bytes()
+
+
+async def test_starttls_then_auth_plain(upstream_server: UpstreamServer, ca_file: str) -> None:
+    """smtp:// does STARTTLS, verifies the certificate, then AUTH PLAIN; nothing in clear."""
+    outcome = await send_one(config(upstream_server, "smtp", user=USER, ca_file=ca_file))
+    assert outcome.status is Status.DELIVERED
+    [t] = upstream_server.transactions
+    assert (t.tls, t.login) == (True, USER)
+    assert upstream_server.auths == [("PLAIN", USER, PASSWORD)]
+    clear = upstream_server.clear_bytes()
+    assert b"STARTTLS" in clear
+    for verb in (b"AUTH", b"MAIL", b"RCPT", b"DATA"):
+        assert verb not in clear
+
+
+async def test_auth_login_when_only_login_is_offered(
+    server_tls: ssl.SSLContext, ca_file: str
+) -> None:
+    """An upstream offering only AUTH LOGIN gets LOGIN."""
+    async with UpstreamServer(tls_context=server_tls, auth_mechanisms=["LOGIN"]) as server:
+        outcome = await send_one(config(server, "smtp", user=USER, ca_file=ca_file))
+    assert outcome.status is Status.DELIVERED
+    assert server.auths == [("LOGIN", USER, PASSWORD)]
+
+
+async def test_implicit_tls(implicit_tls_server: UpstreamServer, ca_file: str) -> None:
+    """smtps:// speaks TLS from the first byte: the server never sees a clear byte."""
+    cfg = config(implicit_tls_server, "smtps", user=USER, ca_file=ca_file)
+    outcome = await send_one(cfg)
+    assert outcome.status is Status.DELIVERED
+    assert implicit_tls_server.transactions[0].login == USER
+    assert implicit_tls_server.clear_bytes() == b""
+
+
+async def test_auth_in_clear_to_loopback_plain(plain_server: UpstreamServer) -> None:
+    """smtp+plain:// may AUTH in clear only because the host is loopback."""
+    outcome = await send_one(config(plain_server, user=USER))
+    assert outcome.status is Status.DELIVERED
+    assert plain_server.transactions[0].login == USER
+
+
+async def test_xoauth2_token_is_read_at_each_connection(
+    upstream_server: UpstreamServer, ca_file: str, tmp_path: Path
+) -> None:
+    """XOAUTH2 uses the token file as it is when each connection opens."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    cfg = config(
+        upstream_server,
+        "smtp",
+        user=USER,
+        password="",
+        ca_file=ca_file,
+        oauth_token_file=str(token_file),
+        max_messages_per_connection=1,
+    )
+    upstream_server.tokens.add("ya29.token-two")
+    async with opened(cfg) as upstream:
+        first = await upstream.send(SENDER, make_copy(), smtputf8=False)
+        token_file.write_text("ya29.token-two\n")
+        second = await upstream.send(SENDER, make_copy(), smtputf8=False)
+    assert first.status is second.status is Status.DELIVERED
+    assert [a[2] for a in upstream_server.auths] == [TOKEN, "ya29.token-two"]
+    assert {a[0] for a in upstream_server.auths} == {"XOAUTH2"}
+
+
+async def test_passthrough_credentials_are_used_and_pooled_apart(
+    upstream_server: UpstreamServer, ca_file: str
+) -> None:
+    """Credentials given to send() replace the configured ones; each set has its own connection."""
+    upstream_server.users["app@example.org"] = "app-pw"
+    app = Credentials("app@example.org", "app-pw")
+    async with opened(config(upstream_server, "smtp", ca_file=ca_file)) as upstream:
+        outcomes = [
+            await upstream.send(SENDER, make_copy(), smtputf8=False, credentials=app),
+            await upstream.send(SENDER, make_copy(), smtputf8=False, credentials=app),
+        ]
+        outcomes.append(
+            await upstream.send(
+                SENDER, make_copy(), smtputf8=False, credentials=Credentials(USER, PASSWORD)
+            )
+        )
+    assert all(o.status is Status.DELIVERED for o in outcomes)
+    logins = [(t.login, t.connection) for t in upstream_server.transactions]
+    assert logins == [("app@example.org", 0), ("app@example.org", 0), (USER, 1)]
+
+
+# -- the pool ----------------------------------------------------------------------
+
+
+async def test_pool_reuses_one_connection_for_copies_of_one_message(
+    plain_server: UpstreamServer,
+) -> None:
+    """Two copies sharing one body go over one connection; the shared body is unchanged."""
+    data = message("From: news@example.org", "To: a@example.com", body=b".hi\r\n")
+    plan = isolate(Envelope.parse(SENDER, ["a@example.com", "b@example.net"]), data)
+    body_before = bytes(plan.copies[0].body)
+    async with opened(config(plain_server)) as upstream:
+        for copy in plan.copies:
+            assert (await upstream.send(SENDER, copy, smtputf8=False)).status is Status.DELIVERED
+    assert len(plain_server.connections) == 1
+    assert [t.content for t in plain_server.transactions] == [bytes(c) for c in plan.copies]
+    assert [t.wire for t in plain_server.transactions] == [stuffed(bytes(c)) for c in plan.copies]
+    assert bytes(plan.copies[1].body) == body_before
+
+
+async def test_connection_is_replaced_after_max_messages(plain_server: UpstreamServer) -> None:
+    """After max_messages_per_connection transactions the connection QUITs; the next is new."""
+    async with opened(config(plain_server, max_messages_per_connection=2)) as upstream:
+        for _ in range(3):
+            await upstream.send(SENDER, make_copy(), smtputf8=False)
+    assert [t.connection for t in plain_server.transactions] == [0, 0, 1]
+    assert plain_server.connections[0].commands()[-1] == "QUIT"
+
+
+async def test_pool_size_bounds_open_connections(plain_server: UpstreamServer) -> None:
+    """Ten concurrent sends with pool_size 2 open at most two connections."""
+    plain_server.script("DOT", [Delay(0.05, 250)] * 10)
+    async with opened(config(plain_server, pool_size=2)) as upstream:
+        sends = [upstream.send(SENDER, make_copy(), smtputf8=False) for _ in range(10)]
+        outcomes = await asyncio.gather(*sends)
+    assert all(o.status is Status.DELIVERED for o in outcomes)
+    assert len(plain_server.connections) == 2
+
+
+async def test_rset_after_a_refusal_then_the_connection_is_reused(
+    plain_server: UpstreamServer,
+) -> None:
+    """A refused RCPT is followed by RSET, and the same connection carries the next copy."""
+    plain_server.script("RCPT", [550])
+    async with opened(config(plain_server)) as upstream:
+        first = await upstream.send(SENDER, make_copy(), smtputf8=False)
+        second = await upstream.send(SENDER, make_copy(), smtputf8=False)
+    assert (first.status, second.status) == (Status.PERMANENT, Status.DELIVERED)
+    assert len(plain_server.connections) == 1
+    assert plain_server.connections[0].commands()[:6] == [
+        "EHLO",
+        "MAIL",
+        "RCPT",
+        "RSET",
+        "MAIL",
+        "RCPT",
+    ]
+
+
+async def test_reconnect_after_421(plain_server: UpstreamServer) -> None:
+    """A 421 drops the connection (no RSET); the next copy opens a new one."""
+    plain_server.script("MAIL", [421])
+    async with opened(config(plain_server)) as upstream:
+        first = await upstream.send(SENDER, make_copy(), smtputf8=False)
+        second = await upstream.send(SENDER, make_copy(), smtputf8=False)
+    assert (first.status, first.code, first.stage) == (Status.TRANSIENT, 421, Stage.MAIL)
+    assert second.status is Status.DELIVERED
+    assert len(plain_server.connections) == 2
+    assert "RSET" not in plain_server.connections[0].commands()
+
+
+async def test_a_pooled_connection_the_server_dropped_is_replaced(
+    plain_server: UpstreamServer,
+) -> None:
+    """A pooled connection the server closed (idle, or at MAIL) is replaced, and the copy sent."""
+    async with opened(config(plain_server)) as upstream:
+        await upstream.send(SENDER, make_copy(), smtputf8=False)
+        for protocol in plain_server._protocols:
+            assert protocol.transport is not None
+            protocol.transport.close()
+        await asyncio.sleep(0.05)
+        idle_closed = await upstream.send(SENDER, make_copy(), smtputf8=False)
+        plain_server.script("MAIL", [DISCONNECT])
+        dropped_at_mail = await upstream.send(SENDER, make_copy(), smtputf8=False)
+    assert idle_closed.status is dropped_at_mail.status is Status.DELIVERED
+    assert [t.connection for t in plain_server.transactions] == [0, 1, 2]
+
+
+async def test_cancelled_send_does_not_return_its_connection(plain_server: UpstreamServer) -> None:
+    """A send cancelled mid-transaction closes its connection; the pool stays usable."""
+    plain_server.script("DOT", [Delay(1.0, 250)])
+    async with opened(config(plain_server)) as upstream:
+        task = asyncio.ensure_future(upstream.send(SENDER, make_copy(), smtputf8=False))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        outcome = await upstream.send(SENDER, make_copy(), smtputf8=False)
+        assert "busy=0" in repr(upstream)
+    assert outcome.status is Status.DELIVERED
+    assert len(plain_server.connections) == 2
+
+
+# -- classification ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "code", "status"),
+    [
+        ("MAIL", 451, Status.TRANSIENT),
+        ("MAIL", 550, Status.PERMANENT),
+        ("RCPT", 450, Status.TRANSIENT),
+        ("RCPT", 550, Status.PERMANENT),
+        ("RCPT", 552, Status.TRANSIENT),  # RFC 5321 4.5.3.1.10
+        ("DATA", 451, Status.TRANSIENT),
+        ("DATA", 554, Status.PERMANENT),
+        ("DOT", 452, Status.TRANSIENT),
+        ("DOT", 554, Status.PERMANENT),
+    ],
+)
+async def test_reply_classification(
+    plain_server: UpstreamServer, stage: str, code: int, status: Status
+) -> None:
+    """4xx and 552 at RCPT are transient, other 5xx permanent, with the enhanced code parsed."""
+    plain_server.script(stage, [code])
+    outcome = await send_one(config(plain_server))
+    assert (outcome.status, outcome.stage, outcome.code) == (status, Stage[stage], code)
+    assert outcome.enhanced == f"{code // 100}.0.0"
+    assert outcome.text == "scripted"
+    assert not outcome.ambiguous
+
+
+async def test_421_at_greeting_is_transient(plain_server: UpstreamServer) -> None:
+    """421 at the greeting: transient at CONNECT, nothing sent."""
+    plain_server.script("GREETING", ["421 4.3.2 Service shutting down"])
+    outcome = await send_one(config(plain_server))
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.TRANSIENT, Stage.CONNECT, 421)
+    assert outcome.enhanced == "4.3.2"
+    assert plain_server.transactions == []
+
+
+async def test_connection_refused_is_transient() -> None:
+    """Nothing listening: transient at CONNECT with code 0."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    outcome = await send_one(UpstreamConfig(url=f"smtp+plain://127.0.0.1:{port}"))
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.TRANSIENT, Stage.CONNECT, 0)
+
+
+async def test_connect_timeout_is_transient() -> None:
+    """A server that never greets: transient at CONNECT, code 0, after connect_timeout."""
+    silent = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        cfg = UpstreamConfig(url=f"smtp+plain://127.0.0.1:{port}", connect_timeout=0.2)
+        outcome = await send_one(cfg)
+    finally:
+        silent.close()
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.TRANSIENT, Stage.CONNECT, 0)
+    assert "timed out" in outcome.text.lower()
+
+
+async def test_disconnect_after_dot_is_ambiguous(plain_server: UpstreamServer) -> None:
+    """No reply after the final dot (disconnect): transient, ambiguous, at DOT."""
+    plain_server.script("DOT", [DISCONNECT])
+    outcome = await send_one(config(plain_server))
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.TRANSIENT, Stage.DOT, 0)
+    assert outcome.ambiguous
+    assert len(plain_server.transactions) == 1  # the server did get the data
+
+
+async def test_slow_reply_after_dot_times_out_as_ambiguous(plain_server: UpstreamServer) -> None:
+    """A reply slower than data_timeout after the dot: transient, ambiguous, at DOT."""
+    plain_server.script("DOT", [Delay(1.0, 250)])
+    outcome = await send_one(config(plain_server, data_timeout=0.3))
+    assert (outcome.status, outcome.stage, outcome.ambiguous) == (Status.TRANSIENT, Stage.DOT, True)
+
+
+async def test_reply_after_dot_gets_data_timeout_not_command_timeout(
+    plain_server: UpstreamServer,
+) -> None:
+    """The wait after the dot uses data_timeout (RFC 5321 4.5.3.2.6), not command_timeout."""
+    plain_server.script("DOT", [Delay(0.4, 250)])
+    outcome = await send_one(config(plain_server, command_timeout=0.2, data_timeout=2.0))
+    assert outcome.status is Status.DELIVERED
+
+
+async def test_535_is_transient_and_flags_auth_failed(
+    upstream_server: UpstreamServer, ca_file: str
+) -> None:
+    """Bad credentials (535): transient at AUTH with auth_failed, and no MAIL sent."""
+    cfg = config(upstream_server, "smtp", user=USER, password="wrong", ca_file=ca_file)
+    outcome = await send_one(cfg)
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.TRANSIENT, Stage.AUTH, 535)
+    assert outcome.auth_failed and outcome.enhanced == "5.7.8"
+    assert "MAIL" not in upstream_server.connections[0].commands()
+
+
+async def test_missing_starttls_sends_nothing_in_clear(
+    upstream_server: UpstreamServer, ca_file: str
+) -> None:
+    """smtp:// to a server without STARTTLS: transient at TLS; no AUTH or MAIL on the wire."""
+    upstream_server.edit_ehlo(remove=["STARTTLS"], add=["AUTH PLAIN LOGIN"])
+    outcome = await send_one(config(upstream_server, "smtp", user=USER, ca_file=ca_file))
+    assert (outcome.status, outcome.stage) == (Status.TRANSIENT, Stage.TLS)
+    clear = upstream_server.clear_bytes()
+    assert b"EHLO" in clear
+    for verb in (b"AUTH", b"MAIL", b"RCPT", PASSWORD.encode()):
+        assert verb not in clear
+
+
+async def test_refused_starttls_sends_nothing_in_clear(
+    upstream_server: UpstreamServer, ca_file: str
+) -> None:
+    """STARTTLS answered 454: transient at TLS with the code; no AUTH or MAIL follows."""
+    upstream_server.script("STARTTLS", ["454 4.7.0 TLS not available"])
+    outcome = await send_one(config(upstream_server, "smtp", user=USER, ca_file=ca_file))
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.TRANSIENT, Stage.TLS, 454)
+    assert upstream_server.connections[0].commands() == ["EHLO", "STARTTLS"]
+
+
+def _expired(ca: trustme.CA) -> ssl.SSLContext:
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = ca.issue_cert(
+        "127.0.0.1",
+        not_before=now - datetime.timedelta(days=30),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    return server_context(leaf)
+
+
+BAD_CERTIFICATES = {
+    "self-signed": lambda ca: self_signed_context(),
+    "wrong-host": lambda ca: server_context(ca.issue_cert("mail.example.org")),
+    "expired": _expired,
+    "unknown-ca": lambda ca: server_context(trustme.CA().issue_cert("127.0.0.1")),
+}
+
+
+@pytest.mark.parametrize("scheme", ["smtp", "smtps"])
+@pytest.mark.parametrize("kind", sorted(BAD_CERTIFICATES))
+async def test_bad_certificate_is_transient_at_tls(
+    tls_ca: trustme.CA, ca_file: str, kind: str, scheme: str
+) -> None:
+    """A self-signed, wrong-host, expired or untrusted certificate: transient at TLS, no AUTH."""
+    context = BAD_CERTIFICATES[kind](tls_ca)
+    async with UpstreamServer(tls_context=context, implicit_tls=scheme == "smtps") as server:
+        outcome = await send_one(config(server, scheme, user=USER, ca_file=ca_file))
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.TRANSIENT, Stage.TLS, 0)
+    assert "TLS failed" in outcome.text
+    assert server.auths == [] and server.transactions == []
+    assert b"AUTH" not in server.clear_bytes()
+
+
+async def test_auth_offered_only_before_tls(upstream_server: UpstreamServer, ca_file: str) -> None:
+    """AUTH offered in clear but not after STARTTLS: transient at AUTH; AUTH never sent."""
+    upstream_server.edit_ehlo(add=["AUTH PLAIN LOGIN"], tls=False)
+    upstream_server.edit_ehlo(remove=["AUTH"], tls=True)
+    outcome = await send_one(config(upstream_server, "smtp", user=USER, ca_file=ca_file))
+    assert (outcome.status, outcome.stage) == (Status.TRANSIENT, Stage.AUTH)
+    assert "after TLS" in outcome.text
+    assert "AUTH" not in upstream_server.connections[0].commands()
+
+
+async def test_missing_smtputf8_upstream_is_permanent_553() -> None:
+    """A copy that needs SMTPUTF8 to an upstream without it: permanent 553 5.6.7, no MAIL."""
+    async with UpstreamServer(smtputf8=False, auth_require_tls=False) as server:
+        copy = make_copy("jürgen@example.com", smtputf8=True)
+        async with opened(config(server)) as upstream:
+            outcome = await upstream.send(SENDER, copy, smtputf8=True)
+    assert (outcome.status, outcome.code, outcome.enhanced) == (Status.PERMANENT, 553, "5.6.7")
+    assert "MAIL" not in server.connections[0].commands()
+
+
+async def test_smtputf8_and_8bitmime_are_declared(plain_server: UpstreamServer) -> None:
+    """Non-ASCII recipient and 8-bit body go with MAIL FROM SMTPUTF8 and BODY=8BITMIME."""
+    copy = make_copy("jürgen@example.com", body="Grüße\r\n".encode(), smtputf8=True)
+    async with opened(config(plain_server)) as upstream:
+        outcome = await upstream.send(SENDER, copy, smtputf8=True)
+    assert outcome.status is Status.DELIVERED
+    [t] = plain_server.transactions
+    assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(t.mail_options)
+    assert t.rcpt_tos == ["jürgen@example.com"]
+    assert t.content == bytes(copy)
+
+
+async def test_missing_8bitmime_upstream_is_permanent_554(plain_server: UpstreamServer) -> None:
+    """An 8-bit body to an upstream without 8BITMIME: permanent 554 5.6.3, no MAIL."""
+    plain_server.edit_ehlo(remove=["8BITMIME", "SMTPUTF8"])
+    outcome = await send_one(config(plain_server), make_copy(body="Grüße\r\n".encode()))
+    assert (outcome.status, outcome.code, outcome.enhanced) == (Status.PERMANENT, 554, "5.6.3")
+    assert "MAIL" not in plain_server.connections[0].commands()
+
+
+async def test_a_bare_line_feed_is_never_sent(plain_server: UpstreamServer) -> None:
+    """A copy holding a bare LF (which inbound already refuses) is refused here too, unsent."""
+    recipient = parse_address(RCPT, smtputf8=False)
+    assert recipient is not None
+    copy = Copy(recipient, b"To: alice@example.com\r\n\r\n", memoryview(b"a\nb\r\n"), ())
+    outcome = await send_one(config(plain_server), copy)
+    assert (outcome.status, outcome.code, outcome.enhanced) == (Status.PERMANENT, 554, "5.6.0")
+    assert plain_server.connections == []
+
+
+def test_classify_reply_table() -> None:
+    """AUTH refusals and CONNECT 5xx are transient; an enhanced code of another class is dropped."""
+    assert classify_reply(Stage.AUTH, 454, "4.7.0 Try later") == Outcome(
+        Status.TRANSIENT, Stage.AUTH, 454, "4.7.0", "Try later"
+    )
+    assert classify_reply(Stage.AUTH, 534, "5.7.9 Web login required").auth_failed
+    assert classify_reply(Stage.CONNECT, 554, "No service").status is Status.TRANSIENT
+    odd = classify_reply(Stage.MAIL, 550, "4.1.1 mismatched\n4.1.1 second")
+    assert (odd.status, odd.enhanced, odd.text) == (
+        Status.PERMANENT,
+        "",
+        "4.1.1 mismatched 4.1.1 second",
+    )
+    multi = classify_reply(Stage.RCPT, 550, "5.1.1 No such user\n5.1.1 here")
+    assert (multi.enhanced, multi.text) == ("5.1.1", "No such user here")
+
+
+# -- check() --------------------------------------------------------------------------
+
+
+async def test_check_reports_each_step(upstream_server: UpstreamServer, ca_file: str) -> None:
+    """check() walks connect, tls, ehlo, auth, all ok, and never shows the password."""
+    async with opened(config(upstream_server, "smtp", user=USER, ca_file=ca_file)) as upstream:
+        steps = await upstream.check()
+    assert [(s.name, s.ok) for s in steps] == [
+        ("connect", True),
+        ("tls", True),
+        ("ehlo", True),
+        ("auth", True),
+    ]
+    assert "TLSv1." in steps[1].detail and "PLAIN" in steps[3].detail
+    assert all(PASSWORD not in str(s) for s in steps)
+    assert upstream_server.connections[0].commands()[-1] == "QUIT"
+
+
+async def test_check_stops_at_the_failing_step(
+    upstream_server: UpstreamServer, ca_file: str
+) -> None:
+    """check() reports the first failure (here 535 at auth) with the reply, not the password."""
+    cfg = config(upstream_server, "smtp", user=USER, password="wrong-pw", ca_file=ca_file)
+    async with opened(cfg) as upstream:
+        steps = await upstream.check()
+    assert [(s.name, s.ok) for s in steps][-1] == ("auth", False)
+    assert "535" in steps[-1].detail and "wrong-pw" not in steps[-1].detail
+
+
+async def test_check_names_tls_when_starttls_is_missing(
+    upstream_server: UpstreamServer, ca_file: str
+) -> None:
+    """check() against a server without STARTTLS fails at the tls step."""
+    upstream_server.edit_ehlo(remove=["STARTTLS"])
+    async with opened(config(upstream_server, "smtp", ca_file=ca_file)) as upstream:
+        steps = await upstream.check()
+    assert [(s.name, s.ok) for s in steps] == [("connect", True), ("tls", False)]
+
+
+async def test_check_names_connect_when_nothing_listens() -> None:
+    """check() with nothing listening fails at the connect step."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with opened(UpstreamConfig(url=f"smtp+plain://127.0.0.1:{port}")) as upstream:
+        steps = await upstream.check()
+    assert [(s.name, s.ok) for s in steps] == [("connect", False)]
+
+
+# -- outbox ---------------------------------------------------------------------------
+
+
+async def test_outbox_writes_the_exact_bytes_atomically(tmp_path: Path) -> None:
+    """outbox: one .eml per copy, exact bytes, no address in the name, no temp file left."""
+    directory = tmp_path / "new" / "outbox"
+    copy = make_copy(rcpts=2)
+    async with opened(UpstreamConfig(url=f"outbox:{directory}")) as upstream:
+        assert isinstance(upstream, OutboxUpstream)
+        outcomes = [await upstream.send(SENDER, copy, smtputf8=False) for _ in range(2)]
+    assert outcomes[0] == Outcome(Status.DELIVERED, Stage.WRITE, 250, "2.0.0", outcomes[0].text)
+    files = sorted(directory.iterdir())
+    assert len(files) == 2 and all(f.suffix == ".eml" for f in files)
+    assert all(f.read_bytes() == bytes(copy) for f in files)
+    assert all("@" not in f.name and "alice" not in f.name for f in files)
+
+
+async def test_outbox_write_failure_is_transient(tmp_path: Path) -> None:
+    """An outbox path that cannot be a directory: transient at WRITE, nothing left behind."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    async with opened(UpstreamConfig(url=f"outbox:{blocker}")) as upstream:
+        outcome = await upstream.send(SENDER, make_copy(), smtputf8=False)
+        steps = await upstream.check()
+    assert (outcome.status, outcome.stage, outcome.code) == (Status.TRANSIENT, Stage.WRITE, 0)
+    assert [(s.name, s.ok) for s in steps] == [("outbox", False)]
+
+
+async def test_outbox_check_probes_the_directory(tmp_path: Path) -> None:
+    """check() on the outbox creates the directory, writes a probe and removes it."""
+    async with opened(UpstreamConfig(url=f"outbox:{tmp_path / 'out'}")) as upstream:
+        steps = await upstream.check()
+    assert [(s.name, s.ok) for s in steps] == [("outbox", True)]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# -- URLs and credentials -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("smtps://user@mail.example.net", Target("smtps", "mail.example.net", 465, "user")),
+        ("smtp://user@mail.example.net", Target("smtp", "mail.example.net", 587, "user")),
+        ("smtp://mail.example.net:2587", Target("smtp", "mail.example.net", 2587)),
+        (
+            "SMTPS://a%40example.com@MAIL.example.net:465",
+            Target("smtps", "mail.example.net", 465, "a@example.com"),
+        ),
+        ("smtp+plain://127.0.0.1:25", Target("smtp+plain", "127.0.0.1", 25)),
+        ("smtp+plain://localhost", Target("smtp+plain", "localhost", 25)),
+        ("smtp+plain://[::1]:2525", Target("smtp+plain", "::1", 2525)),
+        (
+            "smtps://u:p%3Ass@mail.example.net/",
+            Target("smtps", "mail.example.net", 465, "u", "p:ss"),
+        ),
+        ("outbox:./outbox", Target("outbox", outbox_dir="./outbox")),
+    ],
+)
+def test_parse_good_urls(url: str, expected: Target) -> None:
+    """Each URL form parses to its scheme, host, default or given port, and decoded user."""
+    assert parse_upstream_url(url, insecure=False) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "mail.example.net:587",
+        "http://mail.example.net",
+        "smtp:mail.example.net",
+        "smtp://",
+        "smtp://user@",
+        "smtp://mail.example.net:0",
+        "smtp://mail.example.net:99999",
+        "smtp://mail.example.net:abc",
+        "smtp://mail.example.net/path",
+        "smtp://mail.example.net?x=1",
+        "smtp://mail.example.net#frag",
+        "smtp://mail .example.net",
+        "smtp://mail.example.net\r\n",
+        "smtp://mail_example!.net",
+        "smtp+plain://mail.example.net:25",
+        "smtp://[zz::1]:25",
+        "smtp://[::1:25",
+        "outbox:",
+    ],
+)
+def test_parse_bad_urls(url: str) -> None:
+    """Every malformed or unsafe URL is a ConfigError naming upstream.url."""
+    with pytest.raises(ConfigError) as info:
+        parse_upstream_url(url, insecure=False)
+    assert info.value.key == "upstream.url"
+    assert "\n" not in str(info.value)
+
+
+def test_plain_to_a_remote_host_needs_insecure() -> None:
+    """smtp+plain:// to a host that is not loopback parses only with insecure."""
+    target = parse_upstream_url("smtp+plain://mail.example.net:25", insecure=True)
+    assert target.host == "mail.example.net"
+
+
+def test_redacted_never_shows_the_password() -> None:
+    """Target.redacted() and repr() leave the password out."""
+    target = parse_upstream_url("smtps://user:hunter2@mail.example.net", insecure=False)
+    assert target.redacted() == "smtps://user@mail.example.net:465"
+    assert "hunter2" not in repr(target)
+    v6 = parse_upstream_url("smtp+plain://[::1]:25", insecure=False)
+    assert v6.redacted() == "smtp+plain://[::1]:25"
+
+
+def test_credential_problems_name_their_key(tmp_path: Path) -> None:
+    """A user without password, a password without user, unreadable files: ConfigError per key."""
+    cases = [
+        (UpstreamConfig(url="smtps://user@mail.example.net"), "upstream.password"),
+        (UpstreamConfig(url="smtps://mail.example.net", password="pw"), "upstream.url"),
+        (
+            UpstreamConfig(url="smtps://u@mail.example.net", password_file=str(tmp_path / "no")),
+            "upstream.password_file",
+        ),
+        (
+            UpstreamConfig(url="smtps://u@mail.example.net", oauth_token_file=str(tmp_path / "no")),
+            "upstream.oauth_token_file",
+        ),
+        (
+            UpstreamConfig(url="smtps://mail.example.net", oauth_token_file=str(tmp_path)),
+            "upstream.oauth_token_file",
+        ),
+        (
+            UpstreamConfig(url="smtps://u:p@mail.example.net", ca_file=str(tmp_path / "none.pem")),
+            "upstream.ca_file",
+        ),
+        (
+            UpstreamConfig(url="smtp+plain://u@mail.example.net", password="pw", insecure=True),
+            "upstream.url",
+        ),
+    ]
+    for cfg, key in cases:
+        with pytest.raises(ConfigError) as info:
+            open_upstream(cfg)
+        assert info.value.key == key, cfg
+
+
+async def test_password_file_wins_over_password_and_url(
+    upstream_server: UpstreamServer, ca_file: str, tmp_path: Path
+) -> None:
+    """The password comes from password_file, else password, else the URL (newline stripped)."""
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    user = USER.replace("@", "%40")
+    base = f"smtp://{user}:url-pw@127.0.0.1:{{port}}"
+    for options in (
+        {"password_file": str(secret), "password": "wrong"},
+        {"password": PASSWORD},
+    ):
+        cfg = UpstreamConfig(url=base.format(port=upstream_server.port), ca_file=ca_file, **options)
+        assert (await send_one(cfg)).status is Status.DELIVERED
+    url_only = f"smtp://{user}:{PASSWORD.replace('ä', '%C3%A4')}@127.0.0.1:{upstream_server.port}"
+    outcome = await send_one(UpstreamConfig(url=url_only, ca_file=ca_file))
+    assert outcome.status is Status.DELIVERED
+    assert [a[2] for a in upstream_server.auths] == [PASSWORD] * 3
