@@ -40,8 +40,6 @@ from tests.upstream_server import (
     server_context,
 )
 
-pytest_plugins = ["tests.upstream_server"]  # also in conftest.py; loading twice is a no-op
-
 SENDER = "news@example.org"
 RCPT = "alice@example.com"
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
@@ -210,6 +208,7 @@ async def test_pool_reuses_one_connection_for_copies_of_one_message(
         for copy in plan.copies:
             assert (await upstream.send(SENDER, copy, smtputf8=False)).status is Status.DELIVERED
     assert len(plain_server.connections) == 1
+    assert plain_server.connections[0].commands()[-1] == "QUIT"  # aclose() QUITs idle ones
     assert [t.content for t in plain_server.transactions] == [bytes(c) for c in plan.copies]
     assert [t.wire for t in plain_server.transactions] == [stuffed(bytes(c)) for c in plan.copies]
     assert bytes(plan.copies[1].body) == body_before
@@ -232,6 +231,23 @@ async def test_pool_size_bounds_open_connections(plain_server: UpstreamServer) -
         outcomes = await asyncio.gather(*sends)
     assert all(o.status is Status.DELIVERED for o in outcomes)
     assert len(plain_server.connections) == 2
+
+
+async def test_a_full_pool_closes_an_idle_connection_of_other_credentials(
+    upstream_server: UpstreamServer, ca_file: str
+) -> None:
+    """With pool_size 1, a send with other credentials first closes the idle connection."""
+    upstream_server.users["app@example.org"] = "app-pw"
+    app, own = Credentials("app@example.org", "app-pw"), Credentials(USER, PASSWORD)
+    cfg = config(upstream_server, "smtp", ca_file=ca_file, pool_size=1)
+    async with opened(cfg) as upstream:
+        for credentials in (app, own, app):
+            outcome = await upstream.send(
+                SENDER, make_copy(), smtputf8=False, credentials=credentials
+            )
+            assert outcome.status is Status.DELIVERED
+            assert "idle=1" in repr(upstream)
+    assert [t.connection for t in upstream_server.transactions] == [0, 1, 2]
 
 
 async def test_rset_after_a_refusal_then_the_connection_is_reused(
