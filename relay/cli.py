@@ -14,7 +14,8 @@ from relay.errors import ConfigError
 from relay.logs import load_key, setup_logging
 from relay.model import REMOVED_HEADERS, BodyCheck, IsolationOptions
 from relay.server import Relay
-from relay.upstream import open_upstream, parse_upstream_url
+from relay.target import parse_upstream_url
+from relay.upstream import open_upstream
 
 _SERVE_HELP = """\
 Run the relay: listen for SMTP (default 127.0.0.1:2525), make one isolated

@@ -24,8 +24,9 @@ from relay.inbound import Gate, make_protocol_factory
 from relay.intake import Intake
 from relay.logs import AddressTokens, load_key
 from relay.metrics import Metrics
+from relay.target import parse_upstream_url
 from relay.tlsconf import server_context
-from relay.upstream import Upstream, open_upstream, parse_upstream_url
+from relay.upstream import Upstream, open_upstream
 
 log = logging.getLogger("relay.server")
 

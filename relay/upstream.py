@@ -28,107 +28,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import re
 import ssl
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
 
 from aiosmtplib import SMTP, SMTPConnectError, SMTPException, SMTPResponseException
 
 from relay.config import HostPort, UpstreamConfig
-from relay.errors import ConfigError
 from relay.model import Copy, Credentials, Outcome, Stage, Status
 from relay.outbox import CheckStep, OutboxUpstream
+from relay.policy import classify_reply, split_enhanced
+from relay.target import (
+    Target,
+    configured_credentials,
+    parse_upstream_url,
+    read_secret,
+    tls_context,
+)
 
-DEFAULT_PORTS = {"smtps": 465, "smtp": 587, "smtp+plain": 25}  # RFC 8314 3.3, RFC 6409, RFC 5321
-URL_FORMS = "smtps://user@host:465, smtp://user@host:587, smtp+plain://host:25 or outbox:DIR"
-_HOST = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.?")
-_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
-_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?= |$)")  # RFC 3463
 _LINE_DOT = re.compile(rb"(?m)^\.")  # RFC 5321 4.5.2: transparency
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A parsed ``upstream.url``; ``redacted()`` is the only form fit for logs."""
-
-    scheme: str  # "smtps", "smtp", "smtp+plain" or "outbox"
-    host: str = ""
-    port: int = 0
-    username: str = ""
-    password_in_url: str = field(default="", repr=False)
-    outbox_dir: str = ""
-
-    @property
-    def is_loopback(self) -> bool:
-        return HostPort(self.host, self.port).is_loopback
-
-    def redacted(self) -> str:
-        if self.scheme == "outbox":
-            return f"outbox:{self.outbox_dir}"
-        user = f"{self.username}@" if self.username else ""
-        return f"{self.scheme}://{user}{HostPort(self.host, self.port)}"
-
-
-def parse_upstream_url(url: str, *, insecure: bool) -> Target:
-    """Parse ``upstream.url``; raise ``ConfigError("upstream.url", ...)`` for anything else.
-
-    User and password may be percent-encoded. ``smtp+plain://`` is refused to a
-    host that is not loopback unless ``insecure``.
-    """
-    key = "upstream.url"
-    scheme, _, rest = url.partition(":")
-    scheme = scheme.lower()
-    if scheme == "outbox":
-        if not rest.strip():
-            raise ConfigError(key, "outbox: needs a directory, for example outbox:./outbox")
-        return Target("outbox", outbox_dir=rest)
-    if scheme not in DEFAULT_PORTS or not rest.startswith("//"):
-        shown = f"scheme {scheme!r}" if rest.startswith("//") else "the value"
-        raise ConfigError(key, f"{shown} is not one of {URL_FORMS}")
-    if _CONTROL_OR_SPACE.search(url):
-        raise ConfigError(key, "contains a space or a control character")
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:  # for example a bad [IPv6] literal
-        raise ConfigError(key, f"is not a valid URL ({exc})") from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(key, f"must be {scheme}://[user@]host[:port] with nothing after the port")
-    try:
-        port = DEFAULT_PORTS[scheme] if parts.port is None else parts.port
-    except ValueError:
-        port = 0
-    if not 0 < port < 65536:
-        raise ConfigError(key, "the port must be a number from 1 to 65535")
-    host = parts.hostname or ""
-    if not host:
-        raise ConfigError(key, "names no host")
-    if not (_HOST.fullmatch(host) or _is_ip(host)):
-        raise ConfigError(key, "the host must be a DNS name (A-labels for IDN) or an IP address")
-    target = Target(
-        scheme, host, port, unquote(parts.username or ""), unquote(parts.password or "")
-    )
-    if scheme == "smtp+plain" and not insecure and not target.is_loopback:
-        raise ConfigError(
-            key,
-            "smtp+plain:// sends mail in clear: only to a loopback host, unless upstream.insecure",
-        )
-    return target
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class Upstream(Protocol):
@@ -154,79 +78,9 @@ def open_upstream(config: UpstreamConfig, *, helo_name: str | None = None) -> Up
     target = parse_upstream_url(config.url, insecure=config.insecure)
     if target.scheme == "outbox":
         return OutboxUpstream(Path(target.outbox_dir))
-    credentials = _configured_credentials(config, target)
-    tls = None if target.scheme == "smtp+plain" else _tls_context(config.ca_file)
+    credentials = configured_credentials(config, target)
+    tls = None if target.scheme == "smtp+plain" else tls_context(config.ca_file)
     return SmtpUpstream(target, config, credentials, tls, helo_name=helo_name)
-
-
-def _read_secret(path: str) -> str:
-    with open(path, encoding="utf-8") as handle:
-        return handle.read().rstrip("\r\n")
-
-
-def _configured_credentials(config: UpstreamConfig, target: Target) -> Credentials | None:
-    try:
-        password = _read_secret(config.password_file) if config.password_file else ""
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("upstream.password_file", f"cannot read it: {exc}") from None
-    password = password or config.password or target.password_in_url
-    if config.oauth_token_file:
-        if not target.username:
-            raise ConfigError("upstream.oauth_token_file", "XOAUTH2 needs the user in upstream.url")
-        try:
-            _read_secret(config.oauth_token_file)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError("upstream.oauth_token_file", f"cannot read it: {exc}") from None
-        return Credentials(target.username, "")  # the token is read at each connection
-    if not target.username:
-        if password:
-            raise ConfigError("upstream.url", "a password is set but the URL names no user")
-        return None  # no AUTH, or passthrough credentials per send
-    if not password:
-        raise ConfigError(
-            "upstream.password", "the URL names a user but no password or password_file is set"
-        )
-    if target.scheme == "smtp+plain" and not target.is_loopback:
-        raise ConfigError("upstream.url", "smtp+plain:// would send the password in clear")
-    return Credentials(target.username, password)
-
-
-def _tls_context(ca_file: str) -> ssl.SSLContext:
-    context = ssl.create_default_context()  # system store, CERT_REQUIRED, host name checked
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if ca_file:
-        try:
-            context.load_verify_locations(cafile=ca_file)  # in addition to the system store
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("upstream.ca_file", f"cannot load it: {exc}") from None
-    return context
-
-
-# -- classification: pure ------------------------------------------------------
-
-
-def split_enhanced(code: int, text: str) -> tuple[str, str]:
-    """The RFC 3463 code leading the reply text (only if its class matches), and the rest."""
-    lines = text.split("\n")
-    match = _ENHANCED.match(lines[0])
-    if match is None or int(match[1]) != code // 100:
-        return "", " ".join(lines)
-    enhanced = match[0]
-    rest = [ln[len(enhanced) :].lstrip() if ln.startswith(enhanced) else ln for ln in lines]
-    return enhanced, " ".join(rest)
-
-
-def classify_reply(stage: Stage, code: int, text: str) -> Outcome:
-    """A refusal (any reply but the one expected) at ``stage``, as an outcome."""
-    enhanced, text = split_enhanced(code, text)
-    if stage is Stage.AUTH:  # bad credentials: pause and alert, never bounce (SPEC 5)
-        return Outcome(Status.TRANSIENT, stage, code, enhanced, text, auth_failed=code >= 500)
-    permanent = (
-        500 <= code < 600
-        and stage not in (Stage.CONNECT, Stage.TLS)  # about the connection, not this copy
-        and not (stage is Stage.RCPT and code == 552)  # RFC 5321 4.5.3.1.10
-    )
-    return Outcome(Status.PERMANENT if permanent else Status.TRANSIENT, stage, code, enhanced, text)
 
 
 def _tls_problem(exc: BaseException) -> str | None:
@@ -568,7 +422,7 @@ class SmtpUpstream:
         user = credentials.username
         if credentials is self._credentials and self._config.oauth_token_file:
             try:
-                token = await asyncio.to_thread(_read_secret, self._config.oauth_token_file)
+                token = await asyncio.to_thread(read_secret, self._config.oauth_token_file)
             except (OSError, UnicodeDecodeError) as exc:
                 text = f"cannot read upstream.oauth_token_file: {exc}"
                 raise _Failed(Outcome(Status.TRANSIENT, Stage.AUTH, text=text)) from None

@@ -21,13 +21,9 @@ from relay.errors import ConfigError
 from relay.isolation import isolate
 from relay.model import Copy, Credentials, Envelope, Outcome, Stage, Status
 from relay.outbox import OutboxUpstream
-from relay.upstream import (
-    Target,
-    Upstream,
-    classify_reply,
-    open_upstream,
-    parse_upstream_url,
-)
+from relay.policy import classify_reply
+from relay.target import Target, parse_upstream_url
+from relay.upstream import Upstream, open_upstream
 from tests.conftest import message
 from tests.upstream_server import (
     DISCONNECT,
