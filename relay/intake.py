@@ -33,11 +33,13 @@ from relay.inbound import Submission
 from relay.isolation import isolate
 from relay.logs import AddressTokens
 from relay.metrics import MessageResult, Metrics
-from relay.model import Copy, Envelope, Outcome, Trace
+from relay.model import Copy, Envelope, Outcome, Stage, Trace
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.intake")
 
+# Failing at these stages with no reply means the upstream itself could not be reached.
+_UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 OFFLOAD_OCTETS = 1 << 20  # isolate bigger messages in a thread so the loop keeps serving
 
 _RESULTS: dict[type[Rejected], MessageResult] = {
@@ -71,6 +73,8 @@ class Intake:
         self._metrics = metrics
         self._tokens = tokens
         self._now = now
+        # The last copy's verdict on the upstream itself (for /readyz): reached or not.
+        self.upstream_reachable = True
 
     async def accept(self, submission: Submission) -> Reply:
         queue_id = new_queue_id()
@@ -147,6 +151,7 @@ class Intake:
 
     def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
         self._metrics.copy_outcome(outcome, latency)
+        self.upstream_reachable = outcome.stage not in _UNREACHABLE or outcome.code >= 200
         log.info(
             "copy",
             extra={

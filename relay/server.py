@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ class Relay:
         self._gate: Gate | None = None
         self._health: HealthServer | None = None
         self._upstream: Upstream | None = None
+        self._intake: Intake | None = None
         self._started = 0.0
 
     def __repr__(self) -> str:
@@ -67,7 +69,7 @@ class Relay:
             load_key(config.log, Path(config.spool.dir)), show=config.log.show_addresses
         )
         self._upstream = open_upstream(config.upstream)
-        intake = Intake(config, self._upstream, self.metrics, tokens)
+        self._intake = intake = Intake(config, self._upstream, self.metrics, tokens)
         factory, self._gate = make_protocol_factory(config, intake.accept, tls)
         listen = config.listen_address
         loop = asyncio.get_running_loop()
@@ -96,8 +98,13 @@ class Relay:
         return target.redacted()
 
     def _ready(self) -> tuple[bool, str]:
+        """SPEC 7: listening, spool directory writable, upstream reached at the last try."""
         if self._server is None or not self._server.is_serving():
             return False, "not listening"
+        if not os.access(self.config.spool.dir, os.W_OK):
+            return False, "spool directory not writable"
+        if self._intake is not None and not self._intake.upstream_reachable:
+            return False, "upstream unreachable at the last delivery attempt"
         return True, "ready"
 
     def request_stop(self) -> None:

@@ -358,3 +358,14 @@ async def test_metrics_series_do_not_grow_with_recipients_and_name_nobody(
     for text in (after_many, logs):
         assert "@" not in text.replace("relay.example.test", "")
         assert "customer" not in text and "example.net" not in text
+
+
+async def test_readyz_turns_503_when_the_upstream_cannot_be_reached(tmp_path: Path) -> None:
+    """/readyz is 200 at start, 503 after a copy could not reach the upstream; /healthz stays 200."""
+    async with running_relay(tmp_path, "smtp+plain://127.0.0.1:9") as relay:
+        assert (await scrape(relay.metrics_port, "/readyz"))[0] == 200
+        reply = await raw_send(relay.smtp_port, ["alice@example.com"])
+        assert reply.startswith("451 4.4.0")
+        status, text = await scrape(relay.metrics_port, "/readyz")
+        assert status == 503 and "upstream unreachable" in text
+        assert (await scrape(relay.metrics_port, "/healthz"))[0] == 200
