@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from relay import __version__
 from relay.config import Config
+from relay.errors import ConfigError
 from relay.health import HealthServer
 from relay.inbound import Gate, make_protocol_factory
 from relay.intake import Intake
@@ -65,6 +66,12 @@ class Relay:
         """Open the upstream, the listener and the health server; raises ``ConfigError``."""
         config = self.config
         tls = server_context(config.smtp)
+        try:
+            Path(config.spool.dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                "spool.dir", f"cannot create {config.spool.dir}: {exc.strerror}"
+            ) from exc
         tokens = self._tokens or AddressTokens(
             load_key(config.log, Path(config.spool.dir)), show=config.log.show_addresses
         )
