@@ -164,7 +164,10 @@ def _phrase(name: str) -> str:
     (RFC 2047 2), so the rebuilt ``To:`` never nears the 998-octet line limit.
     """
     if not name.isascii():
-        return email.header.Header(name, _UTF8, header_name="To").encode(linesep="\r\n")
+        # maxlinelen 75: continuation words otherwise reach 76 characters (RFC 2047 2: 75).
+        return email.header.Header(name, _UTF8, header_name="To", maxlinelen=75).encode(
+            linesep="\r\n"
+        )
     if _PHRASE_SPECIALS.search(name):
         return '"' + email.utils.quote(name) + '"'
     return name
