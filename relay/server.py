@@ -33,6 +33,9 @@ from relay.upstream import Upstream, open_upstream
 log = logging.getLogger("relay.server")
 
 SHUTDOWN_GRACE = 30.0  # seconds for sessions in progress after SIGTERM
+# asyncio's default of 100 drops a burst of connects in the kernel, where they wait for
+# SYN retransmits; a deep queue lets each one reach the 421 4.7.0 of the connection limit.
+LISTEN_BACKLOG = 1024
 
 
 class Relay:
@@ -80,7 +83,9 @@ class Relay:
         factory, self._gate = make_protocol_factory(config, intake.accept, tls)
         listen = config.listen_address
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(factory, listen.host, listen.port)
+        self._server = await loop.create_server(
+            factory, listen.host, listen.port, backlog=LISTEN_BACKLOG
+        )
         self.smtp_port = self._server.sockets[0].getsockname()[1]
         self._health = HealthServer(self.registry, self._ready)
         metrics = config.metrics_address
