@@ -49,6 +49,9 @@ class DataCollector:
             self.done = True
             rest = bytes(self._buffer[end + len(END) :])
             del self._buffer[end + 2 :]  # keep the CRLF that ends the last line
+            if len(self._buffer) - 2 > self._limit:  # the block that ended it may be the big one
+                self.too_big = True
+                self._buffer = bytearray()
             return rest
         if len(self._buffer) - 2 > self._limit:
             self.too_big = True

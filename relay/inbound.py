@@ -32,11 +32,14 @@ from relay.addresses import Address, parse_address
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
 from relay.errors import BadAddress, Reply
+from relay.metrics import ConnectionResult, Metrics
 from relay.model import Credentials
 
 log = logging.getLogger("relay.inbound")
 
 READ_BLOCK = 65536  # one socket read; lines of any length fit, in as many blocks as they need
+# RFC 5321 4.5.3.1.4's 512 octets, plus what SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) add.
+MAIL_COMMAND_LIMIT = SMTP.command_size_limit + 26 + 10
 NULL_SENDER = "<>"
 CALL_LIMITS = {  # per session; MAIL/RCPT/DATA are bounded by the message and recipient limits
     "NOOP": 100,
@@ -78,8 +81,11 @@ Accept = Callable[[Submission], Awaitable[Reply]]
 class Gate:
     """Connection limit and client networks, shared by every session of one listener."""
 
-    def __init__(self, max_connections: int, networks: Sequence[str]) -> None:
+    def __init__(
+        self, max_connections: int, networks: Sequence[str], metrics: Metrics | None = None
+    ) -> None:
         self.max_connections = max_connections
+        self.metrics = metrics
         self.sessions: set[RelaySMTP] = set()
         self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
 
@@ -102,6 +108,23 @@ class Gate:
         return any(ip in network for network in self._networks)
 
 
+class CommandReader(asyncio.StreamReader):
+    r"""Command lines end only at CRLF, and the end of the stream ends the session.
+
+    aiosmtpd reads commands up to a bare LF, so ``RCPT TO:<x\nRCPT TO:<v@x>``
+    would run a second command hidden in the first line; here the bare LF stays
+    inside the line, which is then refused as a whole. At end of stream
+    aiosmtpd's loop would answer ``IncompleteReadError`` and read again, for
+    ever: a cancellation ends the session the way aiosmtpd ends it at EOF.
+    """
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:  # typeshed's type is private
+        try:
+            return await super().readuntil(b"\r\n" if separator == b"\n" else separator)
+        except asyncio.IncompleteReadError as exc:
+            raise asyncio.CancelledError from exc
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with strict address capture, block DATA and a connection gate."""
 
@@ -109,10 +132,12 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._gate = gate
         self._config = config
+        # aiosmtpd makes its own StreamReader; give it CRLF-only command lines.
+        self._stream_reader.__class__ = CommandReader  # type: ignore[attr-defined]
         # aiosmtpd widens MAIL's limit at every EHLO on a class-wide dict, so
-        # each session gets its own: RFC 5321 4.5.3.1.4's 512, plus SIZE=.
+        # each session gets its own, and smtp_EHLO puts it back after each EHLO.
         self.command_size_limits = collections.defaultdict(
-            lambda: SMTP.command_size_limit, {"MAIL": SMTP.command_size_limit + 26}
+            lambda: SMTP.command_size_limit, {"MAIL": MAIL_COMMAND_LIMIT}
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,15 +145,23 @@ class RelaySMTP(SMTP):
         super().connection_made(transport)
         if not starting:
             return  # the TLS transport after STARTTLS: the same session
+        metrics = self._gate.metrics
         if self._gate.open >= self._gate.max_connections:
             assert isinstance(transport, asyncio.Transport)
             transport.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())
             transport.close()
+            if metrics is not None:
+                metrics.connection(ConnectionResult.REFUSED_LIMIT)
             return
         self._gate.sessions.add(self)
+        if metrics is not None:
+            metrics.connection(ConnectionResult.ACCEPTED)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self._gate.sessions.discard(self)
+        if self in self._gate.sessions:
+            self._gate.sessions.discard(self)
+            if self._gate.metrics is not None:
+                self._gate.metrics.connection_closed()
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
@@ -137,11 +170,15 @@ class RelaySMTP(SMTP):
             transport.write(f"{IDLE_TIMEOUT}\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it untyped
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await super().smtp_EHLO(hostname)
+        self.command_size_limits["MAIL"] = MAIL_COMMAND_LIMIT
+
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The address exactly as sent (validated later, with the right reply); "<>" for null."""
         text = arg.strip()
         if text.startswith("<"):
-            close = text.find(">")
+            close = _closing_bracket(text)
             if close < 0:
                 return None, None
             address, rest = text[1:close], text[close + 1 :]
@@ -168,7 +205,10 @@ class RelaySMTP(SMTP):
         while not collector.done:
             remaining = min(deadline - loop.time(), self._config.smtp.idle_timeout)
             try:
-                block = await asyncio.wait_for(self._reader.read(READ_BLOCK), max(remaining, 0))
+                # Not wait_for: it drops the cancellation aiosmtpd sends at EOF
+                # when the read has just completed (Python 3.11).
+                async with asyncio.timeout(max(remaining, 0)):
+                    block = await self._reader.read(READ_BLOCK)
             except TimeoutError:
                 await self.push(str(DATA_TIMEOUT))
                 assert self.transport is not None
@@ -190,8 +230,11 @@ class RelaySMTP(SMTP):
         content = collector.content()
         self.envelope.content = content
         self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            # The transaction is over even when the hook failed (451 4.3.0).
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
 
@@ -229,7 +272,11 @@ class InboundHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if not self._gate.allows(session.peer) and not session.authenticated:
-            return str(AUTH_REQUIRED if self._config.smtp.auth is not AuthMode.OFF else NOT_ALLOWED)
+            if self._config.smtp.auth is not AuthMode.OFF:
+                return str(AUTH_REQUIRED)
+            if self._gate.metrics is not None:
+                self._gate.metrics.connection(ConnectionResult.REFUSED_NETWORK)
+            return str(NOT_ALLOWED)
         for option in options:
             name, _, value = option.partition("=")
             if (
@@ -319,6 +366,21 @@ def _read_users(path: str) -> dict[str, str]:
     return users
 
 
+def _closing_bracket(text: str) -> int:
+    """Index of the ">" that closes the path opening ``text``, outside quotes; -1 if none."""
+    quoted = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index
+    return -1
+
+
 def _peer_ip(peer: Any) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
 
@@ -330,10 +392,13 @@ def _protocol(smtputf8: bool, tls: bool, authenticated: bool) -> str:
 
 
 def make_protocol_factory(
-    config: Config, accept: Accept, tls_context: ssl.SSLContext | None
+    config: Config,
+    accept: Accept,
+    tls_context: ssl.SSLContext | None,
+    metrics: Metrics | None = None,
 ) -> tuple[Callable[[], RelaySMTP], Gate]:
     """The factory ``loop.create_server`` calls for each connection, and the shared gate."""
-    gate = Gate(config.smtp.max_connections, config.smtp.allow_networks)
+    gate = Gate(config.smtp.max_connections, config.smtp.allow_networks, metrics)
     handler = InboundHandler(config, gate, accept, tls_context is not None)
     auth_on = config.smtp.auth is not AuthMode.OFF
     loopback = config.listen_address.is_loopback

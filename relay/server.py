@@ -80,7 +80,7 @@ class Relay:
         )
         self._upstream = open_upstream(config.upstream)
         self._intake = intake = Intake(config, self._upstream, self.metrics, tokens)
-        factory, self._gate = make_protocol_factory(config, intake.accept, tls)
+        factory, self._gate = make_protocol_factory(config, intake.accept, tls, self.metrics)
         listen = config.listen_address
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(

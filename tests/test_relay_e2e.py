@@ -353,6 +353,8 @@ async def test_metrics_series_do_not_grow_with_recipients_and_name_nobody(
     assert status == 200
     assert series(after_one) == series(after_many)
     assert 'solo_relay_copies_total{outcome="delivered"} 501.0' in after_many
+    assert 'solo_relay_inbound_connections_total{result="accepted"} 6.0' in after_many
+    assert 'solo_relay_messages_received_total{result="accepted"} 6.0' in after_many
     logs = stream.getvalue()
     assert "message received" in logs and "copy" in logs
     for text in (after_many, logs):
@@ -361,7 +363,7 @@ async def test_metrics_series_do_not_grow_with_recipients_and_name_nobody(
 
 
 async def test_readyz_turns_503_when_the_upstream_cannot_be_reached(tmp_path: Path) -> None:
-    """/readyz is 200 at start, 503 after a copy could not reach the upstream; /healthz stays 200."""
+    """/readyz: 200 at start, 503 once a copy could not reach the upstream; /healthz stays 200."""
     async with running_relay(tmp_path, "smtp+plain://127.0.0.1:9") as relay:
         assert (await scrape(relay.metrics_port, "/readyz"))[0] == 200
         reply = await raw_send(relay.smtp_port, ["alice@example.com"])
