@@ -21,10 +21,11 @@ import collections
 import hmac
 import ipaddress
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -48,6 +49,25 @@ CALL_LIMITS = {  # per session; MAIL/RCPT/DATA are bounded by the message and re
     "EXPN": 10,
     "*": 1_000_000,
 }
+
+# RFC 2034 3: the greeting and 354 carry no enhanced code; RFC 3463 gives the rest.
+_NO_ENHANCED = frozenset({"220", "354"})
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.5.0",
+    "421": "4.3.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
@@ -132,6 +152,7 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._gate = gate
         self._config = config
+        self._plain_replies = False
         # aiosmtpd makes its own StreamReader; give it CRLF-only command lines.
         self._stream_reader.__class__ = CommandReader  # type: ignore[attr-defined]
         # aiosmtpd widens MAIL's limit at every EHLO on a class-wide dict, so
@@ -171,8 +192,26 @@ class RelaySMTP(SMTP):
         super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it untyped
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        await super().smtp_EHLO(hostname)
+        self._plain_replies = True  # the EHLO keyword list takes no enhanced codes
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain_replies = False
         self.command_size_limits["MAIL"] = MAIL_COMMAND_LIMIT
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    async def push(self, status: AnyStr) -> None:
+        """Every reply carries an enhanced status code (RFC 2034), aiosmtpd's own too."""
+        if isinstance(status, str) and not self._plain_replies:
+            await super().push(with_enhanced_code(status))
+        else:
+            await super().push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The address exactly as sent (validated later, with the right reply); "<>" for null."""
@@ -364,6 +403,15 @@ def _read_users(path: str) -> dict[str, str]:
                 name, _, secret = line.partition(":")
                 users[name] = secret
     return users
+
+
+def with_enhanced_code(status: str) -> str:
+    """Add the RFC 3463 code a bare aiosmtpd reply lacks ("503 Error: ..." -> "503 5.5.1 ...")."""
+    code, sep, text = status.partition(" ")
+    if not sep or not code.isdigit() or _ENHANCED.match(text) or code in _NO_ENHANCED:
+        return status
+    enhanced = _DEFAULT_ENHANCED.get(code, f"{code[0]}.0.0")
+    return f"{code} {enhanced} {text}"
 
 
 def _closing_bracket(text: str) -> int:

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from relay.inbound import with_enhanced_code
 from relay.intake import Intake
 from relay.server import Relay
 from tests.conftest import message
 from tests.relay_harness import RawClient, running_relay
 from tests.upstream_server import UpstreamServer
-
-pytest_plugins = ["tests.upstream_server"]  # also in conftest.py; loading twice is a no-op
 
 SENDER = "app@example.org"
 RCPT = "alice@example.com"
@@ -817,3 +816,37 @@ async def test_half_close_after_final_dot_is_all_or_nothing(
         await asyncio.sleep(0.2)
     assert len(plain_server.transactions) in (0, len(rcpts))
     assert_upstream_clean(plain_server)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ("503 Error: need MAIL command", "503 5.5.1 Error: need MAIL command"),
+        ("500 Command line too long", "500 5.5.2 Command line too long"),
+        (
+            "555 MAIL FROM parameters not recognized",
+            "555 5.5.4 MAIL FROM parameters not recognized",
+        ),
+        ("250 2.1.0 Sender OK", "250 2.1.0 Sender OK"),
+        ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
+        ("220 relay.example.test ESMTP", "220 relay.example.test ESMTP"),
+    ],
+)
+def test_aiosmtpd_replies_gain_enhanced_codes(status: str, expected: str) -> None:
+    """Replies aiosmtpd writes without an RFC 3463 code get one; 220 and 354 never do."""
+    assert with_enhanced_code(status) == expected
+
+
+async def test_ehlo_keywords_carry_no_enhanced_codes(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """EHLO's keyword lines stay bare, while an error reply in the same session gets its code."""
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        client = await RawClient.connect(relay.smtp_port)
+        try:
+            ehlo = await client.command("EHLO app.example.org")
+            assert ehlo.splitlines()[-1] == "250 HELP"
+            assert "250-PIPELINING" in ehlo.splitlines()
+            assert (await client.command("RCPT TO:<alice@example.com>")).startswith("503 5.5.1 ")
+        finally:
+            await client.close()
