@@ -17,6 +17,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+import trustme
 
 from relay.config import LogConfig, LogFormat
 from relay.logs import setup_logging
@@ -371,3 +372,71 @@ async def test_readyz_turns_503_when_the_upstream_cannot_be_reached(tmp_path: Pa
         status, text = await scrape(relay.metrics_port, "/readyz")
         assert status == 503 and "upstream unreachable" in text
         assert (await scrape(relay.metrics_port, "/healthz"))[0] == 200
+
+
+async def test_starttls_with_a_given_certificate_and_users_auth(
+    tmp_path: Path, plain_server: UpstreamServer, tls_ca: trustme.CA
+) -> None:
+    """smtp.starttls = certificate and auth = users: smtplib verifies the relay, logs in, sends."""
+    cert = tls_ca.issue_cert("localhost")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    users = tmp_path / "users"
+    users.write_text("app:app-secret\n")
+    env = {
+        "RELAY_SMTP_STARTTLS": "certificate",
+        "RELAY_SMTP_TLS_CERT_FILE": str(cert_file),
+        "RELAY_SMTP_TLS_KEY_FILE": str(key_file),
+        "RELAY_SMTP_AUTH": "users",
+        "RELAY_SMTP_USERS_FILE": str(users),
+    }
+
+    def send(port: int) -> None:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        with smtplib.SMTP("localhost", port, timeout=30) as client:
+            client.starttls(context=context)
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("app", "wrong")
+            client.login("app", "app-secret")
+            client.sendmail("news@example.org", ["alice@example.com"], b"Subject: x\r\n\r\nhi\r\n")
+
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        await asyncio.to_thread(send, relay.smtp_port)
+    (transaction,) = plain_server.transactions
+    received, _ = split_copy(transaction.content)
+    assert received.group(2) == b"ESMTPSA"
+
+
+async def test_client_outside_the_allowed_networks_is_refused(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """Listening on 0.0.0.0 for 10.0.0.0/8 only: a loopback client gets 550 5.7.1 at MAIL."""
+    env = {"RELAY_LISTEN": "0.0.0.0:0", "RELAY_SMTP_ALLOW_NETWORKS": "10.0.0.0/8"}
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        client = await RawClient.connect(relay.smtp_port)
+        try:
+            await client.command("EHLO app.example.org")
+            reply = await client.command("MAIL FROM:<news@example.org>")
+        finally:
+            await client.close()
+        _, metrics = await scrape(relay.metrics_port)
+    assert reply.startswith("550 5.7.1")
+    assert 'solo_relay_inbound_connections_total{result="refused_network"} 1.0' in metrics
+    assert plain_server.transactions == []
+
+
+async def test_long_body_lines_pass_through_unchanged(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """A 5,000-octet HTML line in the body reaches the upstream byte for byte."""
+    line = b"<p>" + b"x" * 4994 + b"</p>"
+    data = (
+        b"From: news@example.org\r\nTo: alice@example.com\r\nSubject: long\r\n\r\n" + line + b"\r\n"
+    )
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        reply = await raw_send(relay.smtp_port, ["alice@example.com"], data)
+    assert reply.startswith("250 2.0.0")
+    _, rest = split_copy(plain_server.transactions[0].content)
+    assert rest.endswith(b"\r\n\r\n" + line + b"\r\n")

@@ -195,6 +195,9 @@ class _Handler:
 class _RecordingSMTP(SMTP):
     """aiosmtpd's protocol, recording raw client bytes and honouring GREETING and DATA scripts."""
 
+    # Providers take body lines longer than RFC 5322's 998 (long HTML lines); so does this one.
+    line_length_limit = 1 << 20
+
     def __init__(self, owner: UpstreamServer, record: Connection, **kwargs: Any) -> None:
         super().__init__(_Handler(owner), **kwargs)
         self.owner = owner
