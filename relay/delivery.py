@@ -60,10 +60,11 @@ async def deliver_direct(
     for copy, task in zip(copies, tasks, strict=True):
         if task in done and task.exception() is None:
             outcomes.append(task.result())
-        else:
-            outcomes.append(TIMED_OUT)
-            if task in pending:
-                on_outcome(copy, TIMED_OUT, loop.time() - started)
+            continue
+        # Still in flight at the deadline (or failed inside the upstream, which
+        # ``send`` promises never to do): it may have arrived, so it is ambiguous.
+        outcomes.append(TIMED_OUT)
+        on_outcome(copy, TIMED_OUT, loop.time() - started)
     return Result(choose_reply(outcomes, queue_id), tuple(outcomes))
 
 
