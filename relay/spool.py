@@ -1,0 +1,542 @@
+"""Durable custody: one SQLite database in WAL mode, written before the ``250``.
+
+Rule 1: nothing is acknowledged before it is on disk: ``store`` returns only
+after a commit with ``synchronous=FULL`` (the WAL is fsynced; SQLite syncs
+the directory when it creates the files).
+Rule 2: group commit: every write waiting when the writer thread comes free
+goes into one transaction and costs one fsync, so durability does not cap
+throughput (Postfix pays one fsync per queue file instead).
+Rule 3: a message's body is stored once; each copy stores its own header
+section and its state.
+Rule 4: a state change is durable before it is acted on: a copy is marked
+``delivering`` before it is sent and ``delivered`` after the upstream's
+``250``; a crash between those two can resend that one copy (at least once),
+nothing else.
+Rule 5: at open, copies left ``delivering`` go back to ``queued``; a record
+whose checksum fails, and a database that cannot be read at all, are moved
+to quarantine and counted, never raised to the caller.
+
+All SQLite work happens on one thread; coroutines wait on futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.errors import RelayError, Reply
+
+log = logging.getLogger("relay.spool")
+
+T = TypeVar("T")
+MAX_BATCH = 512  # writes per transaction; bounded so one commit never holds the lock for long
+BUSY_TIMEOUT_MS = 10_000  # `solo-relay queue` commands share the file with a running relay
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    auth_user TEXT NOT NULL DEFAULT '',
+    received REAL NOT NULL,
+    expires REAL NOT NULL,
+    body BLOB NOT NULL,
+    body_crc INTEGER NOT NULL,
+    is_dsn INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS copies (
+    id INTEGER PRIMARY KEY,
+    message TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    headers BLOB NOT NULL,
+    crc INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    last_code INTEGER NOT NULL DEFAULT 0,
+    last_enhanced TEXT NOT NULL DEFAULT '',
+    last_text TEXT NOT NULL DEFAULT '',
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS copies_due ON copies (state, next_try);
+CREATE INDEX IF NOT EXISTS copies_message ON copies (message);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    data BLOB
+);
+"""
+
+
+class CopyState(enum.Enum):
+    QUEUED = "queued"
+    DELIVERING = "delivering"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+LIVE = (CopyState.QUEUED, CopyState.DELIVERING, CopyState.DEFERRED)
+FINAL = (CopyState.DELIVERED, CopyState.FAILED)
+
+
+class SpoolError(RelayError):
+    """The spool could not take or change a record; the application gets ``451 4.3.0``."""
+
+    reply = Reply(451, "4.3.0", "Temporary storage failure, try again later")
+
+
+@dataclass(frozen=True, slots=True)
+class NewCopy:
+    rcpt: str
+    headers: bytes
+    state: CopyState = CopyState.QUEUED
+    next_try: float = 0.0
+    attempts: int = 0
+    last_code: int = 0
+    last_enhanced: str = ""
+    last_text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    id: str
+    sender: str  # "" for <>
+    smtputf8: bool
+    received: float
+    expires: float
+    body: bytes | memoryview
+    copies: tuple[NewCopy, ...]
+    auth_user: str = ""
+    is_dsn: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A copy claimed for delivery (now ``delivering``)."""
+
+    copy_id: int
+    message_id: str
+    rcpt: str
+    headers: bytes
+    attempts: int
+    sender: str
+    smtputf8: bool
+    auth_user: str
+    received: float
+    expires: float
+    is_dsn: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRow:
+    """One copy as ``solo-relay queue`` shows it."""
+
+    copy_id: int
+    message_id: str
+    rcpt: str
+    state: CopyState
+    attempts: int
+    next_try: float
+    last_code: int
+    last_enhanced: str
+    last_text: str
+    received: float
+    sender: str
+
+
+class Spool:
+    """The spool database. ``open`` it, then ``await`` its methods from the event loop."""
+
+    def __init__(self, directory: Path, *, fsync: bool = True, max_bytes: int = 0) -> None:
+        self.directory = directory
+        self.path = directory / "spool.db"
+        self._fsync = fsync
+        self._max_bytes = max_bytes
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.quarantined = 0  # records moved aside since open
+        self.live = 0  # copies queued, delivering or deferred (kept current by every write)
+        self.commits = 0  # transactions committed (each one fsync): group commit at work
+
+    def __repr__(self) -> str:
+        return f"<Spool {self.path} live={self.live} commits={self.commits}>"
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (or create) the database, recover, and start the writer thread."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        self._recover(conn)
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="spool", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = self._open_db()
+            row = conn.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {row}")
+            return conn
+        except sqlite3.DatabaseError as exc:
+            # Rule 5: a database that cannot be read is set aside whole, never fatal.
+            aside = self.directory / "quarantine" / f"spool-{int(time.time())}.db"
+            aside.parent.mkdir(exist_ok=True)
+            log.error(
+                "spool database unreadable, quarantined",
+                extra={"fields": {"error": str(exc), "moved_to": str(aside)}},
+            )
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(str(self.path) + suffix)
+                if source.exists():
+                    source.rename(Path(str(aside) + suffix))
+            self.quarantined += 1
+            return self._open_db()
+
+    def _open_db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'OFF'}")
+        conn.executescript(SCHEMA)
+        if self._max_bytes:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {max(self._max_bytes // page, 1)}")
+        return conn
+
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "UPDATE copies SET state = ?, updated = ? WHERE state = ?",
+            (CopyState.QUEUED.value, now, CopyState.DELIVERING.value),
+        )
+        for message_id, body, crc in conn.execute(
+            "SELECT id, body, body_crc FROM messages"
+        ).fetchall():
+            if zlib.crc32(body) != crc:
+                self._quarantine_message(conn, message_id, "body checksum mismatch", now)
+        for copy_id, message_id, rcpt, headers, crc in conn.execute(
+            "SELECT id, message, rcpt, headers, crc FROM copies"
+        ).fetchall():
+            if _copy_crc(rcpt, headers) != crc:
+                self._quarantine_copy(conn, copy_id, message_id, "copy checksum mismatch", now)
+        conn.execute("DELETE FROM copies WHERE message NOT IN (SELECT id FROM messages)")
+        conn.execute("COMMIT")
+        self.live = _count_live(conn)
+
+    def _quarantine_message(
+        self, conn: sqlite3.Connection, message_id: str, reason: str, now: float
+    ) -> None:
+        conn.execute(
+            "INSERT INTO quarantine (kind, ref, reason, at, data)"
+            " SELECT 'message', id, ?, ?, body FROM messages WHERE id = ?",
+            (reason, now, message_id),
+        )
+        conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
+        conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        self.quarantined += 1
+        log.error(
+            "spool record quarantined", extra={"fields": {"queue_id": message_id, "reason": reason}}
+        )
+
+    def _quarantine_copy(
+        self, conn: sqlite3.Connection, copy_id: int, message_id: str, reason: str, now: float
+    ) -> None:
+        conn.execute(
+            "INSERT INTO quarantine (kind, ref, reason, at, data)"
+            " SELECT 'copy', ?, ?, ?, headers FROM copies WHERE id = ?",
+            (f"{message_id}/{copy_id}", reason, now, copy_id),
+        )
+        conn.execute("DELETE FROM copies WHERE id = ?", (copy_id,))
+        self.quarantined += 1
+        log.error(
+            "spool record quarantined", extra={"fields": {"queue_id": message_id, "reason": reason}}
+        )
+
+    # -- the writer thread ---------------------------------------------------------
+
+    def _run(self, conn: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.append(more)
+            self._commit(conn, batch)
+        conn.close()
+
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
+    ) -> None:
+        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for operation, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = operation(conn)
+                except sqlite3.DatabaseError:
+                    raise  # the disk or the file: the whole transaction is suspect
+                except Exception as exc:  # a bad operation fails alone
+                    conn.execute("ROLLBACK TO op")
+                    results.append((future, None, exc))
+                else:
+                    results.append((future, result, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.live = _count_live(conn)
+        except sqlite3.DatabaseError as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("spool write failed", extra={"fields": {"error": str(exc)}})
+            failure = SpoolError(str(exc))
+            results = [(future, None, failure) for _, future in batch]
+        for future, result, error in results:
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None:
+            raise SpoolError("spool is not open")
+        future: Future[T] = Future()
+        self._queue.put((operation, future))
+        return await asyncio.wrap_future(future)
+
+    # -- operations ----------------------------------------------------------------
+
+    async def store(self, message: NewMessage) -> None:
+        """Write a message and its copies; returns once they are durable (Rule 1)."""
+        await self._submit(lambda conn: _insert(conn, message))
+
+    async def claim_due(self, now: float, limit: int) -> list[Job]:
+        """Up to ``limit`` copies due by ``now``, marked ``delivering`` durably."""
+
+        def claim(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "SELECT c.id, c.message, c.rcpt, c.headers, c.crc, c.attempts, m.sender,"
+                " m.smtputf8, m.auth_user, m.received, m.expires, m.is_dsn"
+                " FROM copies c JOIN messages m ON m.id = c.message"
+                " WHERE c.state IN (?, ?) AND c.next_try <= ? ORDER BY c.next_try, c.id LIMIT ?",
+                (CopyState.QUEUED.value, CopyState.DEFERRED.value, now, limit),
+            ).fetchall()
+            jobs = []
+            for row in rows:
+                copy_id, message_id, rcpt, headers, crc = row[:5]
+                if _copy_crc(rcpt, headers) != crc:
+                    self._quarantine_copy(conn, copy_id, message_id, "copy checksum mismatch", now)
+                    continue
+                jobs.append(
+                    Job(
+                        copy_id,
+                        message_id,
+                        rcpt,
+                        headers,
+                        row[5],
+                        row[6],
+                        bool(row[7]),
+                        row[8],
+                        row[9],
+                        row[10],
+                        bool(row[11]),
+                    )
+                )
+            conn.executemany(
+                "UPDATE copies SET state = ?, updated = ? WHERE id = ?",
+                [(CopyState.DELIVERING.value, now, job.copy_id) for job in jobs],
+            )
+            return jobs
+
+        return await self._submit(claim)
+
+    async def body(self, message_id: str) -> bytes | None:
+        """The message body, or None if it is gone or corrupt (then quarantined)."""
+
+        def read(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT body, body_crc FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            if zlib.crc32(row[0]) != row[1]:
+                self._quarantine_message(conn, message_id, "body checksum mismatch", time.time())
+                return None
+            return bytes(row[0])
+
+        return await self._submit(read)
+
+    async def record(
+        self,
+        copy_id: int,
+        state: CopyState,
+        *,
+        now: float,
+        next_try: float = 0.0,
+        attempts: int | None = None,
+        code: int = 0,
+        enhanced: str = "",
+        text: str = "",
+        also_store: NewMessage | None = None,
+    ) -> None:
+        """Move a copy to ``state`` durably; ``also_store`` (a DSN) commits with it."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT message, attempts FROM copies WHERE id = ?", (copy_id,)
+            ).fetchone()
+            if row is None:
+                return  # deleted meanwhile (`solo-relay queue delete`)
+            conn.execute(
+                "UPDATE copies SET state = ?, next_try = ?, attempts = ?, last_code = ?,"
+                " last_enhanced = ?, last_text = ?, updated = ? WHERE id = ?",
+                (
+                    state.value,
+                    next_try,
+                    row[1] if attempts is None else attempts,
+                    code,
+                    enhanced,
+                    text[:500],
+                    now,
+                    copy_id,
+                ),
+            )
+            if also_store is not None:
+                _insert(conn, also_store)  # the DSN commits with the failure, or neither does
+            _drop_if_done(conn, row[0])
+
+        await self._submit(write)
+
+    async def release(self, copy_ids: Sequence[int], now: float) -> None:
+        """Put claimed copies back to ``queued`` (a drain that ran out of time)."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE copies SET state = ?, updated = ? WHERE id = ? AND state = ?",
+                [(CopyState.QUEUED.value, now, i, CopyState.DELIVERING.value) for i in copy_ids],
+            )
+
+        await self._submit(write)
+
+    async def stats(self) -> tuple[dict[CopyState, int], float | None]:
+        """Copies by state, and the ``received`` time of the oldest live copy's message."""
+        return await self._submit(read_stats)
+
+    async def next_due(self) -> float | None:
+        def read(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_try) FROM copies WHERE state IN (?, ?)",
+                (CopyState.QUEUED.value, CopyState.DEFERRED.value),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._submit(read)
+
+
+def read_stats(conn: sqlite3.Connection) -> tuple[dict[CopyState, int], float | None]:
+    counts = dict.fromkeys(CopyState, 0)
+    for state, count in conn.execute("SELECT state, COUNT(*) FROM copies GROUP BY state"):
+        counts[CopyState(state)] = count
+    row = conn.execute(
+        "SELECT MIN(m.received) FROM messages m JOIN copies c ON c.message = m.id"
+        " WHERE c.state IN (?, ?, ?)",
+        tuple(s.value for s in LIVE),
+    ).fetchone()
+    return counts, (None if row is None or row[0] is None else float(row[0]))
+
+
+def _insert(conn: sqlite3.Connection, message: NewMessage) -> None:
+    body = bytes(message.body)
+    conn.execute(
+        "INSERT INTO messages (id, sender, smtputf8, auth_user, received, expires, body, body_crc,"
+        " is_dsn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message.id,
+            message.sender,
+            int(message.smtputf8),
+            message.auth_user,
+            message.received,
+            message.expires,
+            body,
+            zlib.crc32(body),
+            int(message.is_dsn),
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO copies (message, rcpt, headers, crc, state, attempts, next_try, last_code,"
+        " last_enhanced, last_text, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                message.id,
+                c.rcpt,
+                c.headers,
+                _copy_crc(c.rcpt, c.headers),
+                c.state.value,
+                c.attempts,
+                c.next_try,
+                c.last_code,
+                c.last_enhanced,
+                c.last_text,
+                message.received,
+            )
+            for c in message.copies
+        ],
+    )
+    _drop_if_done(conn, message.id)
+
+
+def _copy_crc(rcpt: str, headers: bytes) -> int:
+    return zlib.crc32(headers, zlib.crc32(rcpt.encode("utf-8")))
+
+
+def _count_live(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        "SELECT COUNT(*) FROM copies WHERE state IN (?, ?, ?)", tuple(s.value for s in LIVE)
+    ).fetchone()
+    return int(row[0])
+
+
+def _drop_if_done(conn: sqlite3.Connection, message_id: str) -> None:
+    """A message whose copies are all final leaves the spool (its story is in logs and metrics)."""
+    live = conn.execute(
+        "SELECT 1 FROM copies WHERE message = ? AND state IN (?, ?, ?) LIMIT 1",
+        (message_id, *(s.value for s in LIVE)),
+    ).fetchone()
+    if live is None:
+        conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
+        conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
