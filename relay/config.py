@@ -42,7 +42,8 @@ LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 
 class Mode(enum.Enum):
-    DIRECT = "direct"
+    QUEUE = "queue"  # answer after the spool write, deliver in the background
+    DIRECT = "direct"  # try the copies before answering; spool what could not go
 
 
 class LogFormat(enum.Enum):
@@ -135,6 +136,18 @@ class IsolationConfig:
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     direct_deadline: float = 120.0  # well under a client's 10-minute DATA timeout
+    concurrency: int = 0  # copies in flight at once; 0: upstream.pool_size
+    retry_initial: float = 60.0  # first retry after a transient failure (seconds)
+    retry_max: float = 3600.0  # the delay doubles up to this
+    retry_jitter: float = 0.2  # +/- this fraction, so retries do not arrive in step
+    lifetime: float = 172_800.0  # 2 days, then the copy fails and its sender is told
+    soft_bounce: bool = False  # treat permanent failures as transient (careful rollouts)
+    dsn: bool = True  # RFC 3464 notifications to the sender (never to <>)
+    auth_pause: float = 300.0  # after the upstream refuses our credentials (535)
+    rate_per_second: float = 0.0  # copies per second to the upstream; 0: no limit
+    rate_per_day: int = 0  # copies per UTC day; 0: no limit
+    max_queued: int = 100_000  # live copies in the spool before new mail gets 451 4.3.2
+    drain_grace: float = 30.0  # seconds deliveries may finish after SIGTERM
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,9 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     dir: str = "./spool"
+    fsync: bool = True  # off only to measure what durability costs
+    min_free_bytes: int = 100 * 1024 * 1024  # below this, MAIL gets 452 4.3.1
+    max_bytes: int = 0  # cap on the database; 0: the disk is the limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +174,7 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: str = "127.0.0.1:2525"
-    mode: Mode = Mode.DIRECT
+    mode: Mode = Mode.QUEUE
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
@@ -319,6 +335,7 @@ def validate(config: Config) -> None:
         ("upstream.pool_size", config.upstream.pool_size),
         ("upstream.max_messages_per_connection", config.upstream.max_messages_per_connection),
         ("isolation.max_header_size", config.isolation.max_header_size),
+        ("delivery.max_queued", config.delivery.max_queued),
     ):
         if value < 1:
             raise ConfigError(key, "must be at least 1")
@@ -329,6 +346,11 @@ def validate(config: Config) -> None:
         ("upstream.command_timeout", config.upstream.command_timeout),
         ("upstream.data_timeout", config.upstream.data_timeout),
         ("delivery.direct_deadline", config.delivery.direct_deadline),
+        ("delivery.retry_initial", config.delivery.retry_initial),
+        ("delivery.retry_max", config.delivery.retry_max),
+        ("delivery.lifetime", config.delivery.lifetime),
+        ("delivery.auth_pause", config.delivery.auth_pause),
+        ("delivery.drain_grace", config.delivery.drain_grace),
     ):
         if seconds <= 0:
             raise ConfigError(key, "must be more than 0 seconds")
@@ -355,6 +377,18 @@ def validate(config: Config) -> None:
         raise ConfigError("smtp.tls_cert_file", "starttls = 'certificate' needs cert and key files")
     if config.smtp.auth is AuthMode.USERS and not config.smtp.users_file:
         raise ConfigError("smtp.users_file", "auth = 'users' needs a users file")
+    if not 0 <= config.delivery.retry_jitter < 1:
+        raise ConfigError("delivery.retry_jitter", "must be at least 0 and less than 1")
+    signed: tuple[tuple[str, float], ...] = (
+        ("delivery.concurrency", config.delivery.concurrency),
+        ("delivery.rate_per_second", config.delivery.rate_per_second),
+        ("delivery.rate_per_day", config.delivery.rate_per_day),
+        ("spool.min_free_bytes", config.spool.min_free_bytes),
+        ("spool.max_bytes", config.spool.max_bytes),
+    )
+    for key, amount in signed:
+        if amount < 0:
+            raise ConfigError(key, "must not be negative")
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             "log.level", f"must be debug, info, warning or error: {config.log.level!r}"

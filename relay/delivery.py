@@ -1,4 +1,14 @@
-"""Direct delivery: try every copy before answering the application (SPEC 5, ``direct``).
+"""Delivery: the queue's workers, and direct mode (SPEC 5).
+
+Queue workers (``Deliverer``): copies due now are claimed from the spool
+(``delivering``, durably), sent through the upstream pool, and their outcome
+recorded durably: ``delivered``; ``deferred`` with backoff for a transient
+failure; ``failed``, with a delivery status notification to the sender, for
+a permanent one or once the lifetime is over. An upstream that refuses the
+relay's credentials pauses all delivery instead of burning retries. Time and
+randomness are injected, so the schedule is tested without sleeping.
+
+Direct mode (``deliver_direct``): try every copy before answering.
 
 Rule 1: never ``250`` unless at least one copy was delivered, and never a 4xx
 that would make the application resend copies that were already delivered.
@@ -16,12 +26,32 @@ a network library.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import logging
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from relay.errors import Reply
-from relay.model import Copy, Credentials, Outcome, Stage, Status
+from relay.addresses import parse_address
+from relay.config import Config
+from relay.dsn import Failure, build_dsn, dsn_recipient_ok
+from relay.errors import BadAddress, Reply
+from relay.logs import AddressTokens
+from relay.metrics import Metrics, SpoolState
+from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
+from relay.policy import RateLimiter, backoff
+from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool
 from relay.upstream import Upstream
+
+log = logging.getLogger("relay.delivery")
+
+# Failing at these stages with no reply means the upstream itself could not be reached.
+_UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
+POLL_SECONDS = 1.0  # the longest the workers sleep without a wake-up (queue CLI retries)
+STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
 
 TIMED_OUT = Outcome(Status.TRANSIENT, Stage.DOT, 0, "", "deadline reached", ambiguous=True)
 
@@ -81,3 +111,275 @@ def choose_reply(outcomes: Sequence[Outcome], queue_id: str) -> Reply:
     if any(o.status is Status.TRANSIENT for o in outcomes):
         return Reply(451, "4.4.0", "Upstream did not take the message; nothing was delivered")
     return Reply(554, "5.0.0", "Upstream refused every copy; nothing was delivered")
+
+
+class Deliverer:
+    """The queue's workers: claim due copies, send them, record what happened."""
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        upstream: Upstream,
+        metrics: Metrics,
+        tokens: AddressTokens,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._config = config
+        self._policy = config.delivery
+        self._spool = spool
+        self._upstream = upstream
+        self._metrics = metrics
+        self._tokens = tokens
+        self._clock = clock
+        self._rand = rand
+        self._limiter = RateLimiter(self._policy.rate_per_second, self._policy.rate_per_day)
+        self._concurrency = self._policy.concurrency or config.upstream.pool_size
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._stats_at = 0.0
+        self.paused_until = 0.0
+        # The last copy's verdict on the upstream itself (for /readyz): reached or not.
+        self.upstream_reachable = True
+        # Passthrough: the application's credentials, by user, as last seen at AUTH (memory only).
+        self.credentials: dict[str, Credentials] = {}
+
+    def __repr__(self) -> str:
+        return f"<Deliverer in_flight={len(self._in_flight)} paused_until={self.paused_until:.0f}>"
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until ``drain``: claim what is due, then sleep until woken or due."""
+        while not self._stopping:
+            now = self._clock()
+            started = await self.step(now)
+            if now - self._stats_at >= STATS_SECONDS:
+                await self.refresh_gauges(now)
+            if started:
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
+            delay = POLL_SECONDS
+            if self.paused_until > now:
+                delay = min(delay, self.paused_until - now)
+            next_due = await self._spool.next_due()
+            if next_due is not None:
+                delay = min(delay, max(next_due - now, 0.0))
+            if len(self._in_flight) >= self._concurrency:
+                delay = POLL_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.01))
+
+    async def step(self, now: float) -> int:
+        """Start deliveries for the copies due at ``now``; return how many started."""
+        if self.paused_until > now or self._stopping:
+            return 0
+        free = self._concurrency - len(self._in_flight)
+        allowed = self._limiter.take(now, free) if free > 0 else 0
+        if allowed <= 0:
+            return 0
+        jobs = await self._spool.claim_due(now, allowed)
+        self._limiter.give_back(allowed - len(jobs))
+        for job in jobs:
+            task = asyncio.create_task(self._deliver(job))
+            self._in_flight[job.copy_id] = task
+            task.add_done_callback(functools.partial(self._finished, job.copy_id))
+        return len(jobs)
+
+    def _finished(self, copy_id: int, _: object) -> None:
+        self._in_flight.pop(copy_id, None)
+        self._wake.set()
+
+    async def run_once(self, now: float) -> int:
+        """Claim what is due at ``now`` and wait for every delivery (for tests and tools)."""
+        started = await self.step(now)
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight.values())
+        return started
+
+    async def drain(self, grace: float) -> None:
+        """Stop claiming; let deliveries finish until ``grace``; put the rest back in the queue."""
+        self._stopping = True
+        self._wake.set()
+        if self._in_flight:
+            _, pending = await asyncio.wait(list(self._in_flight.values()), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        leftover = list(self._in_flight)
+        if leftover:
+            await self._spool.release(leftover, self._clock())
+
+    async def refresh_gauges(self, now: float) -> None:
+        self._stats_at = now
+        counts, oldest = await self._spool.stats()
+        self._metrics.spool_copies({SpoolState(state.value): n for state, n in counts.items()})
+        self._metrics.oldest_queued_age(0.0 if oldest is None else max(now - oldest, 0.0))
+        self._metrics.upstream_auth_paused(self.paused_until > now)
+
+    async def _deliver(self, job: Job) -> None:
+        started = self._clock()
+        try:
+            outcome = await self._attempt(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not lose the copy: it stays for a retry
+            log.exception("delivery error", extra={"fields": {"queue_id": job.message_id}})
+            outcome = Outcome(Status.TRANSIENT, Stage.CONNECT, text=type(exc).__name__)
+        await self._settle(job, outcome, self._clock() - started)
+
+    async def _attempt(self, job: Job) -> Outcome:
+        body = await self._spool.body(job.message_id)
+        if body is None:
+            return Outcome(Status.PERMANENT, Stage.WRITE, 0, "", "message body lost (quarantined)")
+        try:
+            rcpt = parse_address(job.rcpt, smtputf8=True)
+        except BadAddress:
+            rcpt = None
+        if rcpt is None:
+            return Outcome(Status.PERMANENT, Stage.RCPT, 553, "5.1.3", "stored recipient invalid")
+        credentials = None
+        if job.auth_user:
+            credentials = self.credentials.get(job.auth_user)
+            if credentials is None:
+                return Outcome(
+                    Status.TRANSIENT,
+                    Stage.AUTH,
+                    0,
+                    "",
+                    "waiting for the application to log in again",
+                )
+        copy = Copy(rcpt, job.headers, memoryview(body), ())
+        return await self._upstream.send(
+            job.sender, copy, smtputf8=job.smtputf8, credentials=credentials
+        )
+
+    def note_reachability(self, outcome: Outcome) -> None:
+        self.upstream_reachable = outcome.stage not in _UNREACHABLE or outcome.code >= 200
+
+    async def _settle(self, job: Job, outcome: Outcome, latency: float) -> None:
+        now = self._clock()
+        self._metrics.copy_outcome(outcome, latency)
+        self.note_reachability(outcome)
+        fields = {
+            "queue_id": job.message_id,
+            "rcpt": self._tokens(job.rcpt),
+            "stage": outcome.stage.value,
+            "code": outcome.code,
+            "enhanced": outcome.enhanced,
+            "attempts": job.attempts + 1,
+            "ambiguous": outcome.ambiguous,
+        }
+        if outcome.status is Status.DELIVERED:
+            await self._spool.record(
+                job.copy_id,
+                CopyState.DELIVERED,
+                now=now,
+                attempts=job.attempts + 1,
+                outcome=outcome,
+            )
+            log.info("copy delivered", extra={"fields": fields})
+            return
+        if outcome.auth_failed:
+            # SPEC 5: bad credentials pause everything; this copy waits, no attempt spent.
+            self.paused_until = now + self._policy.auth_pause
+            self._metrics.upstream_auth_paused(True)
+            await self._spool.record(
+                job.copy_id,
+                CopyState.QUEUED,
+                now=now,
+                next_try=self.paused_until,
+                outcome=outcome,
+            )
+            log.error(
+                "upstream refused the relay's credentials: delivery paused",
+                extra={"fields": fields},
+            )
+            return
+        permanent = outcome.status is Status.PERMANENT and not self._policy.soft_bounce
+        attempts = job.attempts + 1
+        if not permanent:
+            delay = backoff(
+                attempts,
+                initial=self._policy.retry_initial,
+                maximum=self._policy.retry_max,
+                jitter=self._policy.retry_jitter,
+                rand=self._rand(),
+            )
+            if now + delay < job.expires:
+                self._metrics.retry_scheduled()
+                await self._spool.record(
+                    job.copy_id,
+                    CopyState.DEFERRED,
+                    now=now,
+                    next_try=now + delay,
+                    attempts=attempts,
+                    outcome=outcome,
+                )
+                log.info("copy deferred", extra={"fields": {**fields, "retry_in": round(delay, 1)}})
+                return
+        expired = not permanent
+        dsn = self._notification(job, outcome, now, expired=expired)
+        await self._spool.record(
+            job.copy_id,
+            CopyState.FAILED,
+            now=now,
+            attempts=attempts,
+            also_store=dsn,
+            outcome=outcome,
+        )
+        if dsn is not None:
+            self._metrics.dsn_sent()
+            self.wake()
+        log.warning(
+            "copy failed",
+            extra={"fields": {**fields, "expired": expired, "dsn": dsn.id if dsn else None}},
+        )
+
+    def _notification(
+        self, job: Job, outcome: Outcome, now: float, *, expired: bool
+    ) -> NewMessage | None:
+        """The RFC 3464 report for this copy, or None (off, a DSN itself, or the sender is <>)."""
+        if not self._policy.dsn or job.is_dsn or not dsn_recipient_ok(job.sender):
+            return None
+        status = outcome.enhanced or ("4.4.7" if expired else "5.0.0")
+        if expired and not status.startswith("4."):
+            status = "4.4.7"
+        diagnostic = (
+            f"{outcome.code} {outcome.enhanced} {outcome.text}".strip() if outcome.code else ""
+        )
+        queue_id = new_queue_id()
+        data = build_dsn(
+            Failure(
+                queue_id=job.message_id,
+                sender=job.sender,
+                recipient=job.rcpt,
+                status=status,
+                diagnostic=diagnostic,
+                remote_mta="",
+                arrival_date=datetime.fromtimestamp(job.received, UTC),
+                last_attempt=datetime.fromtimestamp(now, UTC),
+                expired=expired,
+                original_headers=job.headers,
+            ),
+            reporting_mta=self._config.smtp.hostname,
+            now=datetime.fromtimestamp(now, UTC),
+            message_id=f"{queue_id}@{self._config.smtp.hostname}",
+        )
+        split = data.index(b"\r\n\r\n") + 4
+        return NewMessage(
+            id=queue_id,
+            sender="",
+            smtputf8=not job.sender.isascii(),
+            received=now,
+            expires=now + self._policy.lifetime,
+            body=data[split:],
+            copies=(NewCopy(rcpt=job.sender, headers=data[:split], next_try=now),),
+            is_dsn=True,
+        )

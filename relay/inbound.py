@@ -280,11 +280,13 @@ class RelaySMTP(SMTP):
 class InboundHandler:
     """aiosmtpd hooks: validate the envelope, then hand the message to ``accept``."""
 
-    def __init__(self, config: Config, gate: Gate, accept: Accept, tls: bool) -> None:
+    def __init__(
+        self, config: Config, gate: Gate, accept: Accept, admit: Callable[[], Reply | None]
+    ) -> None:
         self._config = config
         self._gate = gate
         self._accept = accept
-        self._tls = tls
+        self._admit = admit
         self._auth = config.smtp.auth is not AuthMode.OFF
         self._users = (
             _read_users(config.smtp.users_file) if config.smtp.auth is AuthMode.USERS else {}
@@ -316,6 +318,9 @@ class InboundHandler:
             if self._gate.metrics is not None:
                 self._gate.metrics.connection(ConnectionResult.REFUSED_NETWORK)
             return str(NOT_ALLOWED)
+        refusal = self._admit()
+        if refusal is not None:
+            return str(refusal)
         for option in options:
             name, _, value = option.partition("=")
             if (
@@ -444,10 +449,16 @@ def make_protocol_factory(
     accept: Accept,
     tls_context: ssl.SSLContext | None,
     metrics: Metrics | None = None,
+    *,
+    admit: Callable[[], Reply | None] = lambda: None,
 ) -> tuple[Callable[[], RelaySMTP], Gate]:
-    """The factory ``loop.create_server`` calls for each connection, and the shared gate."""
+    """The factory ``loop.create_server`` calls for each connection, and the shared gate.
+
+    ``admit`` is asked at each MAIL whether new mail can be taken into custody
+    (spool space, queue bound); a reply it returns refuses the transaction.
+    """
     gate = Gate(config.smtp.max_connections, config.smtp.allow_networks, metrics)
-    handler = InboundHandler(config, gate, accept, tls_context is not None)
+    handler = InboundHandler(config, gate, accept, admit)
     auth_on = config.smtp.auth is not AuthMode.OFF
     loopback = config.listen_address.is_loopback
 

@@ -1,8 +1,12 @@
-"""From a received message to the reply: isolate, guard, deliver, record.
+"""From a received message to the reply: isolate, guard, take custody, record.
 
 Rule 1: the isolation core decides every copy; a refusal becomes its reply
-code, a metric and one log line, and nothing is sent.
-Rule 2: one log line per message and one per copy, tied by the queue id;
+code, a metric and one log line, and nothing is stored or sent.
+Rule 2: ``250`` only once the relay owns the message: in ``queue`` mode after
+the spool write is durable; in ``direct`` mode after every copy was
+delivered, or some were and the rest are durably spooled. A spool failure
+is ``451 4.3.0``, never ``250``.
+Rule 3: one log line per message and one per copy, tied by the queue id;
 addresses appear only as keyed tokens.
 
 Between the inbound shell and delivery; it holds no socket of its own.
@@ -13,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from relay.config import Config
-from relay.delivery import deliver_direct
+from relay.config import Config, Mode
+from relay.delivery import Deliverer, deliver_direct
 from relay.errors import (
     BadAddress,
     BadData,
@@ -33,13 +36,12 @@ from relay.inbound import Submission
 from relay.isolation import isolate
 from relay.logs import AddressTokens
 from relay.metrics import MessageResult, Metrics
-from relay.model import Copy, Envelope, Outcome, Stage, Trace
+from relay.model import Copy, Envelope, Outcome, Plan, Status, Trace, new_queue_id
+from relay.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.intake")
 
-# Failing at these stages with no reply means the upstream itself could not be reached.
-_UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 OFFLOAD_OCTETS = 1 << 20  # isolate bigger messages in a thread so the loop keeps serving
 
 _RESULTS: dict[type[Rejected], MessageResult] = {
@@ -51,33 +53,32 @@ _RESULTS: dict[type[Rejected], MessageResult] = {
 }
 
 
-def new_queue_id() -> str:
-    """Sortable by time, unique enough per deployment, and naming nobody."""
-    return f"{int(time.time()):x}{secrets.token_hex(5)}".upper()
-
-
 class Intake:
-    """Takes submissions into the isolation core and on to delivery."""
+    """Takes submissions into the isolation core and into custody."""
 
     def __init__(
         self,
         config: Config,
+        *,
         upstream: Upstream,
         metrics: Metrics,
         tokens: AddressTokens,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        spool: Spool,
+        deliverer: Deliverer,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
         self._options = config.isolation.options()
         self._upstream = upstream
         self._metrics = metrics
         self._tokens = tokens
+        self._spool = spool
+        self._deliverer = deliverer
         self._now = now
-        # The last copy's verdict on the upstream itself (for /readyz): reached or not.
-        self.upstream_reachable = True
 
     async def accept(self, submission: Submission) -> Reply:
         queue_id = new_queue_id()
+        now = self._now()
         envelope = Envelope(submission.sender, submission.recipients, submission.smtputf8)
         trace = Trace(
             by_host=self._config.smtp.hostname,
@@ -85,7 +86,7 @@ class Intake:
             client_ip=submission.client_ip,
             protocol=submission.protocol,
             queue_id=queue_id,
-            date=email.utils.format_datetime(self._now()),
+            date=email.utils.format_datetime(datetime.fromtimestamp(now, UTC)),
         )
         size = len(submission.data)
         try:
@@ -96,30 +97,26 @@ class Intake:
             else:
                 plan = isolate(envelope, submission.data, self._options, trace)
         except Rejected as exc:
-            refusal = _RESULTS.get(type(exc), MessageResult.REJECTED_POLICY)
-            self._metrics.message_received(refusal, size, len(submission.recipients))
-            if isinstance(exc, LeakDetected):
-                self._metrics.leak_rejected()
-            log.warning(
-                "message rejected",
-                extra={
-                    "fields": {
-                        "queue_id": queue_id,
-                        "reply": str(exc.reply),
-                        "reason": exc.reason,
-                        "size": size,
-                        "recipients": len(submission.recipients),
-                    }
-                },
-            )
-            return exc.reply
-        self._metrics.message_received(MessageResult.ACCEPTED, size, len(plan.copies))
+            return self._refused(queue_id, submission, exc)
         for warning in plan.warnings:
             self._metrics.body_warning()
             log.warning("body check", extra={"fields": {"queue_id": queue_id, "warning": warning}})
-        for copy in plan.copies:
-            self._metrics.header_changes(copy.changes)
         sender = submission.sender.text if submission.sender else ""
+        if submission.credentials is not None:
+            self._deliverer.credentials[submission.credentials.username] = submission.credentials
+        if self._config.mode is Mode.QUEUE:
+            reply = await self._queue(queue_id, sender, submission, plan, now)
+        else:
+            reply = await self._direct(queue_id, sender, submission, plan, now)
+        accepted = reply.code == 250
+        if accepted:
+            result = MessageResult.ACCEPTED
+        else:
+            result = MessageResult.DEFERRED if reply.code < 500 else MessageResult.REJECTED_POLICY
+        self._metrics.message_received(result, size, len(plan.copies))
+        if accepted:
+            for copy in plan.copies:
+                self._metrics.header_changes(copy.changes)
         log.info(
             "message received",
             extra={
@@ -129,9 +126,79 @@ class Intake:
                     "size": size,
                     "copies": len(plan.copies),
                     "merged_duplicates": plan.merged_duplicates,
+                    "mode": self._config.mode.value,
+                    "reply": str(reply),
                 }
             },
         )
+        return reply
+
+    def _refused(self, queue_id: str, submission: Submission, exc: Rejected) -> Reply:
+        size = len(submission.data)
+        refusal = _RESULTS.get(type(exc), MessageResult.REJECTED_POLICY)
+        self._metrics.message_received(refusal, size, len(submission.recipients))
+        if isinstance(exc, LeakDetected):
+            self._metrics.leak_rejected()
+        log.warning(
+            "message rejected",
+            extra={
+                "fields": {
+                    "queue_id": queue_id,
+                    "reply": str(exc.reply),
+                    "reason": exc.reason,
+                    "size": size,
+                    "recipients": len(submission.recipients),
+                }
+            },
+        )
+        return exc.reply
+
+    def _message(
+        self,
+        queue_id: str,
+        *,
+        sender: str,
+        submission: Submission,
+        copies: Sequence[NewCopy],
+        plan: Plan,
+        now: float,
+    ) -> NewMessage:
+        credentials = submission.credentials
+        return NewMessage(
+            id=queue_id,
+            sender=sender,
+            smtputf8=submission.smtputf8,
+            received=now,
+            expires=now + self._config.delivery.lifetime,
+            body=plan.copies[0].body,
+            copies=tuple(copies),
+            auth_user=credentials.username if credentials else "",
+        )
+
+    async def _queue(
+        self, queue_id: str, sender: str, submission: Submission, plan: Plan, now: float
+    ) -> Reply:
+        copies = [NewCopy(c.recipient.text, c.headers, next_try=now) for c in plan.copies]
+        try:
+            await self._spool.store(
+                self._message(
+                    queue_id,
+                    sender=sender,
+                    submission=submission,
+                    copies=copies,
+                    plan=plan,
+                    now=now,
+                )
+            )
+        except SpoolError as exc:
+            log.error("spool write failed", extra={"fields": {"queue_id": queue_id}})
+            return exc.reply
+        self._deliverer.wake()
+        return Reply(250, "2.0.0", f"OK: queued as {queue_id}")
+
+    async def _direct(
+        self, queue_id: str, sender: str, submission: Submission, plan: Plan, now: float
+    ) -> Reply:
         result = await deliver_direct(
             self._upstream,
             sender,
@@ -144,14 +211,59 @@ class Intake:
                 queue_id, copy, outcome, latency
             ),
         )
-        log.info(
-            "message answered", extra={"fields": {"queue_id": queue_id, "reply": str(result.reply)}}
+        left = [
+            (copy, outcome)
+            for copy, outcome in zip(plan.copies, result.outcomes, strict=True)
+            if outcome.status is not Status.DELIVERED
+        ]
+        if result.reply.code != 250 or not left:
+            return result.reply
+        # Some delivered, some not: the rest go to the queue, so the 250 is a promise.
+        retry = now + self._config.delivery.retry_initial
+        copies = [
+            NewCopy(
+                copy.recipient.text,
+                copy.headers,
+                # A permanent refusal is tried once more from the queue, which then
+                # sends the notification; a transient one waits its backoff.
+                state=CopyState.QUEUED
+                if outcome.status is Status.PERMANENT
+                else CopyState.DEFERRED,
+                next_try=now if outcome.status is Status.PERMANENT else retry,
+                attempts=1,
+                last_code=outcome.code,
+                last_enhanced=outcome.enhanced,
+                last_text=outcome.text[:500],
+            )
+            for copy, outcome in left
+        ]
+        try:
+            await self._spool.store(
+                self._message(
+                    queue_id,
+                    sender=sender,
+                    submission=submission,
+                    copies=copies,
+                    plan=plan,
+                    now=now,
+                )
+            )
+        except SpoolError:
+            # Some copies are already delivered: a 4xx would make the application send
+            # them again. The 250 stands; the loss is logged loudly and counted.
+            log.error(
+                "spool write failed after partial delivery: copies lost",
+                extra={"fields": {"queue_id": queue_id, "lost": len(copies)}},
+            )
+            return result.reply
+        self._deliverer.wake()
+        return Reply(
+            250, "2.0.0", f"OK: queued as {queue_id}, {len(copies)} copies queued for retry"
         )
-        return result.reply
 
     def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
         self._metrics.copy_outcome(outcome, latency)
-        self.upstream_reachable = outcome.stage not in _UNREACHABLE or outcome.code >= 200
+        self._deliverer.note_reachability(outcome)
         log.info(
             "copy",
             extra={

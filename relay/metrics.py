@@ -216,6 +216,21 @@ class Metrics:
             "1 while delivery is paused after the upstream refused the credentials, else 0.",
             registry=registry,
         )
+        self._retries = Counter(
+            f"{p}_retries_total",
+            "Copies deferred for a later attempt after a transient failure.",
+            registry=registry,
+        )
+        self._dsns = Counter(
+            f"{p}_dsn_sent_total",
+            "Delivery status notifications queued to senders (failed or expired copies).",
+            registry=registry,
+        )
+        self._quarantined = Counter(
+            f"{p}_spool_quarantined_total",
+            "Spool records (or whole databases) set aside as unreadable.",
+            registry=registry,
+        )
         self._build = Gauge(
             f"{p}_build_info",
             "Always 1; the label names the running version.",
@@ -312,3 +327,16 @@ class Metrics:
     def oldest_queued_age(self, seconds: float) -> None:
         """Set the age of the oldest waiting copy (0 when none waits)."""
         self._oldest.set(max(seconds, 0.0))
+
+    def retry_scheduled(self) -> None:
+        """Count one copy deferred for a retry."""
+        self._retries.inc()
+
+    def dsn_sent(self) -> None:
+        """Count one delivery status notification queued to a sender."""
+        self._dsns.inc()
+
+    def quarantined(self, count: int) -> None:
+        """Count spool records set aside as unreadable."""
+        if count > 0:
+            self._quarantined.inc(count)

@@ -7,6 +7,8 @@ Envelope and trace information go into the isolation core; a ``Plan`` of
 from __future__ import annotations
 
 import enum
+import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -40,6 +42,11 @@ REMOVED_HEADERS: frozenset[str] = frozenset(
 MAX_HEADER_OCTETS = 1 << 20  # a concatenated To: for 10,000 customers must still parse
 MAX_HOPS = 50  # SPEC 4; RFC 5321 6.3 suggests at least 100 for MTAs, 50 is Postfix's hopcount_limit
 MIME_NESTING_LIMIT = 100  # Postfix's mime_nesting_limit
+
+
+def new_queue_id() -> str:
+    """Sortable by time, unique enough per deployment, and naming nobody."""
+    return f"{int(time.time()):x}{secrets.token_hex(5)}".upper()
 
 
 class BodyCheck(enum.Enum):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,12 +21,14 @@ from prometheus_client import CollectorRegistry
 
 from relay import __version__
 from relay.config import Config
-from relay.errors import ConfigError
+from relay.delivery import Deliverer
+from relay.errors import ConfigError, Reply
 from relay.health import HealthServer
 from relay.inbound import Gate, make_protocol_factory
 from relay.intake import Intake
 from relay.logs import AddressTokens, load_key
 from relay.metrics import Metrics
+from relay.spool import Spool
 from relay.target import parse_upstream_url
 from relay.tlsconf import server_context
 from relay.upstream import Upstream, open_upstream
@@ -36,6 +39,8 @@ SHUTDOWN_GRACE = 30.0  # seconds for sessions in progress after SIGTERM
 # asyncio's default of 100 drops a burst of connects in the kernel, where they wait for
 # SYN retransmits; a deep queue lets each one reach the 421 4.7.0 of the connection limit.
 LISTEN_BACKLOG = 1024
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+QUEUE_FULL = Reply(451, "4.3.2", "Queue is full, try again later")
 
 
 class Relay:
@@ -58,7 +63,9 @@ class Relay:
         self._gate: Gate | None = None
         self._health: HealthServer | None = None
         self._upstream: Upstream | None = None
-        self._intake: Intake | None = None
+        self.spool: Spool | None = None
+        self.deliverer: Deliverer | None = None
+        self._delivering: asyncio.Task[None] | None = None
         self._started = 0.0
 
     def __repr__(self) -> str:
@@ -79,8 +86,24 @@ class Relay:
             load_key(config.log, Path(config.spool.dir)), show=config.log.show_addresses
         )
         self._upstream = open_upstream(config.upstream)
-        self._intake = intake = Intake(config, self._upstream, self.metrics, tokens)
-        factory, self._gate = make_protocol_factory(config, intake.accept, tls, self.metrics)
+        self.spool = Spool(
+            Path(config.spool.dir), fsync=config.spool.fsync, max_bytes=config.spool.max_bytes
+        )
+        self.spool.open()
+        self.metrics.quarantined(self.spool.quarantined)
+        self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)
+        await self.deliverer.refresh_gauges(time.time())
+        intake = Intake(
+            config,
+            upstream=self._upstream,
+            metrics=self.metrics,
+            tokens=tokens,
+            spool=self.spool,
+            deliverer=self.deliverer,
+        )
+        factory, self._gate = make_protocol_factory(
+            config, intake.accept, tls, self.metrics, admit=self._admit
+        )
         listen = config.listen_address
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -91,6 +114,7 @@ class Relay:
         metrics = config.metrics_address
         self.metrics_port = await self._health.start(metrics.host, metrics.port)
         self._started = time.monotonic()
+        self._delivering = asyncio.create_task(self.deliverer.run(), name="deliverer")
         log.info(
             "listening",
             extra={
@@ -115,9 +139,21 @@ class Relay:
             return False, "not listening"
         if not os.access(self.config.spool.dir, os.W_OK):
             return False, "spool directory not writable"
-        if self._intake is not None and not self._intake.upstream_reachable:
+        if self.deliverer is not None and not self.deliverer.upstream_reachable:
             return False, "upstream unreachable at the last delivery attempt"
         return True, "ready"
+
+    def _admit(self) -> Reply | None:
+        """SPEC 5: refuse new mail (at MAIL) when custody cannot be taken."""
+        try:
+            free = shutil.disk_usage(self.config.spool.dir).free
+        except OSError:
+            free = 0
+        if free < self.config.spool.min_free_bytes:
+            return SPOOL_FULL
+        if self.spool is not None and self.spool.live >= self.config.delivery.max_queued:
+            return QUEUE_FULL
+        return None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -148,6 +184,12 @@ class Relay:
             self._gate.close_all()
         if self._server is not None:
             await self._server.wait_closed()
+        if self.deliverer is not None:
+            await self.deliverer.drain(self.config.delivery.drain_grace)
+        if self._delivering is not None:
+            await self._delivering
+        if self.spool is not None:
+            self.spool.close()
         if self._upstream is not None:
             await self._upstream.aclose()
         if self._health is not None:

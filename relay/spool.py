@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.errors import RelayError, Reply
+from relay.model import Outcome
 
 log = logging.getLogger("relay.spool")
 
@@ -409,9 +410,7 @@ class Spool:
         now: float,
         next_try: float = 0.0,
         attempts: int | None = None,
-        code: int = 0,
-        enhanced: str = "",
-        text: str = "",
+        outcome: Outcome | None = None,
         also_store: NewMessage | None = None,
     ) -> None:
         """Move a copy to ``state`` durably; ``also_store`` (a DSN) commits with it."""
@@ -429,9 +428,9 @@ class Spool:
                     state.value,
                     next_try,
                     row[1] if attempts is None else attempts,
-                    code,
-                    enhanced,
-                    text[:500],
+                    outcome.code if outcome else 0,
+                    outcome.enhanced if outcome else "",
+                    outcome.text[:500] if outcome else "",
                     now,
                     copy_id,
                 ),

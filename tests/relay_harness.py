@@ -27,6 +27,10 @@ async def running_relay(
         "RELAY_SPOOL_DIR": str(tmp_path / "spool"),
         "RELAY_UPSTREAM": upstream_url,
         "RELAY_SMTP_HOSTNAME": "relay.example.test",
+        # Direct mode makes the upstream's transactions visible when the reply arrives;
+        # queue-mode tests ask for RELAY_MODE=queue and wait for delivery.
+        "RELAY_MODE": "direct",
+        "RELAY_SPOOL_MIN_FREE_BYTES": "0",
         **(env or {}),
     }
     relay = Relay(

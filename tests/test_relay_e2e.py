@@ -13,6 +13,7 @@ import re
 import shutil
 import smtplib
 import ssl
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -253,14 +254,25 @@ async def test_upstream_421_at_greeting_gives_451(
 async def test_one_recipient_refused_permanently_still_gives_250(
     tmp_path: Path, plain_server: UpstreamServer
 ) -> None:
-    """One copy 550 at RCPT, the other delivered: 250 (no resend, no duplicate), partial in text."""
+    """One copy 550 at RCPT, the other delivered: 250 (no resend); the refused one is spooled."""
     plain_server.script("RCPT", [550])
-    async with running_relay(
-        tmp_path, plain_server.url(), {"RELAY_UPSTREAM_POOL_SIZE": "1"}
-    ) as relay:
+    env = {"RELAY_UPSTREAM_POOL_SIZE": "1"}
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
         reply = await raw_send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
-    assert reply.startswith("250 2.0.0") and "1 of 2 copies delivered" in reply
-    assert len(plain_server.transactions) == 1
+        assert reply.startswith("250 2.0.0") and "1 copies queued for retry" in reply
+        # The queue tries the refused copy once more (this upstream now takes it).
+        await wait_until(lambda: len(plain_server.transactions) == 2)
+    assert sorted(t.rcpt_tos[0] for t in plain_server.transactions) == [
+        "alice@example.com",
+        "bob@example.com",
+    ]
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Queue mode answers before it delivers: wait, bounded, for what delivery does."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize(
