@@ -40,14 +40,19 @@ def _field_text(raw: bytes) -> str:
 
 
 def _senders(message: ParsedMessage, envelope: Envelope) -> set[str]:
-    """MAIL FROM and the mailbox addresses (not display names) of From: and Sender:."""
+    """MAIL FROM, and the mailbox of a From: or Sender: that names exactly one.
+
+    A From: listing several mailboxes exempts none of them: otherwise it would
+    carry the very list of customers this relay exists to hide.
+    """
     keys = set()
     if envelope.sender is not None:
         keys.add(address_key(envelope.sender))
     for f in message.fields:
         if f.name in ("from", "sender"):
-            for _, addr_spec in f.mailboxes():
-                local, _, domain = addr_spec.rpartition("@")
+            mailboxes = f.mailboxes()
+            if len(mailboxes) == 1:
+                local, _, domain = mailboxes[0][1].rpartition("@")
                 keys.add(key(local, domain))
     keys.discard("")
     return keys
@@ -85,14 +90,18 @@ class LeakGuard:
 
     def _check_copy(self, number: int, copy: Copy) -> None:
         own = address_key(copy.recipient)
+        # Every way the scanner reads the copy's own address ("o'brien@x" also reads as
+        # "brien@x"): none of them is "another recipient" in this copy.
+        own_forms = addresses_in(copy.recipient.text) | {own}
         fields = self._reparse(number, copy.headers)
         to_fields = [f for f in fields if f.name == "to"]
-        if len(to_fields) != 1 or self._addresses(to_fields[0].raw) != {own}:
+        named = self._addresses(to_fields[0].raw) if len(to_fields) == 1 else frozenset()
+        if own not in named or named - own_forms:
             raise LeakDetected(f"copy {number}: To: is not exactly the copy's recipient")
         for f in fields:
             if f.name in self._options.removed_headers:
                 raise LeakDetected(f"copy {number}: removed field {f.name} is still present")
-            if (self._addresses(f.raw) & self._watched) - {own}:
+            if (self._addresses(f.raw) & self._watched) - own_forms:
                 raise LeakDetected(f"copy {number}: {_display(f)} names another recipient")
 
     def _reparse(self, number: int, headers: bytes) -> tuple[Field, ...]:
@@ -110,7 +119,9 @@ class LeakGuard:
         found = self._body_addresses(scan=mode is not BodyCheck.OFF) & self._watched
         if not found:
             return ()
-        exposed = sum(1 for c in copies if found - {address_key(c.recipient)})
+        exposed = sum(
+            1 for c in copies if found - addresses_in(c.recipient.text) - {address_key(c.recipient)}
+        )
         if not exposed:
             return ()
         reason = f"the body names other recipients in {exposed} of {len(copies)} copies"

@@ -57,7 +57,14 @@ class Field:
         try:
             header = email.policy.default.header_factory(self.name, self.text())
             found = [(str(m.display_name), str(m.addr_spec)) for m in header.addresses]
-        except (email.errors.HeaderParseError, ValueError, IndexError, TypeError, AttributeError):
+        except (
+            email.errors.HeaderParseError,
+            ValueError,
+            IndexError,
+            TypeError,
+            AttributeError,
+            RecursionError,  # deeply nested comments
+        ):
             return []
         if any(not isinstance(d, email.errors.ObsoleteHeaderDefect) for d in header.defects):
             return []

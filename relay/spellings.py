@@ -29,17 +29,27 @@ MAX_RUN = 256  # a local part is at most 64 octets (RFC 5321 4.5.3.1.1); a longe
 MAX_DOMAIN = 300  # a domain is at most 255 octets (RFC 5321 4.5.3.1.2)
 _MAX_UNQUOTE_ROUNDS = 3
 
-# RFC 5322 atext and the dot; any non-ASCII character counts too (RFC 6531).
+# RFC 5322 atext and the dot; a non-ASCII letter or digit counts too (RFC 6531), but
+# not non-ASCII punctuation, symbols or spaces: "“bob@x”" and "«bob@x»" are bob@x.
 _LOCAL = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-."
 )
-# VERP local parts end at "+", "=" and "&": "unsub+bob=example.com" spells bob.
-_VERP_LOCAL = _LOCAL - frozenset("+=&")
-# Atext that in practice ends a URL or template part before an address. "-",
-# "+" and "." are not among them (rule 2).
-_URL_BREAKS = frozenset("?=/&#'`{}|")
-_DOMAIN_RUN = re.compile(rf"[A-Za-z0-9\-.\u0080-\U0010ffff]{{1,{MAX_DOMAIN}}}")
-_VERP_AT = re.compile(r"=(?=[A-Za-z0-9\-\u0080-\U0010ffff]+\.[A-Za-z0-9\u0080-\U0010ffff])")
+# VERP local parts end at "=" and "&": "unsub-bob+news=example.com" spells bob+news.
+_VERP_LOCAL = _LOCAL - frozenset("=&")
+# Atext that in practice ends a URL, template or markup part before an address.
+# "-", "+", "_" and "." are not among them (rule 2).
+_URL_BREAKS = frozenset("?=/&#'`{}|*!^~$")
+_VERP_BREAKS = frozenset("-.+")
+_DOMAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+# UTS 46 maps these to ".": "bob@example。org" is bob@example.org.
+_IDEOGRAPHIC_DOTS = {"\u3002": ".", "\uff0e": ".", "\uff61": "."}
+# Invisible format characters (zero-width space, joiners, BOM) vanish on screen.
+_INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")
+# Comments and folding whitespace around "@" and "." are allowed inside an address
+# (RFC 5322 3.4.1): "bob (sales) @ example.org" is bob@example.org.
+_COMMENT = re.compile(r"\([^()]*\)")
+_SPACE_AROUND = re.compile(r"\s*([@.])\s*")
+_VERP_AT = re.compile(r"=(?=[^\s=@]+\.[^\s=@])")
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
 _BETWEEN_WORDS = re.compile(r"(?<=\?=)[ \t]+(?==\?)")
@@ -71,21 +81,37 @@ def addresses_in(text: str) -> set[str]:
 
 
 def _views(text: str) -> Iterator[str]:
+    seen = {text}
     yield text
     decoded = _decode_words(text) if "=?" in text else text
-    if decoded is not text:
+    if decoded not in seen:
+        seen.add(decoded)
         yield decoded
-    for view in {text, decoded}:
+    for view in (text, decoded):
         current = view
         for _ in range(_MAX_UNQUOTE_ROUNDS):
             if not _PERCENT.search(current):
                 break
             current = urllib.parse.unquote(current)
-            yield current
+            if current not in seen:
+                seen.add(current)
+                yield current
+    for view in list(seen):
+        # What a reader sees: no invisible characters, no comments or spaces in an address.
+        plain = _INVISIBLE.sub("", view)
+        for _ in range(3):  # comments nest; three levels is more than mail uses
+            if "(" not in plain:
+                break
+            plain = _COMMENT.sub("", plain)
+        if "@" in plain:
+            plain = _SPACE_AROUND.sub(r"\1", plain)
+        if plain not in seen:
+            seen.add(plain)
+            yield plain
 
 
 def _is_local(c: str, chars: frozenset[str]) -> bool:
-    return c in chars or c >= "\x80"
+    return c in chars or (c >= "\x80" and c.isalnum())
 
 
 def _run_before(text: str, at: int, floor: int, chars: frozenset[str]) -> str:
@@ -97,22 +123,37 @@ def _run_before(text: str, at: int, floor: int, chars: frozenset[str]) -> str:
     return text[start:at]
 
 
+def _domain_after(text: str, start: int) -> tuple[str, int]:
+    """The domain that starts at ``start`` (ideographic dots read as dots), and its end."""
+    end = start
+    limit = min(len(text), start + MAX_DOMAIN)
+    while end < limit:
+        c = text[end]
+        if not (c in _DOMAIN or c in _IDEOGRAPHIC_DOTS or (c >= "\x80" and c.isalnum())):
+            break
+        end += 1
+    domain = text[start:end]
+    for dot, ascii_dot in _IDEOGRAPHIC_DOTS.items():
+        domain = domain.replace(dot, ascii_dot)
+    return domain, end
+
+
 def _at_forms(text: str) -> Iterator[str]:
     floor = 0
     at = text.find("@")
     while at >= 0:
-        domain = _DOMAIN_RUN.match(text, at + 1)
-        if domain is not None:
+        domain, end = _domain_after(text, at + 1)
+        if domain:
             if text[at - 1 : at] == '"':
                 opening = text.rfind('"', max(floor, at - MAX_RUN), at - 1)
                 local = text[opening:at] if opening >= 0 else ""
             else:
                 local = _run_before(text, at, floor, _LOCAL)
-            yield key(local, domain.group())
+            yield key(local, domain)
             for i, c in enumerate(local):
                 if c in _URL_BREAKS:
-                    yield key(local[i + 1 :], domain.group())
-            floor = domain.end()
+                    yield key(local[i + 1 :], domain)
+            floor = end
         at = text.find("@", at + 1)
 
 
@@ -120,15 +161,17 @@ def _verp_forms(text: str) -> Iterator[str]:
     floor = 0
     for m in _VERP_AT.finditer(text):
         at = m.start()
-        domain = _DOMAIN_RUN.match(text, at + 1)
-        if domain is None or at < floor:
+        if at < floor:
+            continue
+        domain, end = _domain_after(text, at + 1)
+        if "." not in domain.strip("."):
             continue
         local = _run_before(text, at, floor, _VERP_LOCAL)
-        yield key(local, domain.group())
+        yield key(local, domain)
         for i, c in enumerate(local):  # "bounces-bob=example.com": bob after the separator
-            if c in "-.":
-                yield key(local[i + 1 :], domain.group())
-        floor = domain.end()
+            if c in _VERP_BREAKS or c in _URL_BREAKS:
+                yield key(local[i + 1 :], domain)
+        floor = end
 
 
 def _decode_words(text: str) -> str:
@@ -149,5 +192,5 @@ def _decode_word(match: re.Match[str]) -> str:
         return match.group()
     try:
         return chunk.decode(str(charset or "ascii"), "replace")
-    except LookupError:
+    except (LookupError, UnicodeError, ValueError):  # unknown charsets, and "idna" raises
         return chunk.decode("latin-1")

@@ -706,3 +706,98 @@ def test_body_bytes_are_shared_and_untouched() -> None:
     plan = run(RCPTS, message(FROM, "To: alice@example.com", body=body), body_check=BodyCheck.OFF)
     assert all(bytes(c.body) == body for c in plan.copies)
     assert len({id(c.body.obj) for c in plan.copies}) == 1
+
+
+# --- found in review: spellings that once slipped past the guard -------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "smtputf8"),
+    [
+        ("X-Note: Account \u201cbob@example.com\u201d is ready", True),
+        ("X-Note: =?utf-8?q?Account_=E2=80=9Cbob@example.com=E2=80=9D_ready?=", False),
+        ("Subject: =?utf-8?q?Compte_=C2=ABbob@example.com=C2=BB?=", False),
+        (
+            "X-Participants: =?utf-8?b?"
+            + base64.b64encode("carol@example.net\u3001bob@example.com".encode()).decode()
+            + "?=",
+            False,
+        ),
+        ("X-Note: =?utf-8?q?=FFbob@example.com?=", False),
+        ("List-Unsubscribe: <https://shop.example.org/u?who=%C2%A0bob%40example.com>", False),
+        ("X-Note: \u9023\u7d61\u5148 bob@example\u3002com", True),
+        ("X-Note: b\u200bob@example.com", True),
+        ("Reply-To: bob(sales)@example.com", False),
+        ("Reply-To: bob @ example.com", False),
+        ("Reply-To: bob@(x)example.com", False),
+        ("X-Note: *bob@example.com*", False),
+    ],
+    ids=[
+        "curly-quotes",
+        "curly-quotes-2047",
+        "guillemets-2047",
+        "ideographic-comma",
+        "invalid-byte",
+        "nbsp-percent",
+        "ideographic-dot",
+        "zero-width",
+        "comment-local",
+        "spaces-at",
+        "comment-domain",
+        "markdown-bold",
+    ],
+)
+def test_spellings_that_hid_an_address_are_caught(field: str, smtputf8: bool) -> None:
+    """Punctuation, invisible characters, comments or spaces around an address do not hide it."""
+    data = message(FROM, "To: alice@example.com", field, SUBJECT)
+    err = rejected(
+        ["alice@example.com", "bob@example.com", "carol@example.net"], data, smtputf8=smtputf8
+    )
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+def test_verp_form_of_a_plus_addressed_recipient_is_caught() -> None:
+    """unsub-bob+news=example.com spells bob+news@example.com."""
+    field = "List-Unsubscribe: <mailto:unsub-bob+news=example.com@list.example.org>"
+    err = rejected(
+        ["alice@example.com", "bob+news@example.com"], message(FROM, "To: alice@example.com", field)
+    )
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+@pytest.mark.parametrize("local", ["o'brien", "sales/emea", "a=b", "r&d", "x{y}"])
+def test_recipients_with_url_like_characters_are_not_false_leaks(local: str) -> None:
+    """A local part holding ' / = & { } is its own address, not another recipient's."""
+    rcpts = ["alice@example.com", f"{local}@example.com"]
+    plan = run(rcpts, message(FROM, "To: alice@example.com", SUBJECT, MSGID))
+    assert [c.recipient.text for c in plan.copies] == rcpts
+
+
+def test_from_listing_several_mailboxes_exempts_none() -> None:
+    """From: with recipients among several mailboxes is the customer list again: 550 5.7.1."""
+    data = message(
+        "From: news@example.org, bob@example.com, carol@example.net", "To: alice@example.com"
+    )
+    err = rejected(["alice@example.com", "bob@example.com", "carol@example.net"], data)
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+def test_idna_charset_in_an_encoded_word_does_not_crash() -> None:
+    """=?idna?q?...?= (the codec raises) is read as Latin-1, not a crash."""
+    plan = run(
+        ["alice@example.com"], message(FROM, "To: alice@example.com", "Subject: =?idna?q?hello?=")
+    )
+    assert len(plan.copies) == 1
+
+
+def test_deeply_nested_comments_do_not_crash() -> None:
+    """3,000 nested comments in Sender: give copies or a refusal, never a crash."""
+    nested = "(" * 3000 + ")" * 3000
+    folded = "\r\n ".join(nested[i : i + 900] for i in range(0, len(nested), 900))
+    data = message(FROM, "To: alice@example.com", f"Sender: x {folded}")
+    try:
+        plan = run(["alice@example.com"], data)
+    except Rejected as exc:
+        assert exc.reply.code >= 500
+    else:
+        assert len(plan.copies) == 1
