@@ -26,6 +26,7 @@ from typing import Any
 
 from relay.errors import ConfigError
 from relay.model import (
+    MAX_FANOUT_OCTETS,
     MAX_HEADER_OCTETS,
     MAX_HOPS,
     MIME_NESTING_LIMIT,
@@ -121,6 +122,7 @@ class IsolationConfig:
     max_header_size: int = MAX_HEADER_OCTETS
     max_hops: int = MAX_HOPS
     mime_nesting_limit: int = MIME_NESTING_LIMIT
+    max_fanout_size: int = MAX_FANOUT_OCTETS
 
     def options(self) -> IsolationOptions:
         return IsolationOptions(
@@ -130,6 +132,7 @@ class IsolationConfig:
             max_header_octets=self.max_header_size,
             max_hops=self.max_hops,
             mime_nesting_limit=self.mime_nesting_limit,
+            max_fanout_octets=self.max_fanout_size,
         )
 
 
@@ -335,6 +338,7 @@ def validate(config: Config) -> None:
         ("upstream.pool_size", config.upstream.pool_size),
         ("upstream.max_messages_per_connection", config.upstream.max_messages_per_connection),
         ("isolation.max_header_size", config.isolation.max_header_size),
+        ("isolation.max_fanout_size", config.isolation.max_fanout_size),
         ("delivery.max_queued", config.delivery.max_queued),
     ):
         if value < 1:

@@ -12,10 +12,10 @@ Direct mode (``deliver_direct``): try every copy before answering.
 
 Rule 1: never ``250`` unless at least one copy was delivered, and never a 4xx
 that would make the application resend copies that were already delivered.
-Rule 2: all copies delivered gives ``250``; none delivered gives the
-upstream's class (``451`` if any failure was transient, else ``554``); some
-delivered gives ``250``, and the copies that failed are reported (log and
-metric): without the durable queue there is nowhere to keep them.
+Rule 2: all copies delivered gives ``250``; none delivered (and none that
+might have been) gives the upstream's class (``451`` if any failure was
+transient, else ``554``); otherwise ``250``, and the copies not delivered go
+to the spool (``intake``).
 Rule 3: the whole attempt ends by a deadline well under the client's
 10-minute DATA timeout; a copy still in flight then is counted as transient.
 
@@ -99,12 +99,16 @@ async def deliver_direct(
 
 
 def choose_reply(outcomes: Sequence[Outcome], queue_id: str) -> Reply:
-    """Rule 2 as a table over the copies' outcomes."""
+    """Rule 2 as a table over the copies' outcomes.
+
+    A copy with no reply after its final dot may have arrived: like a delivered
+    one, it rules out a 4xx (the application would send it again).
+    """
     delivered = sum(1 for o in outcomes if o.status is Status.DELIVERED)
     total = len(outcomes)
     if delivered == total:
         return Reply(250, "2.0.0", f"OK: queued as {queue_id}, {total} copies delivered")
-    if delivered:
+    if delivered or any(o.ambiguous for o in outcomes):
         return Reply(
             250, "2.0.0", f"OK: queued as {queue_id}, {delivered} of {total} copies delivered"
         )

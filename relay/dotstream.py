@@ -15,14 +15,18 @@ Pure: the inbound shell feeds it what the socket gives.
 
 from __future__ import annotations
 
+import re
+
 END = b"\r\n.\r\n"
+_STUFFED_AFTER_LF = re.compile(rb"(?<!\r)\n\.")
 
 
 class DataCollector:
     """Collects one message's DATA from socket blocks, up to ``limit`` octets."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, normalize: bool = False) -> None:
         self._limit = limit
+        self._normalize = normalize
         # The CRLF that ended the DATA command line: it lets the first line be
         # unstuffed and an immediate "." CRLF end the data, like any other line.
         self._buffer = bytearray(b"\r\n")
@@ -64,5 +68,9 @@ class DataCollector:
         if self.too_big or not self.done:
             raise ValueError("no complete message")
         data = bytes(self._buffer).replace(b"\r\n.", b"\r\n")[2:]
+        if self._normalize:
+            # A legacy client that ends lines with a bare LF stuffs dots after it too;
+            # the LF becomes CRLF later (headers.check_line_endings), so unstuff here.
+            data = _STUFFED_AFTER_LF.sub(b"\n", data)
         self._buffer = bytearray()
         return data

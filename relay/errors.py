@@ -72,6 +72,13 @@ class TooManyHops(Rejected):
         super().__init__(Reply(554, "5.4.0", "Too many hops"), reason)
 
 
+class TooBig(Rejected):
+    """More than the relay will take: 552 5.3.4 (RFC 3463: message too big for system)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(Reply(552, "5.3.4", "Message too big for this many recipients"), reason)
+
+
 class BadAddress(Rejected):
     """An envelope address the relay will not carry: 553 5.1.3 (or 5.6.7)."""
 

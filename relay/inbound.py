@@ -42,6 +42,7 @@ READ_BLOCK = 65536  # one socket read; lines of any length fit, in as many block
 # RFC 5321 4.5.3.1.4's 512 octets, plus what SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) add.
 MAIL_COMMAND_LIMIT = SMTP.command_size_limit + 26 + 10
 NULL_SENDER = "<>"
+BUSY_TIMEOUT = 3600.0  # the idle timer while the relay itself works on a message
 CALL_LIMITS = {  # per session; MAIL/RCPT/DATA are bounded by the message and recipient limits
     "NOOP": 100,
     "HELP": 10,
@@ -238,7 +239,10 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        collector = DataCollector(self._config.smtp.max_message_size)
+        collector = DataCollector(
+            self._config.smtp.max_message_size,
+            normalize=self._config.isolation.normalize_line_endings,
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.smtp.data_timeout
         while not collector.done:
@@ -269,9 +273,13 @@ class RelaySMTP(SMTP):
         content = collector.content()
         self.envelope.content = content
         self.envelope.original_content = content
+        # Custody (and in direct mode, delivery) can outlast the idle timeout: the
+        # session is busy, not idle, so the timer waits for the answer.
+        self._reset_timeout(BUSY_TIMEOUT)
         try:
             status = await self._call_handler_hook("DATA")
         finally:
+            self._reset_timeout()
             # The transaction is over even when the hook failed (451 4.3.0).
             self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)

@@ -30,6 +30,7 @@ from relay.errors import (
     LeakDetected,
     Rejected,
     Reply,
+    TooBig,
     TooManyHops,
 )
 from relay.inbound import Submission
@@ -42,7 +43,9 @@ from relay.upstream import Upstream
 
 log = logging.getLogger("relay.intake")
 
-OFFLOAD_OCTETS = 1 << 20  # isolate bigger messages in a thread so the loop keeps serving
+# Isolate big messages, and big fan-outs, in a thread so the loop keeps serving.
+OFFLOAD_OCTETS = 1 << 20
+OFFLOAD_RECIPIENTS = 100
 
 _RESULTS: dict[type[Rejected], MessageResult] = {
     LeakDetected: MessageResult.REJECTED_LEAK,
@@ -50,6 +53,7 @@ _RESULTS: dict[type[Rejected], MessageResult] = {
     TooManyHops: MessageResult.REJECTED_HEADER,
     BadData: MessageResult.REJECTED_DATA,
     BadAddress: MessageResult.REJECTED_ADDRESS,
+    TooBig: MessageResult.REJECTED_SIZE,
 }
 
 
@@ -90,7 +94,7 @@ class Intake:
         )
         size = len(submission.data)
         try:
-            if size > OFFLOAD_OCTETS:
+            if size > OFFLOAD_OCTETS or len(submission.recipients) > OFFLOAD_RECIPIENTS:
                 plan = await asyncio.to_thread(
                     isolate, envelope, submission.data, self._options, trace
                 )

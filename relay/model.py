@@ -42,6 +42,9 @@ REMOVED_HEADERS: frozenset[str] = frozenset(
 MAX_HEADER_OCTETS = 1 << 20  # a concatenated To: for 10,000 customers must still parse
 MAX_HOPS = 50  # SPEC 4; RFC 5321 6.3 suggests at least 100 for MTAs, 50 is Postfix's hopcount_limit
 MIME_NESTING_LIMIT = 100  # Postfix's mime_nesting_limit
+# Each copy carries its own header section (the body is shared): header bytes
+# times copies is what one message costs in memory and spool.
+MAX_FANOUT_OCTETS = 256 * 1024 * 1024
 
 
 def new_queue_id() -> str:
@@ -84,6 +87,7 @@ class IsolationOptions:
     max_header_octets: int = MAX_HEADER_OCTETS
     max_hops: int = MAX_HOPS
     mime_nesting_limit: int = MIME_NESTING_LIMIT
+    max_fanout_octets: int = MAX_FANOUT_OCTETS
 
     def __post_init__(self) -> None:
         lowered = frozenset(name.lower() for name in self.removed_headers)

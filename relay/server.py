@@ -20,7 +20,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from relay import __version__
-from relay.config import Config
+from relay.config import Config, Mode
 from relay.delivery import Deliverer
 from relay.errors import ConfigError, Reply
 from relay.health import HealthServer
@@ -177,6 +177,8 @@ class Relay:
         if self._server is not None:
             self._server.close()
         loop = asyncio.get_running_loop()
+        if self.config.mode is Mode.DIRECT:
+            grace = max(grace, self.config.delivery.direct_deadline)  # sessions mid-delivery
         deadline = loop.time() + grace
         while self._gate is not None and self._gate.open and loop.time() < deadline:
             await asyncio.sleep(0.05)

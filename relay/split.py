@@ -24,12 +24,13 @@ import re
 from collections.abc import Sequence
 
 from relay.addresses import Address, parse_address
-from relay.errors import BadAddress, TooManyHops
+from relay.errors import BadAddress, TooBig, TooManyHops
 from relay.headers import CRLF, Field, ParsedMessage
 from relay.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Trace
 from relay.signatures import Signature, changed_names, parse_signature
 
 MAX_DISPLAY_NAME_CHARS = 200  # a longer "name" is more likely a pasted list than a name
+PER_COPY_OCTETS = 512  # the Received: and To: lines each copy adds (about)
 
 # Header fields whose display names may be carried to the rebuilt To:.
 _ADDRESS_LISTS = ("to", "cc", "bcc")
@@ -43,7 +44,8 @@ def split_message(
 ) -> tuple[tuple[Copy, ...], int]:
     """Build one copy per unique recipient; return the copies and how many were merged.
 
-    Raises ``TooManyHops`` (554 5.4.0) and ``BadAddress`` (553 5.1.3, no
+    Raises ``TooManyHops`` (554 5.4.0), ``TooBig`` (552 5.3.4: header sections
+    times copies over ``max_fanout_octets``) and ``BadAddress`` (553 5.1.3, no
     recipient at all).
     """
     if not envelope.recipients:
@@ -54,6 +56,9 @@ def split_message(
     unique = _unique(envelope.recipients)
     names = _display_names(message.fields, envelope.smtputf8)
     kept, to_at = _kept_fields(message.fields, options.removed_headers)
+    fanout = (sum(len(f.raw) for f in kept) + PER_COPY_OCTETS) * len(unique)
+    if fanout > options.max_fanout_octets:
+        raise TooBig(f"{fanout} octets of header sections for {len(unique)} copies")
     shared = _shared_changes(message.fields, options.removed_headers)
     signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
     body = message.body

@@ -74,3 +74,9 @@ def test_copy_still_in_flight_at_the_deadline_is_ambiguous() -> None:
 
     asyncio.run(main())
     assert sorted(seen) == [("alice", Status.DELIVERED, False), ("bob", Status.TRANSIENT, True)]
+
+
+def test_no_reply_after_the_dot_rules_out_a_4xx() -> None:
+    """Nothing confirmed but a copy may have arrived: 250 (spooled), never 451 (a resend)."""
+    ambiguous = Outcome(Status.TRANSIENT, Stage.DOT, ambiguous=True)
+    assert str(choose_reply([ambiguous, TRANSIENT], "Q1")).startswith("250 2.0.0")

@@ -801,3 +801,11 @@ def test_deeply_nested_comments_do_not_crash() -> None:
         assert exc.reply.code >= 500
     else:
         assert len(plan.copies) == 1
+
+
+def test_header_bytes_times_copies_over_the_budget_is_552() -> None:
+    """1,000 copies of 900 KB of kept headers would cost 900 MB: refused with 552 5.3.4."""
+    pad = [f"X-Pad-{i}: {'a' * 900}" for i in range(1000)]
+    rcpts = [f"c{i}@example.com" for i in range(1000)]
+    err = rejected(rcpts, message(FROM, "To: c0@example.com", *pad))
+    assert (err.reply.code, err.reply.enhanced) == (552, "5.3.4")

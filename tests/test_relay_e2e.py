@@ -294,14 +294,15 @@ async def test_every_copy_failing_gives_the_upstreams_class(
     assert reply.startswith(expected)
 
 
-async def test_disconnect_after_the_dot_is_not_delivered(
+async def test_disconnect_after_the_dot_is_spooled_not_refused(
     tmp_path: Path, plain_server: UpstreamServer
 ) -> None:
-    """The upstream drops the line after the final dot: the application is told 451, not 250."""
+    """No reply after the final dot: the copy may have arrived, so 250 and the queue retries."""
     plain_server.script("DOT", [DISCONNECT])
     async with running_relay(tmp_path, plain_server.url()) as relay:
         reply = await raw_send(relay.smtp_port, ["alice@example.com"])
-    assert reply.startswith("451 4.4.0")
+        assert reply.startswith("250 2.0.0") and "queued for retry" in reply
+        assert relay.spool is not None and relay.spool.live == 1
 
 
 async def test_missing_starttls_upstream_never_sends_credentials_in_clear(
