@@ -52,5 +52,5 @@ def test_over_the_limit_is_too_big_whatever_the_blocks(blocks: list[bytes]) -> N
 
 def test_normalize_unstuffs_after_a_bare_lf_too() -> None:
     """A legacy LF-only client's stuffed dots are unstuffed, not doubled on the way out."""
-    collector = collect([b"a\n..dot\n.\r\n"], normalize=True)
-    assert collector.content() == b"a\n.dot\n"
+    collector = collect([b"a\n..dot\r\n.\r\n"], normalize=True)
+    assert collector.content() == b"a\n.dot\r\n"
