@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from relay import __version__, preview
+from relay import __version__, preview, queuectl
 from relay.config import Config, load
 from relay.errors import ConfigError
 from relay.logs import load_key, setup_logging
@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--upstream", action="store_true", help="also connect to the upstream: TLS, AUTH"
     )
+    queuectl.add_parser(commands)
     return parser
 
 
@@ -177,4 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args.config)
     if args.command == "check":
         return _check(args.config, args.upstream)
+    if args.command == "queue":
+        return queuectl.run(args)
     return 2  # pragma: no cover - argparse requires a known command
