@@ -43,7 +43,7 @@ from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
 from relay.policy import RateLimiter, backoff
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool
+from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -161,17 +161,24 @@ class Deliverer:
         """Deliver until ``drain``: claim what is due, then sleep until woken or due."""
         while not self._stopping:
             now = self._clock()
-            started = await self.step(now)
-            if now - self._stats_at >= STATS_SECONDS:
-                await self.refresh_gauges(now)
+            self._wake.clear()
+            try:
+                started = await self.step(now)
+                if now - self._stats_at >= STATS_SECONDS:
+                    await self.refresh_gauges(now)
+                next_due = None if started else await self._spool.next_due()
+            except SpoolError:
+                # A full disk or a busy lock passes; the workers must outlive it.
+                log.exception("spool unavailable to the delivery workers")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
+                continue
             if started:
                 await asyncio.sleep(0)
                 continue
-            self._wake.clear()
             delay = POLL_SECONDS
             if self.paused_until > now:
                 delay = min(delay, self.paused_until - now)
-            next_due = await self._spool.next_due()
             if next_due is not None:
                 delay = min(delay, max(next_due - now, 0.0))
             if len(self._in_flight) >= self._concurrency:
@@ -187,7 +194,15 @@ class Deliverer:
         allowed = self._limiter.take(now, free) if free > 0 else 0
         if allowed <= 0:
             return 0
-        jobs = await self._spool.claim_due(now, allowed)
+        try:
+            jobs = await self._spool.claim_due(now, allowed)
+        except BaseException:
+            self._limiter.give_back(allowed)  # nothing started
+            raise
+        if self._stopping:  # ``drain`` began during the claim: it cannot see these
+            self._limiter.give_back(allowed)
+            await self._spool.release([job.copy_id for job in jobs], now)
+            return 0
         self._limiter.give_back(allowed - len(jobs))
         for job in jobs:
             task = asyncio.create_task(self._deliver(job))
@@ -210,13 +225,16 @@ class Deliverer:
         """Stop claiming; let deliveries finish until ``grace``; put the rest back in the queue."""
         self._stopping = True
         self._wake.set()
-        if self._in_flight:
-            _, pending = await asyncio.wait(list(self._in_flight.values()), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-        leftover = list(self._in_flight)
+        in_flight = dict(self._in_flight)
+        if not in_flight:
+            return
+        _, pending = await asyncio.wait(in_flight.values(), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Taken from the snapshot: a finished task's callback has left ``_in_flight``.
+        leftover = [copy_id for copy_id, task in in_flight.items() if task in pending]
         if leftover:
             await self._spool.release(leftover, self._clock())
 
@@ -236,7 +254,18 @@ class Deliverer:
         except Exception as exc:  # a bug must not lose the copy: it stays for a retry
             log.exception("delivery error", extra={"fields": {"queue_id": job.message_id}})
             outcome = Outcome(Status.TRANSIENT, Stage.CONNECT, text=type(exc).__name__)
-        await self._settle(job, outcome, self._clock() - started)
+        try:
+            await self._settle(job, outcome, self._clock() - started)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The outcome could not be recorded (the spool failed): the copy goes back to
+            # the queue, as a restart would put it (at worst a delivered copy is sent again).
+            log.exception(
+                "recording a delivery failed", extra={"fields": {"queue_id": job.message_id}}
+            )
+            with contextlib.suppress(Exception):
+                await self._spool.release([job.copy_id], self._clock())
 
     async def _attempt(self, job: Job) -> Outcome:
         body = await self._spool.body(job.message_id)
@@ -316,21 +345,26 @@ class Deliverer:
                 jitter=self._policy.retry_jitter,
                 rand=self._rand(),
             )
-            if now + delay < job.expires:
+            if now < job.expires:
+                # SPEC 1: retried until the lifetime ends, so the last try is at its end.
+                next_try = min(now + delay, job.expires)
                 self._metrics.retry_scheduled()
                 await self._spool.record(
                     job.copy_id,
                     CopyState.DEFERRED,
                     now=now,
-                    next_try=now + delay,
+                    next_try=next_try,
                     attempts=attempts,
                     outcome=outcome,
                 )
-                log.info("copy deferred", extra={"fields": {**fields, "retry_in": round(delay, 1)}})
+                log.info(
+                    "copy deferred",
+                    extra={"fields": {**fields, "retry_in": round(next_try - now, 1)}},
+                )
                 return
         expired = not permanent
         dsn = self._notification(job, outcome, now, expired=expired)
-        await self._spool.record(
+        recorded = await self._spool.record(
             job.copy_id,
             CopyState.FAILED,
             now=now,
@@ -338,6 +372,8 @@ class Deliverer:
             also_store=dsn,
             outcome=outcome,
         )
+        if not recorded:  # the copy left the spool meanwhile (deleted, quarantined): no DSN
+            dsn = None
         if dsn is not None:
             self._metrics.dsn_sent()
             self.wake()
@@ -359,23 +395,29 @@ class Deliverer:
             f"{outcome.code} {outcome.enhanced} {outcome.text}".strip() if outcome.code else ""
         )
         queue_id = new_queue_id()
-        data = build_dsn(
-            Failure(
-                queue_id=job.message_id,
-                sender=job.sender,
-                recipient=job.rcpt,
-                status=status,
-                diagnostic=diagnostic,
-                remote_mta="",
-                arrival_date=datetime.fromtimestamp(job.received, UTC),
-                last_attempt=datetime.fromtimestamp(now, UTC),
-                expired=expired,
-                original_headers=job.headers,
-            ),
-            reporting_mta=self._config.smtp.hostname,
-            now=datetime.fromtimestamp(now, UTC),
-            message_id=f"{queue_id}@{self._config.smtp.hostname}",
-        )
+        try:
+            data = build_dsn(
+                Failure(
+                    queue_id=job.message_id,
+                    sender=job.sender,
+                    recipient=job.rcpt,
+                    status=status,
+                    diagnostic=diagnostic,
+                    remote_mta="",
+                    arrival_date=datetime.fromtimestamp(job.received, UTC),
+                    last_attempt=datetime.fromtimestamp(now, UTC),
+                    expired=expired,
+                    original_headers=job.headers,
+                ),
+                reporting_mta=self._config.smtp.hostname,
+                now=datetime.fromtimestamp(now, UTC),
+                message_id=f"{queue_id}@{self._config.smtp.hostname}",
+            )
+        except ValueError:
+            # build_dsn refuses what it cannot write safely (a sender over 254 octets):
+            # the copy still fails and is counted; only the notification is lost.
+            log.exception("no DSN possible", extra={"fields": {"queue_id": job.message_id}})
+            return None
         split = data.index(b"\r\n\r\n") + 4
         return NewMessage(
             id=queue_id,

@@ -68,7 +68,8 @@ class RateLimiter:
         allowed = wanted
         if self._per_second:
             capacity = max(self._per_second, 1.0)
-            self._tokens = min(capacity, self._tokens + (now - self._stamp) * self._per_second)
+            elapsed = max(now - self._stamp, 0.0)  # a wall clock set back refills nothing
+            self._tokens = min(capacity, self._tokens + elapsed * self._per_second)
             self._stamp = now
             allowed = min(allowed, int(self._tokens))
         if self._per_day:

@@ -22,6 +22,7 @@ All SQLite work happens on one thread; coroutines wait on futures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import queue
@@ -30,7 +31,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +43,12 @@ log = logging.getLogger("relay.spool")
 
 T = TypeVar("T")
 MAX_BATCH = 512  # writes per transaction; bounded so one commit never holds the lock for long
+# Errors about one operation's own data, not the file or the disk: that operation fails alone.
+_OWN_FAULT = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
+# Room above ``spool.max_bytes`` kept for state changes and DSNs (at least this much):
+# a state change rewrites its copy's row (a header section of up to 1 MiB), and a DSN
+# quotes that header section once more.
+HEADROOM_BYTES = 4 * 1024 * 1024
 BUSY_TIMEOUT_MS = 10_000  # `solo-relay queue` commands share the file with a running relay
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -184,7 +191,14 @@ class Spool:
         """Open (or create) the database, recover, and start the writer thread."""
         self.directory.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
-        self._recover(conn)
+        counted = self.quarantined
+        try:
+            self._recover(conn)
+        except sqlite3.DatabaseError as exc:  # a record that cannot even be read (Rule 5)
+            conn.close()  # rolls back what the scan had set aside: the whole file goes
+            self.quarantined = counted
+            conn = self._set_aside(exc)
+            self._recover(conn)
         self._thread = threading.Thread(target=self._run, args=(conn,), name="spool", daemon=True)
         self._thread.start()
 
@@ -195,6 +209,7 @@ class Spool:
             self._thread = None
 
     def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = None
         try:
             conn = self._open_db()
             row = conn.execute("PRAGMA quick_check").fetchone()
@@ -202,30 +217,46 @@ class Spool:
                 raise sqlite3.DatabaseError(f"quick_check: {row}")
             return conn
         except sqlite3.DatabaseError as exc:
-            # Rule 5: a database that cannot be read is set aside whole, never fatal.
-            aside = self.directory / "quarantine" / f"spool-{int(time.time())}.db"
-            aside.parent.mkdir(exist_ok=True)
-            log.error(
-                "spool database unreadable, quarantined",
-                extra={"fields": {"error": str(exc), "moved_to": str(aside)}},
-            )
-            for suffix in ("", "-wal", "-shm"):
-                source = Path(str(self.path) + suffix)
-                if source.exists():
-                    source.rename(Path(str(aside) + suffix))
-            self.quarantined += 1
-            return self._open_db()
+            if conn is not None:
+                conn.close()
+            return self._set_aside(exc)
+
+    def _set_aside(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
+        """Rule 5: a database that cannot be read is moved aside whole; a fresh one opens."""
+        aside = _unused(self.directory / "quarantine" / f"spool-{int(time.time())}.db")
+        aside.parent.mkdir(exist_ok=True)
+        log.error(
+            "spool database unreadable, quarantined",
+            extra={"fields": {"error": str(exc), "moved_to": str(aside)}},
+        )
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(str(self.path) + suffix)
+            if source.exists():
+                source.rename(Path(str(aside) + suffix))
+        self.quarantined += 1
+        return self._open_db()
 
     def _open_db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._configure(conn)
+        except sqlite3.DatabaseError:
+            conn.close()
+            raise
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'OFF'}")
         conn.executescript(SCHEMA)
         if self._max_bytes:
+            # ``max_bytes`` bounds new mail (``store`` checks it); SQLite's own limit sits
+            # above it, so that claims, outcomes and DSNs can still be written when new mail
+            # no longer fits: otherwise a full spool could never be drained.
             page = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {max(self._max_bytes // page, 1)}")
-        return conn
+            hard = self._max_bytes + max(self._max_bytes // 10, HEADROOM_BYTES)
+            conn.execute(f"PRAGMA max_page_count = {max(hard // page, 1)}")
 
     def _recover(self, conn: sqlite3.Connection) -> None:
         now = time.time()
@@ -237,13 +268,17 @@ class Spool:
         for message_id, body, crc in conn.execute(
             "SELECT id, body, body_crc FROM messages"
         ).fetchall():
-            if zlib.crc32(body) != crc:
+            if _body_crc(body) != crc:
                 self._quarantine_message(conn, message_id, "body checksum mismatch", now)
-        for copy_id, message_id, rcpt, headers, crc in conn.execute(
-            "SELECT id, message, rcpt, headers, crc FROM copies"
+        # rcpt and state are read as bytes: a corrupt byte is a mismatch, not a decode error.
+        states = {s.value.encode() for s in CopyState}
+        for copy_id, message_id, rcpt, headers, crc, state in conn.execute(
+            "SELECT id, message, CAST(rcpt AS BLOB), headers, crc, CAST(state AS BLOB) FROM copies"
         ).fetchall():
             if _copy_crc(rcpt, headers) != crc:
                 self._quarantine_copy(conn, copy_id, message_id, "copy checksum mismatch", now)
+            elif state not in states:
+                self._quarantine_copy(conn, copy_id, message_id, "copy state unknown", now)
         conn.execute("DELETE FROM copies WHERE message NOT IN (SELECT id FROM messages)")
         conn.execute("COMMIT")
         self.live = _count_live(conn)
@@ -266,12 +301,15 @@ class Spool:
     def _quarantine_copy(
         self, conn: sqlite3.Connection, copy_id: int, message_id: str, reason: str, now: float
     ) -> None:
-        conn.execute(
+        moved = conn.execute(
             "INSERT INTO quarantine (kind, ref, reason, at, data)"
             " SELECT 'copy', ?, ?, ?, headers FROM copies WHERE id = ?",
             (f"{message_id}/{copy_id}", reason, now, copy_id),
-        )
+        ).rowcount
+        if not moved:
+            return  # already gone with its message
         conn.execute("DELETE FROM copies WHERE id = ?", (copy_id,))
+        _drop_if_done(conn, message_id)  # else a message with no live copy stays forever
         self.quarantined += 1
         log.error(
             "spool record quarantined", extra={"fields": {"queue_id": message_id, "reason": reason}}
@@ -295,7 +333,12 @@ class Spool:
                     stopping = True
                     break
                 batch.append(more)
-            self._commit(conn, batch)
+            try:
+                self._commit(conn, batch)
+            except Exception as exc:  # the thread must live: every later caller waits on it
+                log.exception("spool writer error")
+                for _, future in batch:
+                    _resolve(future, None, SpoolError(f"spool writer error: {exc}"))
         conn.close()
 
     def _commit(
@@ -307,9 +350,18 @@ class Spool:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for operation, future in batch:
+                # A caller cancelled before its turn (a dropped session, a drain) is gone:
+                # its write is skipped, and its future may no longer be answered.
+                if not future.set_running_or_notify_cancel():
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     result = operation(conn)
+                except _OWN_FAULT as exc:  # this operation's data (a duplicate id): it alone
+                    conn.execute("ROLLBACK TO op")
+                    own = SpoolError(str(exc))
+                    own.__cause__ = exc
+                    results.append((future, None, own))
                 except sqlite3.DatabaseError:
                     raise  # the disk or the file: the whole transaction is suspect
                 except Exception as exc:  # a bad operation fails alone
@@ -319,19 +371,19 @@ class Spool:
                     results.append((future, result, None))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
-            self.commits += 1
-            self.live = _count_live(conn)
         except sqlite3.DatabaseError as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             log.error("spool write failed", extra={"fields": {"error": str(exc)}})
             failure = SpoolError(str(exc))
             results = [(future, None, failure) for _, future in batch]
+        else:
+            self.commits += 1
+            with contextlib.suppress(sqlite3.Error):  # committed: a count never undoes that
+                self.live = _count_live(conn)
         for future, result, error in results:
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
+            _resolve(future, result, error)
 
     async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None:
@@ -343,8 +395,17 @@ class Spool:
     # -- operations ----------------------------------------------------------------
 
     async def store(self, message: NewMessage) -> None:
-        """Write a message and its copies; returns once they are durable (Rule 1)."""
-        await self._submit(lambda conn: _insert(conn, message))
+        """Write a message and its copies; returns once they are durable (Rule 1).
+
+        Raises ``SpoolError`` when the write fails or the spool is over ``max_bytes``.
+        """
+
+        def write(conn: sqlite3.Connection) -> None:
+            if self._max_bytes and _used_bytes(conn) + _size(message) > self._max_bytes:
+                raise SpoolError("database or disk is full (spool.max_bytes)")
+            _insert(conn, message)
+
+        await self._submit(write)
 
     async def claim_due(self, now: float, limit: int) -> list[Job]:
         """Up to ``limit`` copies due by ``now``, marked ``delivering`` durably."""
@@ -395,7 +456,7 @@ class Spool:
             ).fetchone()
             if row is None:
                 return None
-            if zlib.crc32(row[0]) != row[1]:
+            if _body_crc(row[0]) != row[1]:
                 self._quarantine_message(conn, message_id, "body checksum mismatch", time.time())
                 return None
             return bytes(row[0])
@@ -412,15 +473,19 @@ class Spool:
         attempts: int | None = None,
         outcome: Outcome | None = None,
         also_store: NewMessage | None = None,
-    ) -> None:
-        """Move a copy to ``state`` durably; ``also_store`` (a DSN) commits with it."""
+    ) -> bool:
+        """Move a copy to ``state`` durably; ``also_store`` (a DSN) commits with it.
 
-        def write(conn: sqlite3.Connection) -> None:
+        False when the copy is gone (deleted or quarantined meanwhile): nothing was written,
+        not even ``also_store``.
+        """
+
+        def write(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
                 "SELECT message, attempts FROM copies WHERE id = ?", (copy_id,)
             ).fetchone()
             if row is None:
-                return  # deleted meanwhile (`solo-relay queue delete`)
+                return False  # deleted meanwhile (`solo-relay queue delete`, quarantine)
             conn.execute(
                 "UPDATE copies SET state = ?, next_try = ?, attempts = ?, last_code = ?,"
                 " last_enhanced = ?, last_text = ?, updated = ? WHERE id = ?",
@@ -438,8 +503,9 @@ class Spool:
             if also_store is not None:
                 _insert(conn, also_store)  # the DSN commits with the failure, or neither does
             _drop_if_done(conn, row[0])
+            return True
 
-        await self._submit(write)
+        return await self._submit(write)
 
     async def release(self, copy_ids: Sequence[int], now: float) -> None:
         """Put claimed copies back to ``queued`` (a drain that ran out of time)."""
@@ -469,8 +535,10 @@ class Spool:
 
 def read_stats(conn: sqlite3.Connection) -> tuple[dict[CopyState, int], float | None]:
     counts = dict.fromkeys(CopyState, 0)
+    known = {s.value: s for s in CopyState}
     for state, count in conn.execute("SELECT state, COUNT(*) FROM copies GROUP BY state"):
-        counts[CopyState(state)] = count
+        if state in known:  # a corrupt state is quarantined at the next open, never a crash
+            counts[known[state]] = count
     row = conn.execute(
         "SELECT MIN(m.received) FROM messages m JOIN copies c ON c.message = m.id"
         " WHERE c.state IN (?, ?, ?)",
@@ -519,8 +587,50 @@ def _insert(conn: sqlite3.Connection, message: NewMessage) -> None:
     _drop_if_done(conn, message.id)
 
 
-def _copy_crc(rcpt: str, headers: bytes) -> int:
-    return zlib.crc32(headers, zlib.crc32(rcpt.encode("utf-8")))
+def _copy_crc(rcpt: object, headers: object) -> int | None:
+    """The copy's checksum; None (never equal to a stored one) when a column has the wrong type.
+
+    ``rcpt`` is the address, or its stored UTF-8 bytes (the recovery scan reads them raw).
+    """
+    if isinstance(rcpt, str):
+        rcpt = rcpt.encode("utf-8")
+    if not isinstance(rcpt, bytes) or not isinstance(headers, bytes):
+        return None
+    return zlib.crc32(headers, zlib.crc32(rcpt))
+
+
+def _body_crc(body: object) -> int | None:
+    return zlib.crc32(body) if isinstance(body, bytes) else None
+
+
+def _resolve(future: Future[Any], result: Any, error: BaseException | None) -> None:
+    """Answer a caller, unless it was cancelled meanwhile (then nobody is listening)."""
+    with contextlib.suppress(InvalidStateError):
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path`` with a counter when a quarantined file already has that name."""
+    candidate, n = path, 0
+    while any(Path(str(candidate) + s).exists() for s in ("", "-wal", "-shm")):
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def _size(message: NewMessage) -> int:
+    return len(message.body) + sum(len(c.headers) + len(c.rcpt) for c in message.copies)
+
+
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database in use (free pages, reused before it grows, excluded)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    return int((pages - free) * size)
 
 
 def _count_live(conn: sqlite3.Connection) -> int:

@@ -1,0 +1,461 @@
+"""The spool's custody (SPEC 1, 5): durable writes, claims, recovery and quarantine.
+
+Every test uses a real SQLite spool in ``tmp_path``; corruption is made with a
+second sqlite3 connection or by rewriting the file, as a disk or an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.config import load
+from relay.model import Outcome, Stage, Status
+from relay.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
+from tests.relay_harness import running_relay
+
+T0 = 1_700_000_000.0
+SENDER = "news@example.org"
+ALICE = "alice@example.com"
+BOB = "bob@example.net"
+DELIVERED = Outcome(Status.DELIVERED, Stage.DOT, 250, "2.0.0", "ok")
+TRANSIENT = Outcome(Status.TRANSIENT, Stage.RCPT, 451, "4.2.0", "try later")
+
+
+def copy_headers(rcpt: str) -> bytes:
+    return f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: hello\r\n\r\n".encode()
+
+
+def new_message(
+    message_id: str = "M1",
+    rcpts: tuple[str, ...] = (ALICE, BOB),
+    *,
+    body: bytes = b"Hello.\r\n",
+    now: float = T0,
+) -> NewMessage:
+    return NewMessage(
+        id=message_id,
+        sender=SENDER,
+        smtputf8=False,
+        received=now,
+        expires=now + 172_800,
+        body=body,
+        copies=tuple(NewCopy(r, copy_headers(r), next_try=now) for r in rcpts),
+    )
+
+
+@contextlib.contextmanager
+def opened(directory: Path, *, max_bytes: int = 0) -> Iterator[Spool]:
+    spool = Spool(directory, max_bytes=max_bytes)
+    spool.open()
+    try:
+        yield spool
+    finally:
+        spool.close()
+
+
+def states(directory: Path) -> dict[str, str]:
+    """Recipient -> state, read by a second connection (as ``solo-relay queue`` does)."""
+    with contextlib.closing(sqlite3.connect(directory / "spool.db")) as conn:
+        return dict(conn.execute("SELECT rcpt, state FROM copies").fetchall())
+
+
+def count(directory: Path, table: str) -> int:
+    with contextlib.closing(sqlite3.connect(directory / "spool.db")) as conn:
+        return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+
+def tamper(directory: Path, sql: str, *params: object) -> None:
+    """Change the stored bytes behind the spool's back (the spool is closed)."""
+    with contextlib.closing(sqlite3.connect(directory / "spool.db")) as conn:
+        conn.execute(sql, params)
+        conn.commit()
+
+
+async def test_store_then_claim_marks_copies_delivering(tmp_path: Path) -> None:
+    """store then claim_due returns every copy once, marked delivering; a second claim is empty."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message())
+        jobs = await spool.claim_due(T0, 10)
+        assert sorted(job.rcpt for job in jobs) == [ALICE, BOB]
+        assert {job.message_id for job in jobs} == {"M1"}
+        assert all(job.sender == SENDER and job.attempts == 0 for job in jobs)
+        assert {job.rcpt: job.headers for job in jobs}[BOB] == copy_headers(BOB)
+        assert await spool.body("M1") == b"Hello.\r\n"
+        assert states(tmp_path) == {ALICE: "delivering", BOB: "delivering"}
+        assert await spool.claim_due(T0 + 3600, 10) == []
+
+
+async def test_claim_respects_limit_and_due_time(tmp_path: Path) -> None:
+    """claim_due takes at most ``limit`` copies, and none whose next_try is later than now."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message("M1", (ALICE,), now=T0))
+        await spool.store(new_message("M2", (BOB,), now=T0 + 10))
+        assert await spool.claim_due(T0 - 1, 10) == []
+        assert [job.rcpt for job in await spool.claim_due(T0 + 10, 1)] == [ALICE]
+        assert await spool.next_due() == T0 + 10
+        assert [job.rcpt for job in await spool.claim_due(T0 + 10, 1)] == [BOB]
+        assert await spool.next_due() is None
+
+
+async def test_record_delivered_of_last_copy_removes_the_message(tmp_path: Path) -> None:
+    """A message leaves the spool when its last copy is final; not before."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message())
+        jobs = {job.rcpt: job for job in await spool.claim_due(T0, 10)}
+        await spool.record(jobs[ALICE].copy_id, CopyState.DELIVERED, now=T0, outcome=DELIVERED)
+        assert count(tmp_path, "messages") == 1
+        assert states(tmp_path) == {ALICE: "delivered", BOB: "delivering"}
+        await spool.record(jobs[BOB].copy_id, CopyState.DELIVERED, now=T0, outcome=DELIVERED)
+        assert count(tmp_path, "messages") == 0
+        assert count(tmp_path, "copies") == 0
+        assert await spool.body("M1") is None
+        assert spool.live == 0
+
+
+async def test_record_deferred_keeps_attempts_and_next_try(tmp_path: Path) -> None:
+    """A deferred copy is claimable again at its next_try, with its attempts and last reply."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message(rcpts=(ALICE,)))
+        (job,) = await spool.claim_due(T0, 10)
+        await spool.record(
+            job.copy_id,
+            CopyState.DEFERRED,
+            now=T0,
+            next_try=T0 + 60,
+            attempts=1,
+            outcome=TRANSIENT,
+        )
+        assert await spool.next_due() == T0 + 60
+        assert await spool.claim_due(T0 + 59, 10) == []
+        (again,) = await spool.claim_due(T0 + 60, 10)
+        assert (again.copy_id, again.attempts) == (job.copy_id, 1)
+        with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn:
+            row = conn.execute("SELECT last_code, last_enhanced FROM copies").fetchone()
+        assert row == (451, "4.2.0")
+
+
+async def test_stats_counts_copies_by_state_and_oldest(tmp_path: Path) -> None:
+    """stats counts copies by state and gives the received time of the oldest live message."""
+    with opened(tmp_path) as spool:
+        assert await spool.stats() == (dict.fromkeys(CopyState, 0), None)
+        await spool.store(new_message("M1", (ALICE, BOB), now=T0))
+        await spool.store(new_message("M2", ("carol@example.org",), now=T0 + 5))
+        (first,) = await spool.claim_due(T0, 1)
+        await spool.record(first.copy_id, CopyState.DEFERRED, now=T0, next_try=T0 + 60, attempts=1)
+        assert len(await spool.claim_due(T0, 1)) == 1
+        counts, oldest = await spool.stats()
+        assert counts == {
+            CopyState.QUEUED: 1,
+            CopyState.DELIVERING: 1,
+            CopyState.DEFERRED: 1,
+            CopyState.DELIVERED: 0,
+            CopyState.FAILED: 0,
+        }
+        assert oldest == T0
+        assert spool.live == 3
+
+
+async def test_release_puts_claimed_copies_back(tmp_path: Path) -> None:
+    """release returns delivering copies to queued (claimable at once), and leaves final ones."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message())
+        jobs = {job.rcpt: job for job in await spool.claim_due(T0, 10)}
+        await spool.record(jobs[ALICE].copy_id, CopyState.DELIVERED, now=T0, outcome=DELIVERED)
+        await spool.release([jobs[ALICE].copy_id, jobs[BOB].copy_id], T0 + 1)
+        assert states(tmp_path) == {ALICE: "delivered", BOB: "queued"}
+        assert [job.rcpt for job in await spool.claim_due(T0 + 1, 10)] == [BOB]
+
+
+async def test_dsn_commits_with_the_failure(tmp_path: Path) -> None:
+    """record(..., also_store=dsn) writes the failure and the notification in one commit."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message(rcpts=(BOB,)))
+        (job,) = await spool.claim_due(T0, 10)
+        dsn = NewMessage(
+            id="D1",
+            sender="",
+            smtputf8=False,
+            received=T0,
+            expires=T0 + 100,
+            body=b"report\r\n",
+            copies=(NewCopy(SENDER, b"To: <news@example.org>\r\n\r\n", next_try=T0),),
+            is_dsn=True,
+        )
+        commits = spool.commits
+        await spool.record(job.copy_id, CopyState.FAILED, now=T0, attempts=1, also_store=dsn)
+        assert spool.commits == commits + 1
+        (report,) = await spool.claim_due(T0, 10)
+        assert (report.message_id, report.sender, report.rcpt, report.is_dsn) == (
+            "D1",
+            "",
+            SENDER,
+            True,
+        )
+        assert count(tmp_path, "messages") == 1  # the original left with its last copy
+
+
+async def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
+    """200 concurrent stores from the loop all become durable in far fewer commits than stores."""
+    with opened(tmp_path) as spool:
+        before = spool.commits
+        await asyncio.gather(*(spool.store(new_message(f"M{i}", (ALICE,))) for i in range(200)))
+        commits = spool.commits - before
+        assert 1 <= commits <= 20, commits
+        assert spool.live == 200
+    with opened(tmp_path) as again:
+        assert (await again.stats())[0][CopyState.QUEUED] == 200
+
+
+async def test_bad_operation_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    """A duplicate message id fails with SpoolError alone; the writes sharing its commit land."""
+    with opened(tmp_path) as spool:
+        results = await asyncio.gather(
+            spool.store(new_message("M1", (ALICE,))),
+            spool.store(new_message("M1", (ALICE,))),
+            spool.store(new_message("M2", (BOB,))),
+            return_exceptions=True,
+        )
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], SpoolError)
+        assert results[1].reply.code == 451
+        assert states(tmp_path) == {ALICE: "queued", BOB: "queued"}
+
+
+async def test_reopen_after_crash_requeues_delivering_copies(tmp_path: Path) -> None:
+    """Copies left delivering by a crash (files as a SIGKILL leaves them) are queued again."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    with opened(live) as spool:
+        await spool.store(new_message())
+        jobs = {job.rcpt: job for job in await spool.claim_due(T0, 10)}
+        await spool.record(jobs[ALICE].copy_id, CopyState.DELIVERED, now=T0, outcome=DELIVERED)
+        # The process dies here: the database and its WAL are whatever was last committed.
+        crashed.mkdir()
+        for name in ("spool.db", "spool.db-wal"):
+            shutil.copyfile(live / name, crashed / name)
+    assert states(crashed) == {ALICE: "delivered", BOB: "delivering"}
+    with opened(crashed) as spool:
+        assert spool.quarantined == 0
+        assert states(crashed) == {ALICE: "delivered", BOB: "queued"}
+        (job,) = await spool.claim_due(T0, 10)
+        assert (job.rcpt, job.attempts) == (BOB, 0)
+        assert await spool.body("M1") == b"Hello.\r\n"
+
+
+async def test_close_without_recording_then_reopen_requeues(tmp_path: Path) -> None:
+    """A claim never recorded (a stop mid-delivery) is queued again at the next open."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message())
+        assert len(await spool.claim_due(T0, 10)) == 2
+    with opened(tmp_path) as spool:
+        assert states(tmp_path) == {ALICE: "queued", BOB: "queued"}
+        assert len(await spool.claim_due(T0, 10)) == 2
+
+
+async def test_corrupt_copy_headers_are_quarantined_at_open(tmp_path: Path) -> None:
+    """A copy whose header bytes changed is moved to quarantine at open and counted; others stay."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message())
+    tamper(
+        tmp_path,
+        "UPDATE copies SET headers = ? WHERE rcpt = ?",
+        copy_headers(BOB).replace(b"hello", b"HELLO"),
+        BOB,
+    )
+    with opened(tmp_path) as spool:
+        assert spool.quarantined == 1
+        assert [job.rcpt for job in await spool.claim_due(T0, 10)] == [ALICE]
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn:
+        kind, ref, reason = conn.execute("SELECT kind, ref, reason FROM quarantine").fetchone()
+    assert (kind, reason) == ("copy", "copy checksum mismatch")
+    assert ref.startswith("M1/")
+
+
+async def test_corrupt_body_quarantines_the_message_at_open(tmp_path: Path) -> None:
+    """A body whose bytes changed sets its whole message aside at open; other messages stay."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message("M1"))
+        await spool.store(new_message("M2", ("carol@example.org",)))
+    tamper(tmp_path, "UPDATE messages SET body = ? WHERE id = 'M1'", b"Hellp.\r\n")
+    with opened(tmp_path) as spool:
+        assert spool.quarantined == 1
+        assert [job.message_id for job in await spool.claim_due(T0, 10)] == ["M2"]
+        assert await spool.body("M1") is None
+    assert count(tmp_path, "quarantine") == 1
+
+
+@pytest.mark.parametrize(
+    ("sql", "value"),
+    [
+        ("UPDATE copies SET headers = ? WHERE rcpt = 'bob@example.net'", "text, not bytes"),
+        ("UPDATE copies SET rcpt = ? WHERE rcpt = 'bob@example.net'", b"bob\xff@example.net"),
+        ("UPDATE copies SET state = ? WHERE rcpt = 'bob@example.net'", "garbled"),
+        ("UPDATE messages SET body = ?", 12345),
+        ("UPDATE copies SET state = CAST(? AS TEXT) WHERE rcpt = 'bob@example.net'", b"\xff\xfe"),
+        # A message id that cannot be read: the whole file is set aside (the scan cannot go on).
+        ("UPDATE messages SET id = CAST(? AS TEXT)", b"M\xff"),
+    ],
+    ids=[
+        "headers-as-text",
+        "rcpt-invalid-utf8",
+        "unknown-state",
+        "body-as-integer",
+        "state-utf8",
+        "message-id-utf8",
+    ],
+)
+async def test_corrupt_column_types_are_quarantined_not_raised(
+    tmp_path: Path, sql: str, value: object
+) -> None:
+    """A record whose column changed type or encoding is quarantined at open; open never raises."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message())
+    tamper(tmp_path, sql, value)
+    with opened(tmp_path) as spool:
+        assert spool.quarantined == 1
+        counts, _ = await spool.stats()
+        assert sum(counts.values()) <= 1
+        await spool.store(new_message("M9", (ALICE,)))  # the spool still takes custody
+    whole_file = "messages SET id" in sql
+    assert (tmp_path / "quarantine").exists() == whole_file
+
+
+async def test_corruption_found_while_running_is_quarantined(tmp_path: Path) -> None:
+    """A copy or body changed under a running spool is quarantined when claimed or read."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message("M1", (ALICE, BOB)))
+        await spool.store(new_message("M2", ("carol@example.org",)))
+        tamper(tmp_path, "UPDATE copies SET headers = x'00' WHERE rcpt = ?", BOB)
+        tamper(tmp_path, "UPDATE messages SET body = x'00' WHERE id = 'M2'")
+        jobs = await spool.claim_due(T0, 10)
+        assert sorted(job.rcpt for job in jobs) == [ALICE, "carol@example.org"]
+        assert spool.quarantined == 1
+        assert await spool.body("M2") is None
+        assert spool.quarantined == 2
+
+
+async def test_quarantined_last_copy_lets_its_message_go(tmp_path: Path) -> None:
+    """A message whose only live copy was quarantined does not stay in the spool forever."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message(rcpts=(BOB,)))
+    tamper(tmp_path, "UPDATE copies SET headers = x'00'")
+    with opened(tmp_path) as spool:
+        assert spool.quarantined == 1
+    assert count(tmp_path, "messages") == 0
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "truncated"])
+async def test_unreadable_database_is_moved_aside(tmp_path: Path, damage: str) -> None:
+    """A spool.db that is not a database is moved to spool/quarantine/; a fresh spool opens."""
+    with opened(tmp_path) as spool:
+        for i in range(20):
+            await spool.store(new_message(f"M{i}", body=random.Random(i).randbytes(3000)))
+    path = tmp_path / "spool.db"
+    original = path.read_bytes()
+    if damage == "random-bytes":
+        path.write_bytes(random.Random(7).randbytes(len(original)))
+    else:
+        path.write_bytes(original[: len(original) // 2])
+    with opened(tmp_path) as spool:
+        assert spool.quarantined == 1
+        assert await spool.stats() == (dict.fromkeys(CopyState, 0), None)
+        await spool.store(new_message("N1", (ALICE,)))
+        assert [job.rcpt for job in await spool.claim_due(T0, 10)] == [ALICE]
+    aside = sorted(p.name for p in (tmp_path / "quarantine").iterdir())
+    assert any(name.startswith("spool-") and name.endswith(".db") for name in aside)
+
+
+@pytest.mark.parametrize("damage", ["record", "file"])
+async def test_relay_starts_on_a_damaged_spool(tmp_path: Path, damage: str) -> None:
+    """A relay started on a corrupt record or an unreadable spool.db starts and counts it."""
+    directory = tmp_path / "spool"
+    with opened(directory) as spool:
+        await spool.store(new_message())
+    if damage == "record":
+        tamper(directory, "UPDATE copies SET headers = x'00' WHERE rcpt = ?", BOB)
+    else:
+        (directory / "spool.db").write_bytes(random.Random(3).randbytes(8192))
+    upstream = f"outbox:{tmp_path / 'outbox'}"
+    async with running_relay(tmp_path, upstream, {"RELAY_MODE": "queue"}) as relay:
+        assert relay.registry.get_sample_value("solo_relay_spool_quarantined_total") == 1
+        assert relay.spool is not None
+        await relay.spool.store(new_message("M2", ("carol@example.org",)))
+
+
+async def test_second_quarantine_keeps_the_first(tmp_path: Path) -> None:
+    """Two unreadable databases set aside in the same second both stay in quarantine/."""
+    for _ in range(2):
+        (tmp_path / "spool.db").write_bytes(b"not a database at all" * 200)
+        with opened(tmp_path) as spool:
+            assert spool.quarantined == 1
+    aside = [p for p in (tmp_path / "quarantine").iterdir() if p.suffix == ".db"]
+    assert len(aside) == 2
+
+
+async def test_full_spool_refuses_with_451(tmp_path: Path) -> None:
+    """Over max_bytes a store fails with SpoolError (451 4.3.0); smaller mail is taken after."""
+    config = load(environ={"RELAY_SPOOL_MAX_BYTES": str(64 * 1024)})
+    with opened(tmp_path, max_bytes=config.spool.max_bytes) as spool:
+        with pytest.raises(SpoolError, match="full") as caught:
+            await spool.store(new_message("BIG", body=b"x" * 200_000))
+        reply = caught.value.reply
+        assert (reply.code, reply.enhanced) == (451, "4.3.0")
+        assert count(tmp_path, "messages") == 0
+        await spool.store(new_message("SMALL", (ALICE,)))
+        assert [job.rcpt for job in await spool.claim_due(T0, 10)] == [ALICE]
+
+
+async def test_full_spool_still_drains(tmp_path: Path) -> None:
+    """When new mail no longer fits, copies can still be claimed and recorded, freeing room."""
+    with opened(tmp_path, max_bytes=256 * 1024) as spool:
+        # A claim rewrites its copy's row, header section included (here 100 kB).
+        big = b"X-Pad: " + b"p" * 100_000 + b"\r\n\r\n"
+        await spool.store(
+            NewMessage("BIG", SENDER, False, T0, T0 + 9e9, b"", (NewCopy(BOB, big, next_try=T0),))
+        )
+        stored = 1
+        with pytest.raises(SpoolError, match="full"):
+            while stored < 100:
+                await spool.store(new_message(f"M{stored}", (ALICE,), body=b"x" * 8192))
+                stored += 1
+        assert stored > 5
+        jobs = await spool.claim_due(T0, 100)
+        assert len(jobs) == stored
+        for job in jobs[:5]:
+            await spool.record(job.copy_id, CopyState.DELIVERED, now=T0, outcome=DELIVERED)
+        await spool.release([job.copy_id for job in jobs[5:]], T0)
+        await spool.store(new_message("AFTER", (BOB,), body=b"x" * 8192))
+        assert (await spool.stats())[0][CopyState.QUEUED] == stored - 5 + 1
+
+
+async def test_cancelled_caller_does_not_kill_the_writer(tmp_path: Path) -> None:
+    """A caller cancelled while its write waits (a dropped session) leaves the spool working."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message(rcpts=(ALICE,)))
+        # Another process holds the write lock (as `solo-relay queue` may), so the write waits.
+        other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.ensure_future(spool.store(new_message("M2", (BOB,))))
+        await asyncio.sleep(0)  # submitted to the writer thread
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        other.execute("COMMIT")
+        other.close()
+        counts, _ = await asyncio.wait_for(spool.stats(), timeout=5)
+        assert counts[CopyState.QUEUED] in (1, 2)
+        await asyncio.wait_for(spool.store(new_message("M3", ("carol@example.org",))), 5)
+
+
+async def test_closed_spool_refuses(tmp_path: Path) -> None:
+    """A spool that is not open answers SpoolError, never a hang."""
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolError):
+        await spool.store(new_message())
