@@ -145,6 +145,7 @@ class Deliverer:
         self._wake = asyncio.Event()
         self._stopping = False
         self._stats_at = 0.0
+        self._quarantined_seen = 0
         self.paused_until = 0.0
         # The last copy's verdict on the upstream itself (for /readyz): reached or not.
         self.upstream_reachable = True
@@ -244,6 +245,9 @@ class Deliverer:
         self._metrics.spool_copies({SpoolState(state.value): n for state, n in counts.items()})
         self._metrics.oldest_queued_age(0.0 if oldest is None else max(now - oldest, 0.0))
         self._metrics.upstream_auth_paused(self.paused_until > now)
+        # Records quarantined since the last look (at open, or found while running).
+        self._metrics.quarantined(self._spool.quarantined - self._quarantined_seen)
+        self._quarantined_seen = self._spool.quarantined
 
     async def _deliver(self, job: Job) -> None:
         started = self._clock()

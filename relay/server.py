@@ -90,7 +90,6 @@ class Relay:
             Path(config.spool.dir), fsync=config.spool.fsync, max_bytes=config.spool.max_bytes
         )
         self.spool.open()
-        self.metrics.quarantined(self.spool.quarantined)
         self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)
         await self.deliverer.refresh_gauges(time.time())
         intake = Intake(
