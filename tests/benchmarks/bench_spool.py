@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,8 @@ def run_case(label: str, fsync: bool, sessions: int, count: int, rcpts: int) -> 
     assert process.stderr is not None
     listening = json.loads(process.stderr.readline())
     assert listening["event"] == "listening", listening
+    # Keep reading its log, or a full pipe would stall the relay mid-benchmark.
+    threading.Thread(target=process.stderr.read, daemon=True).start()
     latencies: list[float] = []
 
     async def drive() -> float:
