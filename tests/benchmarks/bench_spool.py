@@ -154,7 +154,7 @@ def free_port() -> int:
 
 def stored(db: Path) -> int:
     with sqlite3.connect(db) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        return int(conn.execute("SELECT COUNT(*) FROM copies").fetchone()[0])
 
 
 def main() -> int:
@@ -183,8 +183,8 @@ def main() -> int:
         results.append(result)
         print(result.row(), flush=True)
         kept = stored(result.spool_db) + len(list(result.spool_db.parent.glob("outbox/*.eml")))
-        if kept != result.messages:
-            print(f"ERROR: {kept} messages spooled or delivered, {result.messages} accepted")
+        if kept != result.copies:
+            print(f"ERROR: {kept} copies spooled or delivered, {result.copies} accepted")
             return 1
     rate = {
         label: statistics.mean(r.messages / r.seconds for r in results if r.label == label)
