@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from relay import __version__, preview, queuectl
 from relay.config import Config, load
+from relay.dkimsign import DkimAction
 from relay.errors import ConfigError
 from relay.logs import load_key, setup_logging
 from relay.model import REMOVED_HEADERS, BodyCheck, IsolationOptions
@@ -92,6 +94,17 @@ def _parser() -> argparse.ArgumentParser:
         + ")",
     )
     p.add_argument("--raw", action="store_true", help="send the file's bytes exactly as they are")
+    p.add_argument(
+        "--dkim",
+        choices=[a.value for a in DkimAction],
+        help="what an application DKIM signature over a changed header becomes"
+        " (default: the configuration's dkim.action, strip)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="take [isolation] and [dkim] (with the relay's signing key) from this file",
+    )
     serve = commands.add_parser("serve", help="run the relay", description=_SERVE_HELP)
     serve.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
     check = commands.add_parser("check", help="validate the configuration", description=_CHECK_HELP)
@@ -133,6 +146,7 @@ def _check(path: str | None, upstream: bool) -> int:
         return 2
     try:
         target = parse_upstream_url(config.upstream.url, insecure=config.upstream.insecure)
+        options = config.isolation_options()
     except ConfigError as exc:
         print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -140,6 +154,9 @@ def _check(path: str | None, upstream: bool) -> int:
     print(f"  listen    {config.listen_address}  (mode {config.mode.value})")
     print(f"  upstream  {target.redacted()}")
     print(f"  metrics   {config.metrics_address}")
+    signer = options.signer
+    signing = f"signs as d={signer.domain} s={signer.selector}" if signer else "no relay key"
+    print(f"  dkim      {config.dkim.action.value} ({signing})")
     if not upstream:
         return 0
 
@@ -164,6 +181,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             body_check=BodyCheck(args.body_check),
             normalize=args.normalize,
         )
+        if args.config:
+            config = _load(args.config)
+            if config is None:
+                return 2
+            try:
+                options = config.isolation_options()
+            except ConfigError as exc:
+                print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
+                return 2
+            options = replace(
+                options,
+                removed_headers=options.removed_headers | frozenset(args.remove_header),
+                normalize=options.normalize or args.normalize,
+            )
+        if args.dkim:
+            options = replace(options, dkim_action=DkimAction(args.dkim))
         request = preview.PreviewRequest(
             args.message, tuple(args.rcpt), args.sender, args.smtputf8, args.raw, options
         )

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from relay.dkimsign import DkimAction, load_signer
 from relay.errors import ConfigError
 from relay.model import (
     MAX_FANOUT_OCTETS,
@@ -137,6 +138,19 @@ class IsolationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DkimConfig:
+    action: DkimAction = DkimAction.STRIP  # an app signature over a changed header
+    sign_all: bool = False  # sign every copy with the relay's key
+    domain: str = ""
+    selector: str = ""
+    key_file: str = ""  # PEM RSA private key (a mounted secret)
+
+    @property
+    def signs(self) -> bool:
+        return self.action is DkimAction.RESIGN or self.sign_all
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     direct_deadline: float = 120.0  # well under a client's 10-minute DATA timeout
     concurrency: int = 0  # copies in flight at once; 0: upstream.pool_size
@@ -181,10 +195,21 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def isolation_options(self) -> IsolationOptions:
+        """The isolation core's options, with the DKIM key loaded and tried (``ConfigError``)."""
+        options = self.isolation.options()
+        signer = None
+        if self.dkim.signs:
+            signer = load_signer(self.dkim.domain, self.dkim.selector, self.dkim.key_file)
+        return replace(
+            options, dkim_action=self.dkim.action, signer=signer, sign_all=self.dkim.sign_all
+        )
 
     @property
     def listen_address(self) -> HostPort:

@@ -90,6 +90,18 @@ class BadAddress(Rejected):
         super().__init__(reply, reason)
 
 
+class DkimRejected(Rejected):
+    """``dkim.action = reject``: an application signature covers a header the relay changes."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            Reply(
+                550, "5.7.0", "DKIM signature covers headers the relay must change; sign after it"
+            ),
+            reason,
+        )
+
+
 class LeakDetected(Rejected):
     """A copy would disclose another recipient (SPEC 1, rule 1): 550 5.7.1."""
 

@@ -26,6 +26,7 @@ from relay.delivery import Deliverer, deliver_direct
 from relay.errors import (
     BadAddress,
     BadData,
+    DkimRejected,
     HeaderDefect,
     LeakDetected,
     Rejected,
@@ -37,7 +38,16 @@ from relay.inbound import Submission
 from relay.isolation import isolate
 from relay.logs import AddressTokens
 from relay.metrics import MessageResult, Metrics
-from relay.model import Copy, Envelope, Outcome, Plan, Status, Trace, new_queue_id
+from relay.model import (
+    Copy,
+    Envelope,
+    IsolationOptions,
+    Outcome,
+    Plan,
+    Status,
+    Trace,
+    new_queue_id,
+)
 from relay.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
 from relay.upstream import Upstream
 
@@ -54,6 +64,7 @@ _RESULTS: dict[type[Rejected], MessageResult] = {
     BadData: MessageResult.REJECTED_DATA,
     BadAddress: MessageResult.REJECTED_ADDRESS,
     TooBig: MessageResult.REJECTED_SIZE,
+    DkimRejected: MessageResult.REJECTED_POLICY,
 }
 
 
@@ -69,10 +80,11 @@ class Intake:
         tokens: AddressTokens,
         spool: Spool,
         deliverer: Deliverer,
+        options: IsolationOptions,
         now: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
-        self._options = config.isolation.options()
+        self._options = options
         self._upstream = upstream
         self._metrics = metrics
         self._tokens = tokens

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from relay.addresses import Address, parse_address
+from relay.dkimsign import DkimAction, Signer
 from relay.errors import BadAddress
 
 # SPEC 3: removed from every copy. Configuration may add names, never remove these.
@@ -66,6 +67,7 @@ class ChangeKind(enum.Enum):
     ADDED = "added"
     DKIM_STRIPPED = "dkim-stripped"
     DKIM_KEPT = "dkim-kept"
+    DKIM_SIGNED = "dkim-signed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,9 @@ class IsolationOptions:
     max_hops: int = MAX_HOPS
     mime_nesting_limit: int = MIME_NESTING_LIMIT
     max_fanout_octets: int = MAX_FANOUT_OCTETS
+    dkim_action: DkimAction = DkimAction.STRIP
+    signer: Signer | None = None  # the relay's key: for ``resign``, and for ``sign_all``
+    sign_all: bool = False  # sign every copy, signed by the application or not
 
     def __post_init__(self) -> None:
         lowered = frozenset(name.lower() for name in self.removed_headers)

@@ -76,6 +76,7 @@ class Relay:
         """Open the upstream, the listener and the health server; raises ``ConfigError``."""
         config = self.config
         tls = server_context(config.smtp)
+        options = config.isolation_options()  # loads and tries the DKIM key
         try:
             Path(config.spool.dir).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -99,6 +100,7 @@ class Relay:
             tokens=tokens,
             spool=self.spool,
             deliverer=self.deliverer,
+            options=options,
         )
         factory, self._gate = make_protocol_factory(
             config, intake.accept, tls, self.metrics, admit=self._admit

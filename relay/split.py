@@ -24,7 +24,8 @@ import re
 from collections.abc import Sequence
 
 from relay.addresses import Address, parse_address
-from relay.errors import BadAddress, TooBig, TooManyHops
+from relay.dkimsign import DkimAction
+from relay.errors import BadAddress, DkimRejected, TooBig, TooManyHops
 from relay.headers import CRLF, Field, ParsedMessage
 from relay.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Trace
 from relay.signatures import Signature, changed_names, parse_signature
@@ -76,10 +77,24 @@ def split_message(
             *shared,
             Change(ChangeKind.REBUILT, "To", f"one mailbox: the copy's recipient; {why}"),
         ]
+        sign = options.sign_all
         if signatures:
-            fields, dkim = _settle_signatures(signatures, message.fields, fields)
+            fields, dkim, broken = _settle_signatures(signatures, message.fields, fields)
+            if broken and options.dkim_action is DkimAction.REJECT:
+                raise DkimRejected(dkim[0].reason)
+            sign = sign or (broken and options.dkim_action is DkimAction.RESIGN)
             changes.extend(dkim)
         headers = b"".join([*(f.raw for f in fields), CRLF])
+        if sign and options.signer is not None:
+            # Last, over the final bytes: the copy verifies as its recipient receives it.
+            headers = options.signer.sign(headers, body) + headers
+            changes.append(
+                Change(
+                    ChangeKind.DKIM_SIGNED,
+                    "DKIM-Signature",
+                    f"d={options.signer.domain} s={options.signer.selector}: signed by the relay",
+                )
+            )
         copies.append(Copy(rcpt, headers, body, tuple(changes)))
     return tuple(copies), len(envelope.recipients) - len(unique)
 
@@ -194,8 +209,11 @@ def _received_line(trace: Trace, rcpt: Address) -> bytes:
 
 def _settle_signatures(
     signatures: Sequence[Signature], originals: Sequence[Field], fields: list[Field]
-) -> tuple[list[Field], list[Change]]:
-    """Strip each signature the copy breaks; repeat, since a strip is itself a change."""
+) -> tuple[list[Field], list[Change], bool]:
+    """Strip each signature the copy breaks; repeat, since a strip is itself a change.
+
+    Returns the fields, the changes (stripped ones first) and whether any was broken.
+    """
     changes: list[Change] = []
     live = list(signatures)
     while True:
@@ -216,10 +234,11 @@ def _settle_signatures(
         gone = {id(sig.field) for sig in broken}
         fields = [f for f in fields if id(f) not in gone]
         live = [sig for sig in live if id(sig.field) not in gone]
+    broken_any = bool(changes)
     changes.extend(
         Change(
             ChangeKind.DKIM_KEPT, "DKIM-Signature", f"d={s.domain} s={s.selector}: nothing changed"
         )
         for s in live
     )
-    return fields, changes
+    return fields, changes, broken_any
