@@ -154,7 +154,9 @@ def free_port() -> int:
 
 def stored(db: Path) -> int:
     with sqlite3.connect(db) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM copies").fetchone()[0])
+        return int(
+            conn.execute("SELECT COUNT(*) FROM copies WHERE state != 'delivered'").fetchone()[0]
+        )
 
 
 def main() -> int:
