@@ -169,26 +169,29 @@ class Intake:
         )
         return exc.reply
 
-    def _message(
+    async def _store(
         self,
         queue_id: str,
+        copies: Sequence[NewCopy],
         *,
         sender: str,
         submission: Submission,
-        copies: Sequence[NewCopy],
         plan: Plan,
         now: float,
-    ) -> NewMessage:
+    ) -> None:
+        """Write the message and ``copies`` to the spool (durable on return; ``SpoolError``)."""
         credentials = submission.credentials
-        return NewMessage(
-            id=queue_id,
-            sender=sender,
-            smtputf8=submission.smtputf8,
-            received=now,
-            expires=now + self._config.delivery.lifetime,
-            body=plan.copies[0].body,
-            copies=tuple(copies),
-            auth_user=credentials.username if credentials else "",
+        await self._spool.store(
+            NewMessage(
+                id=queue_id,
+                sender=sender,
+                smtputf8=submission.smtputf8,
+                received=now,
+                expires=now + self._config.delivery.lifetime,
+                body=plan.copies[0].body,
+                copies=tuple(copies),
+                auth_user=credentials.username if credentials else "",
+            )
         )
 
     async def _queue(
@@ -196,15 +199,8 @@ class Intake:
     ) -> Reply:
         copies = [NewCopy(c.recipient.text, c.headers, next_try=now) for c in plan.copies]
         try:
-            await self._spool.store(
-                self._message(
-                    queue_id,
-                    sender=sender,
-                    submission=submission,
-                    copies=copies,
-                    plan=plan,
-                    now=now,
-                )
+            await self._store(
+                queue_id, copies, sender=sender, submission=submission, plan=plan, now=now
             )
         except SpoolError as exc:
             log.error("spool write failed", extra={"fields": {"queue_id": queue_id}})
@@ -254,15 +250,8 @@ class Intake:
             for copy, outcome in left
         ]
         try:
-            await self._spool.store(
-                self._message(
-                    queue_id,
-                    sender=sender,
-                    submission=submission,
-                    copies=copies,
-                    plan=plan,
-                    now=now,
-                )
+            await self._store(
+                queue_id, copies, sender=sender, submission=submission, plan=plan, now=now
             )
         except SpoolError:
             # Some copies are already delivered: a 4xx would make the application send
