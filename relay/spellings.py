@@ -49,6 +49,7 @@ _INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")
 # (RFC 5322 3.4.1): "bob (sales) @ example.org" is bob@example.org.
 _COMMENT = re.compile(r"\([^()]*\)")
 _SPACE_AROUND = re.compile(r"\s*([@.])\s*")
+_SPACE_NEAR = re.compile(r"\s[@.]|[@.]\s")
 _VERP_AT = re.compile(r"=(?=[^\s=@]+\.[^\s=@])")
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
@@ -98,16 +99,20 @@ def _views(text: str) -> Iterator[str]:
                 yield current
     for view in list(seen):
         # What a reader sees: no invisible characters, no comments or spaces in an address.
-        plain = _INVISIBLE.sub("", view)
+        plain = _INVISIBLE.sub("", view) if _INVISIBLE.search(view) else view
         for _ in range(3):  # comments nest; three levels is more than mail uses
             if "(" not in plain:
                 break
             plain = _COMMENT.sub("", plain)
-        if "@" in plain:
-            plain = _SPACE_AROUND.sub(r"\1", plain)
+        if "@" in plain and _SPACE_NEAR.search(plain):
+            plain = _SPACE_AROUND.sub(_mark_only, plain)
         if plain not in seen:
             seen.add(plain)
             yield plain
+
+
+def _mark_only(match: re.Match[str]) -> str:
+    return match.group(1)
 
 
 def _is_local(c: str, chars: frozenset[str]) -> bool:

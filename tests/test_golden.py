@@ -809,3 +809,32 @@ def test_header_bytes_times_copies_over_the_budget_is_552() -> None:
     rcpts = [f"c{i}@example.com" for i in range(1000)]
     err = rejected(rcpts, message(FROM, "To: c0@example.com", *pad))
     assert (err.reply.code, err.reply.enhanced) == (552, "5.3.4")
+
+
+@pytest.mark.parametrize(
+    ("entry", "kept"),
+    [
+        ("Alice Example <alice@example.com>", "Alice Example"),
+        ('"Example, Alice" <alice@example.com>', '"Example, Alice"'),
+        ("Alice Q. Example <alice@example.com>", '"Alice Q. Example"'),
+        ("O'Neil <alice@example.com>", "O'Neil"),
+        ("=?utf-8?q?J=C3=B6rg?= <alice@example.com>", "=?utf-8?b?SsO2cmc=?="),
+        ("<alice@example.com>", None),
+    ],
+)
+def test_display_names_from_a_long_list_pair_element_by_element(
+    entry: str, kept: str | None
+) -> None:
+    """In a 500-name To:, each copy keeps exactly the name paired with its own address."""
+    others = [f"Customer {i} <c{i}@example.net>" for i in range(500)]
+    to = "To: " + ",\r\n ".join([*others[:250], entry, *others[250:]])
+    rcpts = ["alice@example.com", "c7@example.net"]
+    plan = run(rcpts, message(FROM, to, SUBJECT))
+    headers = headers_of(plan)
+    expected = f"To: {kept} <alice@example.com>" if kept else "To: alice@example.com"
+    assert headers["alice@example.com"] == copy_headers(
+        "alice@example.com", FROM, expected, SUBJECT
+    )
+    assert headers["c7@example.net"] == copy_headers(
+        "c7@example.net", FROM, "To: Customer 7 <c7@example.net>", SUBJECT
+    )
