@@ -26,6 +26,7 @@ a network library.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -43,7 +44,7 @@ from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
 from relay.policy import RateLimiter, backoff
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError
+from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -51,6 +52,8 @@ log = logging.getLogger("relay.delivery")
 # Failing at these stages with no reply means the upstream itself could not be reached.
 _UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 POLL_SECONDS = 1.0  # the longest the workers sleep without a wake-up (queue CLI retries)
+RECORD_TRIES = 8  # writing down a delivered copy: about two minutes of retries
+BODY_CACHE_BYTES = 64 * 1024 * 1024  # recently used bodies kept for their other copies
 STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
 
 TIMED_OUT = Outcome(Status.TRANSIENT, Stage.DOT, 0, "", "deadline reached", ambiguous=True)
@@ -145,6 +148,11 @@ class Deliverer:
         self._wake = asyncio.Event()
         self._stopping = False
         self._stats_at = 0.0
+        self._limited = False
+        # Recently read bodies, by message: one bytes object per message, so the
+        # upstream's per-body preparation (scan, stuffing) happens once, not per copy.
+        self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._body_bytes = 0
         self._quarantined_seen = 0
         self.paused_until = 0.0
         # The last copy's verdict on the upstream itself (for /readyz): reached or not.
@@ -168,9 +176,9 @@ class Deliverer:
                 if now - self._stats_at >= STATS_SECONDS:
                     await self.refresh_gauges(now)
                 next_due = None if started else await self._spool.next_due()
-            except SpoolError:
-                # A full disk or a busy lock passes; the workers must outlive it.
-                log.exception("spool unavailable to the delivery workers")
+            except Exception:
+                # A full disk, a busy lock, a damaged row: the workers must outlive them all.
+                log.exception("delivery loop error; retrying")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
                 continue
@@ -182,8 +190,8 @@ class Deliverer:
                 delay = min(delay, self.paused_until - now)
             if next_due is not None:
                 delay = min(delay, max(next_due - now, 0.0))
-            if len(self._in_flight) >= self._concurrency:
-                delay = POLL_SECONDS
+            if len(self._in_flight) >= self._concurrency or self._limited:
+                delay = POLL_SECONDS  # woken when a delivery ends; rate limits wait their turn
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(delay, 0.01))
 
@@ -193,6 +201,7 @@ class Deliverer:
             return 0
         free = self._concurrency - len(self._in_flight)
         allowed = self._limiter.take(now, free) if free > 0 else 0
+        self._limited = free > 0 and allowed <= 0
         if allowed <= 0:
             return 0
         try:
@@ -258,21 +267,43 @@ class Deliverer:
         except Exception as exc:  # a bug must not lose the copy: it stays for a retry
             log.exception("delivery error", extra={"fields": {"queue_id": job.message_id}})
             outcome = Outcome(Status.TRANSIENT, Stage.CONNECT, text=type(exc).__name__)
-        try:
-            await self._settle(job, outcome, self._clock() - started)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The outcome could not be recorded (the spool failed): the copy goes back to
-            # the queue, as a restart would put it (at worst a delivered copy is sent again).
-            log.exception(
-                "recording a delivery failed", extra={"fields": {"queue_id": job.message_id}}
-            )
+        for attempt in range(RECORD_TRIES):
+            try:
+                # Shielded: a drain that cancels this task must not cancel the record of
+                # what already happened at the upstream.
+                await asyncio.shield(self._settle(job, outcome, self._clock() - started))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "recording a delivery failed", extra={"fields": {"queue_id": job.message_id}}
+                )
+            if outcome.status is not Status.DELIVERED:
+                break  # not sent: back to the queue is safe
+            # Sent: putting it back would send it again. Keep trying to write it down;
+            # if the spool never recovers, it stays ``delivering`` for the next start.
+            await asyncio.sleep(min(2.0**attempt, 30.0))
+        if outcome.status is not Status.DELIVERED:
             with contextlib.suppress(Exception):
                 await self._spool.release([job.copy_id], self._clock())
 
+    async def _body(self, message_id: str) -> bytes | None:
+        body = self._bodies.get(message_id)
+        if body is not None:
+            self._bodies.move_to_end(message_id)
+            return body
+        body = await self._spool.body(message_id)
+        if body is not None and len(body) <= BODY_CACHE_BYTES:
+            self._bodies[message_id] = body
+            self._body_bytes += len(body)
+            while self._body_bytes > BODY_CACHE_BYTES:
+                _, old = self._bodies.popitem(last=False)
+                self._body_bytes -= len(old)
+        return body
+
     async def _attempt(self, job: Job) -> Outcome:
-        body = await self._spool.body(job.message_id)
+        body = await self._body(job.message_id)
         if body is None:
             return Outcome(Status.PERMANENT, Stage.WRITE, 0, "", "message body lost (quarantined)")
         try:
@@ -323,15 +354,18 @@ class Deliverer:
             )
             log.info("copy delivered", extra={"fields": fields})
             return
-        if outcome.auth_failed:
-            # SPEC 5: bad credentials pause everything; this copy waits, no attempt spent.
-            self.paused_until = now + self._policy.auth_pause
-            self._metrics.upstream_auth_paused(True)
+        if outcome.auth_failed and now < job.expires:
+            # SPEC 5: the relay's own credentials refused: pause everything, no attempt
+            # spent. An application's passthrough login refused: only its mail waits.
+            resume = now + self._policy.auth_pause
+            if not job.auth_user:
+                self.paused_until = resume
+                self._metrics.upstream_auth_paused(True)
             await self._spool.record(
                 job.copy_id,
                 CopyState.QUEUED,
                 now=now,
-                next_try=self.paused_until,
+                next_try=min(resume, job.expires),
                 outcome=outcome,
             )
             log.error(

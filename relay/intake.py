@@ -178,10 +178,10 @@ class Intake:
         submission: Submission,
         plan: Plan,
         now: float,
-    ) -> None:
-        """Write the message and ``copies`` to the spool (durable on return; ``SpoolError``)."""
+    ) -> list[int]:
+        """Write the message and ``copies`` to the spool; their ids, durable (``SpoolError``)."""
         credentials = submission.credentials
-        await self._spool.store(
+        return await self._spool.store(
             NewMessage(
                 id=queue_id,
                 sender=sender,
@@ -211,6 +211,20 @@ class Intake:
     async def _direct(
         self, queue_id: str, sender: str, submission: Submission, plan: Plan, now: float
     ) -> Reply:
+        # Custody first, as in queue mode: the copies are spooled (``delivering``, so the
+        # workers leave them alone) before any is sent. A crash mid-fan-out then loses
+        # nothing, and a spool failure is a 451 before anything went out.
+        held = [
+            NewCopy(c.recipient.text, c.headers, state=CopyState.DELIVERING, next_try=now)
+            for c in plan.copies
+        ]
+        try:
+            ids = await self._store(
+                queue_id, held, sender=sender, submission=submission, plan=plan, now=now
+            )
+        except SpoolError as exc:
+            log.error("spool write failed", extra={"fields": {"queue_id": queue_id}})
+            return exc.reply
         result = await deliver_direct(
             self._upstream,
             sender,
@@ -223,48 +237,32 @@ class Intake:
                 queue_id, copy, outcome, latency
             ),
         )
-        left = [
-            (copy, outcome)
-            for copy, outcome in zip(plan.copies, result.outcomes, strict=True)
-            if outcome.status is not Status.DELIVERED
-        ]
-        if result.reply.code != 250 or not left:
+        if result.reply.code != 250:
+            # Nothing delivered, and nothing that might have been: the application
+            # keeps the message (451 or 554), so the relay lets go of it.
+            await self._spool.discard(queue_id)
             return result.reply
-        # Some delivered, some not: the rest go to the queue, so the 250 is a promise.
+        left = 0
         retry = now + self._config.delivery.retry_initial
-        copies = [
-            NewCopy(
-                copy.recipient.text,
-                copy.headers,
-                # A permanent refusal is tried once more from the queue, which then
-                # sends the notification; a transient one waits its backoff.
-                state=CopyState.QUEUED
-                if outcome.status is Status.PERMANENT
-                else CopyState.DEFERRED,
-                next_try=now if outcome.status is Status.PERMANENT else retry,
-                attempts=1,
-                last_code=outcome.code,
-                last_enhanced=outcome.enhanced,
-                last_text=outcome.text[:500],
-            )
-            for copy, outcome in left
-        ]
-        try:
-            await self._store(
-                queue_id, copies, sender=sender, submission=submission, plan=plan, now=now
-            )
-        except SpoolError:
-            # Some copies are already delivered: a 4xx would make the application send
-            # them again. The 250 stands; the loss is logged loudly and counted.
-            log.error(
-                "spool write failed after partial delivery: copies lost",
-                extra={"fields": {"queue_id": queue_id, "lost": len(copies)}},
-            )
+        for copy_id, outcome in zip(ids, result.outcomes, strict=True):
+            if outcome.status is Status.DELIVERED:
+                state, next_try = CopyState.DELIVERED, 0.0
+            elif outcome.status is Status.TRANSIENT:
+                state, next_try = CopyState.DEFERRED, retry
+            else:  # tried once more from the queue, which then sends the notification
+                state, next_try = CopyState.QUEUED, now
+            left += state is not CopyState.DELIVERED
+            try:
+                await self._spool.record(
+                    copy_id, state, now=now, next_try=next_try, attempts=1, outcome=outcome
+                )
+            except SpoolError:
+                # The copy stays ``delivering``: the next start puts it back in the queue.
+                log.error("spool record failed", extra={"fields": {"queue_id": queue_id}})
+        if not left:
             return result.reply
         self._deliverer.wake()
-        return Reply(
-            250, "2.0.0", f"OK: queued as {queue_id}, {len(copies)} copies queued for retry"
-        )
+        return Reply(250, "2.0.0", f"OK: queued as {queue_id}, {left} copies queued for retry")
 
     def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
         self._metrics.copy_outcome(outcome, latency)

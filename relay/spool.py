@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import logging
 import queue
 import sqlite3
@@ -34,7 +35,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from relay.errors import RelayError, Reply
 from relay.model import Outcome
@@ -178,6 +179,7 @@ class Spool:
             tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock: IO[bytes] | None = None
         self.quarantined = 0  # records moved aside since open
         self.live = 0  # copies queued, delivering or deferred (kept current by every write)
         self.commits = 0  # transactions committed (each one fsync): group commit at work
@@ -188,8 +190,13 @@ class Spool:
     # -- lifecycle -----------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (or create) the database, recover, and start the writer thread."""
+        """Open (or create) the database, recover, and start the writer thread.
+
+        Raises ``SpoolError`` when another relay holds this spool, or the file is
+        busy or cannot be opened: never quarantine a spool that is merely in use.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(self.directory / "spool.lock")
         conn = self._connect()
         counted = self.quarantined
         try:
@@ -207,6 +214,9 @@ class Spool:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = None
@@ -216,6 +226,11 @@ class Spool:
             if row is None or row[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {row}")
             return conn
+        except sqlite3.OperationalError as exc:
+            # Locked, busy, cannot open, I/O: the file may be fine; stop rather than set it aside.
+            if conn is not None:
+                conn.close()
+            raise SpoolError(f"cannot open the spool: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
@@ -265,20 +280,31 @@ class Spool:
             "UPDATE copies SET state = ?, updated = ? WHERE state = ?",
             (CopyState.QUEUED.value, now, CopyState.DELIVERING.value),
         )
-        for message_id, body, crc in conn.execute(
-            "SELECT id, body, body_crc FROM messages"
-        ).fetchall():
-            if _body_crc(body) != crc:
-                self._quarantine_message(conn, message_id, "body checksum mismatch", now)
+        # One row at a time (a backlog can be larger than memory); act once the scan is done.
+        bad_messages = [
+            (message_id, "body checksum mismatch" if _body_crc(body) != crc else "times damaged")
+            for message_id, body, crc, received, expires in conn.execute(
+                "SELECT id, body, body_crc, received, expires FROM messages"
+            )
+            if _body_crc(body) != crc or not _numbers(received, expires)
+        ]
+        for message_id, reason in bad_messages:
+            self._quarantine_message(conn, message_id, reason, now)
         # rcpt and state are read as bytes: a corrupt byte is a mismatch, not a decode error.
         states = {s.value.encode() for s in CopyState}
-        for copy_id, message_id, rcpt, headers, crc, state in conn.execute(
-            "SELECT id, message, CAST(rcpt AS BLOB), headers, crc, CAST(state AS BLOB) FROM copies"
-        ).fetchall():
+        bad_copies = []
+        for copy_id, message_id, rcpt, headers, crc, state, attempts, next_try in conn.execute(
+            "SELECT id, message, CAST(rcpt AS BLOB), headers, crc, CAST(state AS BLOB),"
+            " attempts, next_try FROM copies"
+        ):
             if _copy_crc(rcpt, headers) != crc:
-                self._quarantine_copy(conn, copy_id, message_id, "copy checksum mismatch", now)
+                bad_copies.append((copy_id, message_id, "copy checksum mismatch"))
             elif state not in states:
-                self._quarantine_copy(conn, copy_id, message_id, "copy state unknown", now)
+                bad_copies.append((copy_id, message_id, "copy state unknown"))
+            elif not isinstance(attempts, int) or not _numbers(next_try):
+                bad_copies.append((copy_id, message_id, "copy record damaged"))
+        for copy_id, message_id, reason in bad_copies:
+            self._quarantine_copy(conn, copy_id, message_id, reason, now)
         conn.execute("DELETE FROM copies WHERE message NOT IN (SELECT id FROM messages)")
         conn.execute("COMMIT")
         self.live = _count_live(conn)
@@ -394,16 +420,29 @@ class Spool:
 
     # -- operations ----------------------------------------------------------------
 
-    async def store(self, message: NewMessage) -> None:
-        """Write a message and its copies; returns once they are durable (Rule 1).
+    async def store(self, message: NewMessage) -> list[int]:
+        """Write a message and its copies; returns their ids once they are durable (Rule 1).
 
         Raises ``SpoolError`` when the write fails or the spool is over ``max_bytes``.
         """
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> list[int]:
             if self._max_bytes and _used_bytes(conn) + _size(message) > self._max_bytes:
                 raise SpoolError("database or disk is full (spool.max_bytes)")
             _insert(conn, message)
+            rows = conn.execute(
+                "SELECT id FROM copies WHERE message = ? ORDER BY id", (message.id,)
+            ).fetchall()
+            return [int(row[0]) for row in rows]
+
+        return await self._submit(write)
+
+    async def discard(self, message_id: str) -> None:
+        """Remove a message that was never acknowledged (direct mode: nothing delivered)."""
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
+            conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
         await self._submit(write)
 
@@ -423,6 +462,9 @@ class Spool:
                 copy_id, message_id, rcpt, headers, crc = row[:5]
                 if _copy_crc(rcpt, headers) != crc:
                     self._quarantine_copy(conn, copy_id, message_id, "copy checksum mismatch", now)
+                    continue
+                if not isinstance(row[5], int) or not _numbers(row[9], row[10]):
+                    self._quarantine_copy(conn, copy_id, message_id, "copy record damaged", now)
                     continue
                 jobs.append(
                     Job(
@@ -528,7 +570,7 @@ class Spool:
                 "SELECT MIN(next_try) FROM copies WHERE state IN (?, ?)",
                 (CopyState.QUEUED.value, CopyState.DEFERRED.value),
             ).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
+            return float(row[0]) if row is not None and _numbers(row[0]) else None
 
         return await self._submit(read)
 
@@ -544,7 +586,7 @@ def read_stats(conn: sqlite3.Connection) -> tuple[dict[CopyState, int], float | 
         " WHERE c.state IN (?, ?, ?)",
         tuple(s.value for s in LIVE),
     ).fetchone()
-    return counts, (None if row is None or row[0] is None else float(row[0]))
+    return counts, (float(row[0]) if row is not None and _numbers(row[0]) else None)
 
 
 def _insert(conn: sqlite3.Connection, message: NewMessage) -> None:
@@ -585,6 +627,22 @@ def _insert(conn: sqlite3.Connection, message: NewMessage) -> None:
         ],
     )
     _drop_if_done(conn, message.id)
+
+
+def _numbers(*values: object) -> bool:
+    """Every value is a real number (a damaged row can hold text where a time should be)."""
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+
+
+def _take_lock(path: Path) -> IO[bytes]:
+    """An exclusive lock on the spool directory for this process's life: one relay per spool."""
+    handle = open(path, "ab")  # noqa: SIM115 - held open until close()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.close()
+        raise SpoolError(f"{path.parent} is in use by another relay ({exc.strerror})") from exc
+    return handle
 
 
 def _copy_crc(rcpt: object, headers: object) -> int | None:
