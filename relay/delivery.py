@@ -283,7 +283,8 @@ class Deliverer:
                 break  # not sent: back to the queue is safe
             # Sent: putting it back would send it again. Keep trying to write it down;
             # if the spool never recovers, it stays ``delivering`` for the next start.
-            await asyncio.sleep(min(2.0**attempt, 30.0))
+            if attempt + 1 < RECORD_TRIES:
+                await asyncio.sleep(min(2.0**attempt, 30.0))
         if outcome.status is not Status.DELIVERED:
             with contextlib.suppress(Exception):
                 await self._spool.release([job.copy_id], self._clock())

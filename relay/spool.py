@@ -202,6 +202,10 @@ class Spool:
         try:
             self._recover(conn)
         except sqlite3.DatabaseError as exc:  # a record that cannot even be read (Rule 5)
+            if _in_use(exc):  # locked or busy: in use, not damaged
+                conn.close()
+                self._lock_release()
+                raise SpoolError(f"cannot open the spool: {exc}") from exc
             conn.close()  # rolls back what the scan had set aside: the whole file goes
             self.quarantined = counted
             conn = self._set_aside(exc)
@@ -214,6 +218,9 @@ class Spool:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        self._lock_release()
+
+    def _lock_release(self) -> None:
         if self._lock is not None:
             self._lock.close()  # releases the flock
             self._lock = None
@@ -226,14 +233,13 @@ class Spool:
             if row is None or row[0] != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {row}")
             return conn
-        except sqlite3.OperationalError as exc:
-            # Locked, busy, cannot open, I/O: the file may be fine; stop rather than set it aside.
-            if conn is not None:
-                conn.close()
-            raise SpoolError(f"cannot open the spool: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
+            if _in_use(exc):
+                # Locked, busy, cannot open, I/O: the file may be fine; stop, never set it aside.
+                self._lock_release()
+                raise SpoolError(f"cannot open the spool: {exc}") from exc
             return self._set_aside(exc)
 
     def _set_aside(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
@@ -627,6 +633,14 @@ def _insert(conn: sqlite3.Connection, message: NewMessage) -> None:
         ],
     )
     _drop_if_done(conn, message.id)
+
+
+def _in_use(exc: sqlite3.DatabaseError) -> bool:
+    """A lock, a busy file, an I/O or permission error: trouble to report, not corruption."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in text for word in ("locked", "busy", "unable to open", "disk i/o", "readonly")
+    )
 
 
 def _numbers(*values: object) -> bool:

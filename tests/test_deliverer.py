@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from relay import delivery as delivery_module
 from relay.config import Config, load
 from relay.delivery import Deliverer
 from relay.logs import AddressTokens
@@ -617,3 +618,48 @@ async def test_real_upstream_535_pauses(tmp_path: Path, plain_server: UpstreamSe
         assert w.deliverer.paused_until == T0 + w.config.delivery.auth_pause
         assert w.row(BOB) == ("queued", 0, w.deliverer.paused_until)
         assert plain_server.transactions == []
+
+
+class FailingRecords(Spool):
+    """A real spool whose writes of a delivered copy's state fail (a disk gone bad)."""
+
+    async def record(self, copy_id: int, state: CopyState, **kwargs: Any) -> bool:
+        if state is CopyState.DELIVERED:
+            raise SpoolError("database or disk is full")
+        return await super().record(copy_id, state, **kwargs)
+
+
+async def test_delivered_copy_that_cannot_be_recorded_is_not_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream took it but the spool would not note it: it stays delivering, not re-queued."""
+    monkeypatch.setattr(delivery_module, "RECORD_TRIES", 1)
+    with world(tmp_path, spool=FailingRecords(tmp_path)) as w:
+        await w.store("M1", [ALICE])
+        await w.run_at(T0)
+        assert w.row(ALICE) is not None and w.row(ALICE)[0] == "delivering"  # type: ignore[index]
+        assert await w.run_at(T0 + 3600) == 0
+        assert len(w.upstream.to(ALICE)) == 1
+
+
+async def test_refused_passthrough_login_holds_only_its_own_mail(tmp_path: Path) -> None:
+    """An application's bad passthrough password waits alone; other mail is not paused."""
+    with world(tmp_path, script={ALICE: [BAD_CREDENTIALS]}) as w:
+        w.deliverer.credentials["app"] = Credentials("app", "wrong")
+        await w.spool.store(
+            NewMessage(
+                id="M1",
+                sender=SENDER,
+                smtputf8=False,
+                received=T0,
+                expires=T0 + 3600,
+                body=b"Hello.\r\n",
+                copies=(NewCopy(ALICE, headers(ALICE), next_try=T0),),
+                auth_user="app",
+            )
+        )
+        await w.store("M2", [BOB])
+        await w.run_at(T0)
+        assert w.deliverer.paused_until == 0
+        assert w.row(ALICE) is not None and w.row(ALICE)[0] == "queued"  # type: ignore[index]
+        assert len(w.upstream.to(BOB)) == 1

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from relay import spool as spool_module
 from relay.config import load
 from relay.model import Outcome, Stage, Status
 from relay.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
@@ -459,3 +460,48 @@ async def test_closed_spool_refuses(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     with pytest.raises(SpoolError):
         await spool.store(new_message())
+
+
+def test_a_second_relay_cannot_open_the_same_spool(tmp_path: Path) -> None:
+    """One relay per spool: a second open of the same directory is refused, not shared."""
+    first = Spool(tmp_path)
+    first.open()
+    try:
+        with pytest.raises(SpoolError, match="in use by another relay"):
+            Spool(tmp_path).open()
+    finally:
+        first.close()
+    second = Spool(tmp_path)
+    second.open()  # free again once the first has closed
+    second.close()
+
+
+def test_a_busy_database_stops_the_open_and_is_not_quarantined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock held past the busy timeout is trouble to report, not corruption to set aside."""
+    monkeypatch.setattr(spool_module, "BUSY_TIMEOUT_MS", 100)
+    with opened(tmp_path) as spool:
+        asyncio.run(spool.store(new_message("M1", (ALICE,))))
+    holder = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(SpoolError, match="cannot open the spool"):
+            Spool(tmp_path).open()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not (tmp_path / "quarantine").exists()
+    assert states(tmp_path) == {ALICE: "queued"}
+
+
+def test_damaged_numbers_are_quarantined_at_open(tmp_path: Path) -> None:
+    """Text where an attempt count should be is set aside, not a crash or a resend storm."""
+    with opened(tmp_path) as spool:
+        asyncio.run(spool.store(new_message("M1", (ALICE, BOB))))
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn:
+        conn.execute("UPDATE copies SET attempts = 'x' WHERE rcpt = ?", (BOB,))
+        conn.commit()
+    with opened(tmp_path) as spool:
+        assert spool.quarantined == 1
+    assert states(tmp_path) == {ALICE: "queued"}
