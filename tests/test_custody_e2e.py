@@ -80,3 +80,18 @@ async def test_queue_over_its_bound_refuses_at_mail_with_451_4_3_2(tmp_path: Pat
         assert first.startswith("250 2.0.0")
         mail, _ = await send(relay.smtp_port, ["carol@example.net"])
         assert mail.startswith("451 4.3.2")
+
+
+async def test_direct_mode_takes_custody_before_it_sends(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """Direct mode spools first: a spool that cannot take the message means 451 and nothing sent."""
+    env = {"RELAY_MODE": "direct", "RELAY_SPOOL_MAX_BYTES": "200000"}
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        _, reply = await send(relay.smtp_port, ["alice@example.com"], (b"y" * 998 + b"\r\n") * 400)
+        assert reply.startswith("451 4.3.0")
+        assert plain_server.transactions == []
+        _, small = await send(relay.smtp_port, ["alice@example.com"])
+        assert small.startswith("250 2.0.0")
+        assert relay.spool is not None and relay.spool.live == 0
+    assert len(plain_server.transactions) == 1
