@@ -49,7 +49,6 @@ _INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")
 # (RFC 5322 3.4.1): "bob (sales) @ example.org" is bob@example.org.
 _COMMENT = re.compile(r"\([^()]*\)")
 _SPACE_AROUND = re.compile(r"\s*([@.])\s*")
-_SPACE_NEAR = re.compile(r"\s[@.]|[@.]\s")
 _VERP_AT = re.compile(r"=(?=[^\s=@]+\.[^\s=@])")
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
@@ -69,10 +68,10 @@ def address_key(address: Address) -> str:
     return key(address.local, address.domain)
 
 
-def addresses_in(text: str) -> set[str]:
+def addresses_in(text: str, *, comments: bool = True) -> set[str]:
     """Every address key ``text`` spells, in any of its views (rule 1)."""
     found: set[str] = set()
-    for view in _views(text):
+    for view in _views(text, comments=comments):
         if "@" in view:
             found.update(_at_forms(view))
         if "=" in view:
@@ -81,7 +80,7 @@ def addresses_in(text: str) -> set[str]:
     return found
 
 
-def _views(text: str) -> Iterator[str]:
+def _views(text: str, *, comments: bool) -> Iterator[str]:
     seen = {text}
     yield text
     decoded = _decode_words(text) if "=?" in text else text
@@ -99,16 +98,27 @@ def _views(text: str) -> Iterator[str]:
                 yield current
     for view in list(seen):
         # What a reader sees: no invisible characters, no comments or spaces in an address.
-        plain = _INVISIBLE.sub("", view) if _INVISIBLE.search(view) else view
-        for _ in range(3):  # comments nest; three levels is more than mail uses
+        invisible = not view.isascii() and _INVISIBLE.search(view) is not None
+        plain = _INVISIBLE.sub("", view) if invisible else view
+        for _ in range(3 if comments else 0):  # comments nest; three levels is plenty
             if "(" not in plain:
                 break
             plain = _COMMENT.sub("", plain)
-        if "@" in plain and _SPACE_NEAR.search(plain):
+        if _spaced_at(plain):
             plain = _SPACE_AROUND.sub(_mark_only, plain)
         if plain not in seen:
             seen.add(plain)
             yield plain
+
+
+def _spaced_at(text: str) -> bool:
+    """Whether some "@" has white space beside it (checked at each "@", not by a scan)."""
+    at = text.find("@")
+    while at >= 0:
+        if (at > 0 and text[at - 1].isspace()) or text[at + 1 : at + 2].isspace():
+            return True
+        at = text.find("@", at + 1)
+    return False
 
 
 def _mark_only(match: re.Match[str]) -> str:
