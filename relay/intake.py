@@ -106,7 +106,8 @@ class Intake:
         )
         size = len(submission.data)
         try:
-            if size > OFFLOAD_OCTETS or len(submission.recipients) > OFFLOAD_RECIPIENTS:
+            heavy = size > OFFLOAD_OCTETS or len(submission.recipients) > OFFLOAD_RECIPIENTS
+            if heavy or self._options.signer is not None:  # signing hashes the body per copy
                 plan = await asyncio.to_thread(
                     isolate, envelope, submission.data, self._options, trace
                 )
