@@ -151,7 +151,7 @@ class Deliverer:
         self._limited = False
         # Recently read bodies, by message: one bytes object per message, so the
         # upstream's per-body preparation (scan, stuffing) happens once, not per copy.
-        self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._bodies: collections.OrderedDict[str, memoryview] = collections.OrderedDict()
         self._body_bytes = 0
         self._quarantined_seen = 0
         self.paused_until = 0.0
@@ -289,19 +289,23 @@ class Deliverer:
             with contextlib.suppress(Exception):
                 await self._spool.release([job.copy_id], self._clock())
 
-    async def _body(self, message_id: str) -> bytes | None:
-        body = self._bodies.get(message_id)
-        if body is not None:
+    async def _body(self, message_id: str) -> memoryview | None:
+        """The message body as one shared view: the upstream prepares it once per message."""
+        view = self._bodies.get(message_id)
+        if view is not None:
             self._bodies.move_to_end(message_id)
-            return body
+            return view
         body = await self._spool.body(message_id)
-        if body is not None and len(body) <= BODY_CACHE_BYTES:
-            self._bodies[message_id] = body
+        if body is None:
+            return None
+        view = memoryview(body)
+        if len(body) <= BODY_CACHE_BYTES:
+            self._bodies[message_id] = view
             self._body_bytes += len(body)
             while self._body_bytes > BODY_CACHE_BYTES:
                 _, old = self._bodies.popitem(last=False)
                 self._body_bytes -= len(old)
-        return body
+        return view
 
     async def _attempt(self, job: Job) -> Outcome:
         body = await self._body(job.message_id)
@@ -324,7 +328,7 @@ class Deliverer:
                     "",
                     "waiting for the application to log in again",
                 )
-        copy = Copy(rcpt, job.headers, memoryview(body), ())
+        copy = Copy(rcpt, job.headers, body, ())
         return await self._upstream.send(
             job.sender, copy, smtputf8=job.smtputf8, credentials=credentials
         )
