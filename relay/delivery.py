@@ -151,8 +151,9 @@ class Deliverer:
         self._limited = False
         # Recently read bodies, by message: one bytes object per message, so the
         # upstream's per-body preparation (scan, stuffing) happens once, not per copy.
-        self._bodies: collections.OrderedDict[str, memoryview] = collections.OrderedDict()
-        self._body_bytes = 0
+        self._bodies: collections.OrderedDict[str, asyncio.Future[memoryview | None]] = (
+            collections.OrderedDict()
+        )
         self._quarantined_seen = 0
         self.paused_until = 0.0
         # The last copy's verdict on the upstream itself (for /readyz): reached or not.
@@ -290,22 +291,42 @@ class Deliverer:
                 await self._spool.release([job.copy_id], self._clock())
 
     async def _body(self, message_id: str) -> memoryview | None:
-        """The message body as one shared view: the upstream prepares it once per message."""
-        view = self._bodies.get(message_id)
-        if view is not None:
-            self._bodies.move_to_end(message_id)
-            return view
+        """The message body as one shared view: the upstream prepares it once per message.
+
+        Copies of one message are claimed together and start together: the first
+        one loads the body, and the others wait for that load instead of repeating it.
+        """
+        cached = self._bodies.get(message_id)
+        if cached is None:
+            cached = asyncio.ensure_future(self._load_body(message_id))
+            self._bodies[message_id] = cached
+        self._bodies.move_to_end(message_id)
+        view = await asyncio.shield(cached)
+        if view is None or len(view) > BODY_CACHE_BYTES:
+            self._bodies.pop(message_id, None)
+        return view
+
+    async def _load_body(self, message_id: str) -> memoryview | None:
         body = await self._spool.body(message_id)
         if body is None:
             return None
-        view = memoryview(body)
-        if len(body) <= BODY_CACHE_BYTES:
-            self._bodies[message_id] = view
-            self._body_bytes += len(body)
-            while self._body_bytes > BODY_CACHE_BYTES:
-                _, old = self._bodies.popitem(last=False)
-                self._body_bytes -= len(old)
-        return view
+        self._trim(len(body))
+        return memoryview(body)
+
+    def _trim(self, incoming: int) -> None:
+        """Forget the least recently used bodies until ``incoming`` more bytes fit the cache."""
+        sizes = {
+            key: len(view)
+            for key, future in self._bodies.items()
+            if future.done() and not future.cancelled() and (view := future.result()) is not None
+        }
+        total = sum(sizes.values()) + incoming
+        for key in list(self._bodies):
+            if total <= BODY_CACHE_BYTES:
+                break
+            if key in sizes:
+                del self._bodies[key]
+                total -= sizes[key]
 
     async def _attempt(self, job: Job) -> Outcome:
         body = await self._body(job.message_id)

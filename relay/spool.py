@@ -59,9 +59,11 @@ CREATE TABLE IF NOT EXISTS messages (
     auth_user TEXT NOT NULL DEFAULT '',
     received REAL NOT NULL,
     expires REAL NOT NULL,
-    body BLOB NOT NULL,
     body_crc INTEGER NOT NULL,
-    is_dsn INTEGER NOT NULL DEFAULT 0
+    is_dsn INTEGER NOT NULL DEFAULT 0,
+    -- Last: SQLite reads a row's columns in order, and a large body spills into
+    -- overflow pages that every read of a later column would have to walk.
+    body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS copies (
     id INTEGER PRIMARY KEY,

@@ -51,8 +51,6 @@ from relay.target import (
 )
 
 _LINE_DOT = re.compile(rb"(?m)^\.")  # RFC 5321 4.5.2: transparency
-_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
-_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 
 
 class Upstream(Protocol):
@@ -145,12 +143,19 @@ class _Body:
 
 
 def _prepare_body(body: memoryview) -> _Body | None:
-    """``None`` when the body holds a bare CR, LF or NUL (never sent: SPEC 4)."""
-    if _BARE.search(body):
+    """``None`` when the body holds a bare CR, LF or NUL (never sent: SPEC 4).
+
+    Byte counts and ``find`` run in C at memory speed; the equivalent regular
+    expressions (lookarounds, ``^`` in multiline mode) took 28 ms per megabyte.
+    """
+    data = bytes(body)  # one copy per message: bytes has the fast methods memoryview lacks
+    crlf = data.count(b"\r\n")
+    if b"\x00" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf:
         return None
-    payload: bytes | memoryview = _LINE_DOT.sub(b"..", body) if _LINE_DOT.search(body) else body
-    tail = b".\r\n" if not body or bytes(body[-2:]) == b"\r\n" else b"\r\n.\r\n"
-    return _Body(payload, tail, _EIGHT_BIT.search(body) is not None)
+    stuffed = data.startswith(b".") or b"\n." in data
+    payload: bytes | memoryview = _LINE_DOT.sub(b"..", data) if stuffed else body
+    tail = b".\r\n" if not data or data.endswith(b"\r\n") else b"\r\n.\r\n"
+    return _Body(payload, tail, not data.isascii())
 
 
 # -- the SMTP pool -------------------------------------------------------------
