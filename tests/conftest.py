@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from relay.model import Trace
 
 pytest_plugins = ["tests.upstream_server"]
@@ -28,3 +33,17 @@ def received(rcpt: str, trace: Trace | None = None) -> bytes:
 def copy_headers(rcpt: str, *header_lines: str) -> bytes:
     """The exact header section expected for ``rcpt``: Received, the given lines, blank line."""
     return received(rcpt) + b"".join(h.encode("utf-8") + CRLF for h in header_lines) + CRLF
+
+
+def dkim_keypair() -> tuple[bytes, bytes]:
+    """A fresh RSA private key (PEM) and its DKIM DNS TXT record."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -11,10 +10,9 @@ from pathlib import Path
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.dkimsign import SIGNED_HEADERS
+from tests.conftest import dkim_keypair
 from tests.relay_harness import RawClient, running_relay
 from tests.upstream_server import Transaction, UpstreamServer
 
@@ -31,21 +29,8 @@ MESSAGE = (
 )
 
 
-def keypair() -> tuple[bytes, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return private, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
-
-
-APP_KEY = keypair()
-RELAY_KEY = keypair()
+APP_KEY = dkim_keypair()
+RELAY_KEY = dkim_keypair()
 
 
 def dns(records: dict[bytes, bytes]) -> Callable[..., bytes]:

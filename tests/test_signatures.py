@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.headers import Field, parse_message
 from relay.isolation import isolate
 from relay.model import Envelope
 from relay.signatures import changed_names, parse_signature
-from tests.conftest import message
+from tests.conftest import dkim_keypair, message
 
 
 @pytest.fixture(scope="module")
 def keys() -> tuple[bytes, bytes]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return private, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    return dkim_keypair()
 
 
 def dns(record: bytes) -> Callable[..., bytes]:
