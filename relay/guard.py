@@ -102,7 +102,7 @@ class LeakGuard:
             if f.name in self._options.removed_headers:
                 raise LeakDetected(f"copy {number}: removed field {f.name} is still present")
             if (self._addresses(f.raw) & self._watched) - own_forms:
-                raise LeakDetected(f"copy {number}: {_display(f)} names another recipient")
+                raise LeakDetected(f"copy {number}: {f.display_name} names another recipient")
 
     def _reparse(self, number: int, headers: bytes) -> tuple[Field, ...]:
         if not headers.endswith(b"\r\n\r\n") or headers.find(b"\r\n\r\n") != len(headers) - 4:
@@ -151,7 +151,3 @@ class LeakGuard:
             if kind is Piece.TEXT and _ENTITY_HINT.search(text):
                 found |= addresses_in(html.unescape(text), comments=False)
         return found
-
-
-def _display(f: Field) -> str:
-    return f.raw[: f.raw.index(b":")].decode("ascii", "replace")

@@ -39,6 +39,11 @@ class Field:
     raw: bytes
 
     @property
+    def display_name(self) -> str:
+        """The field name as it was written (``Reply-To``), for reasons and reports."""
+        return self.raw[: self.raw.index(b":")].decode("ascii", "replace")
+
+    @property
     def value(self) -> bytes:
         """The bytes after the colon, unfolded, without the final CRLF."""
         colon = self.raw.index(b":")

@@ -134,12 +134,8 @@ def _shared_changes(fields: Sequence[Field], removed: frozenset[str]) -> list[Ch
     for f in fields:
         if f.name in removed and f.name not in seen:
             seen.add(f.name)
-            changes.append(Change(ChangeKind.REMOVED, _canonical(f), "recipient-bearing header"))
+            changes.append(Change(ChangeKind.REMOVED, f.display_name, "recipient-bearing header"))
     return changes
-
-
-def _canonical(f: Field) -> str:
-    return f.raw[: f.raw.index(b":")].decode("ascii")
 
 
 def _display_names(fields: Sequence[Field], smtputf8: bool) -> dict[str, tuple[str | None, str]]:

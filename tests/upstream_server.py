@@ -30,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import inspect
-import ipaddress
 import ssl
 from collections import deque
 from collections.abc import Iterable
@@ -43,10 +41,8 @@ from typing import Any
 import pytest
 import trustme
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+
+from relay.tlsconf import self_signed
 
 USER = "relay@example.com"
 PASSWORD = "s3cret-pässword"
@@ -389,34 +385,15 @@ def server_context(cert: trustme.LeafCert) -> ssl.SSLContext:
     return context
 
 
-def self_signed_context(host: str = "127.0.0.1") -> ssl.SSLContext:
-    """A server context whose certificate signs itself (no CA vouches for it)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    blob = trustme.Blob(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+def self_signed_context(host: str = "localhost") -> ssl.SSLContext:
+    """A server context whose certificate signs itself (no CA vouches for it).
+
+    The relay's own self-signed certificate (``relay.tlsconf``): it names ``host``,
+    localhost and the loopback addresses.
+    """
+    cert, key = self_signed(host)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    with blob.tempfile() as path:
+    with trustme.Blob(cert + key).tempfile() as path:
         context.load_cert_chain(path)
     return context
 
