@@ -53,10 +53,6 @@ class Address:
         """Duplicates share a key: local part exact, domain as lower-case A-label."""
         return f"{self.local}@{domain_key(self.domain)}"
 
-    @property
-    def is_ascii(self) -> bool:
-        return self.text.isascii()
-
 
 @functools.lru_cache(maxsize=65536)
 def domain_key(domain: str) -> str:
@@ -66,18 +62,6 @@ def domain_key(domain: str) -> str:
         return lowered
     try:
         return idna.encode(lowered, uts46=True).decode("ascii")
-    except idna.IDNAError:
-        return lowered
-
-
-@functools.lru_cache(maxsize=65536)
-def domain_unicode(domain: str) -> str:
-    """The lower-case U-label form of ``domain``; the lower-case input if not IDNA-valid."""
-    lowered = domain.lower().rstrip(".")
-    if "xn--" not in lowered:
-        return lowered
-    try:
-        return idna.decode(lowered)
     except idna.IDNAError:
         return lowered
 
