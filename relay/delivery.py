@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from relay.addresses import parse_address
+from relay.bodycache import BodyCache
 from relay.config import Config
 from relay.dsn import Failure, build_dsn, dsn_recipient_ok
 from relay.errors import BadAddress, Reply
@@ -44,7 +45,7 @@ from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
 from relay.policy import RateLimiter, backoff
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool
+from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, jobs_for
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -54,6 +55,12 @@ _UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 POLL_SECONDS = 1.0  # the longest the workers sleep without a wake-up (queue CLI retries)
 RECORD_TRIES = 8  # writing down a delivered copy: about two minutes of retries
 BODY_CACHE_BYTES = 64 * 1024 * 1024  # recently used bodies kept for their other copies
+# Copies handed over by intake and waiting for a free slot (each holds its header section;
+# their bodies are in the body cache). Past this, new mail waits in the spool as ``queued``.
+READY_COPIES = 5000
+# While handed-over copies wait, the spool is asked for its own due copies at most this
+# often when its last answer was short (a backlog of retries still gets half the slots).
+CLAIM_SECONDS = 0.1
 STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
 
 TIMED_OUT = Outcome(Status.TRANSIENT, Stage.DOT, 0, "", "deadline reached", ambiguous=True)
@@ -149,11 +156,13 @@ class Deliverer:
         self._stopping = False
         self._stats_at = 0.0
         self._limited = False
-        # Recently read bodies, by message: one bytes object per message, so the
-        # upstream's per-body preparation (scan, stuffing) happens once, not per copy.
-        self._bodies: collections.OrderedDict[str, asyncio.Future[memoryview | None]] = (
-            collections.OrderedDict()
-        )
+        # Bodies by message: one object per message, so the upstream's per-body
+        # preparation (scan, stuffing) happens once, not per copy; loads in progress.
+        self._bodies = BodyCache(BODY_CACHE_BYTES)
+        self._loading: dict[str, asyncio.Future[memoryview | None]] = {}
+        # Copies stored ``delivering`` by intake and handed over in memory (no claim).
+        self._ready: collections.deque[Job] = collections.deque()
+        self._claim_after = 0.0
         self._quarantined_seen = 0
         self.paused_until = 0.0
         # The last copy's verdict on the upstream itself (for /readyz): reached or not.
@@ -166,6 +175,31 @@ class Deliverer:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def can_take(self, copies: int) -> bool:
+        """Whether ``copies`` more may be stored ``delivering`` and handed over (``hand_over``).
+
+        Not while stopping, paused, held back by a rate limit, or with enough waiting.
+        """
+        return (
+            not self._stopping
+            and not self._limited
+            and self.paused_until <= self._clock()
+            and len(self._ready) + copies <= READY_COPIES
+        )
+
+    def hand_over(self, message: NewMessage, copy_ids: Sequence[int]) -> bool:
+        """Take ``message``'s copies, stored ``delivering``, straight into the ready line.
+
+        Saves the claim and the body read a spooled copy costs. False when delivery is
+        stopping: the caller must ``release`` the copies (back to ``queued``).
+        """
+        if self._stopping:
+            return False
+        self._bodies.put(message.id, memoryview(message.body))
+        self._ready.extend(jobs_for(message, copy_ids))
+        self._wake.set()
+        return True
 
     async def run(self) -> None:
         """Deliver until ``drain``: claim what is due, then sleep until woken or due."""
@@ -206,7 +240,7 @@ class Deliverer:
         if allowed <= 0:
             return 0
         try:
-            jobs = await self._spool.claim_due(now, allowed)
+            jobs = await self._take(now, allowed)
         except BaseException:
             self._limiter.give_back(allowed)  # nothing started
             raise
@@ -215,11 +249,37 @@ class Deliverer:
             await self._spool.release([job.copy_id for job in jobs], now)
             return 0
         self._limiter.give_back(allowed - len(jobs))
+        self._start(jobs)
+        return len(jobs)
+
+    async def _take(self, now: float, allowed: int) -> list[Job]:
+        """Up to ``allowed`` jobs: handed-over ones, and copies due in the spool.
+
+        With copies waiting in memory, the spool is still asked (at most every
+        ``CLAIM_SECONDS`` while it has nothing due) and gets half the slots, so a
+        stream of new mail never starves retries.
+        """
+        claim = not self._ready or now >= self._claim_after
+        share = allowed - allowed // 2 if claim else allowed
+        jobs = [self._ready.popleft() for _ in range(min(share, len(self._ready)))]
+        if claim and allowed > len(jobs):
+            try:
+                claimed = await self._spool.claim_due(now, allowed - len(jobs))
+            except BaseException:
+                self._ready.extendleft(reversed(jobs))  # not started: they wait their turn
+                raise
+            if len(claimed) < allowed - len(jobs):
+                self._claim_after = now + CLAIM_SECONDS
+            jobs += claimed
+        while self._ready and len(jobs) < allowed:
+            jobs.append(self._ready.popleft())
+        return jobs
+
+    def _start(self, jobs: Sequence[Job]) -> None:
         for job in jobs:
             task = asyncio.create_task(self._deliver(job))
             self._in_flight[job.copy_id] = task
             task.add_done_callback(functools.partial(self._finished, job.copy_id))
-        return len(jobs)
 
     def _finished(self, copy_id: int, _: object) -> None:
         self._in_flight.pop(copy_id, None)
@@ -236,6 +296,10 @@ class Deliverer:
         """Stop claiming; let deliveries finish until ``grace``; put the rest back in the queue."""
         self._stopping = True
         self._wake.set()
+        waiting = [job.copy_id for job in self._ready]
+        self._ready.clear()
+        if waiting:
+            await self._spool.release(waiting, self._clock())
         in_flight = dict(self._in_flight)
         if not in_flight:
             return
@@ -296,37 +360,23 @@ class Deliverer:
         Copies of one message are claimed together and start together: the first
         one loads the body, and the others wait for that load instead of repeating it.
         """
-        cached = self._bodies.get(message_id)
-        if cached is None:
-            cached = asyncio.ensure_future(self._load_body(message_id))
-            self._bodies[message_id] = cached
-        self._bodies.move_to_end(message_id)
-        view = await asyncio.shield(cached)
-        if view is None or len(view) > BODY_CACHE_BYTES:
-            self._bodies.pop(message_id, None)
-        return view
+        view = self._bodies.get(message_id)
+        if view is not None:
+            return view
+        loading = self._loading.get(message_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load_body(message_id))
+            self._loading[message_id] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(message_id, None))
+        return await asyncio.shield(loading)
 
     async def _load_body(self, message_id: str) -> memoryview | None:
         body = await self._spool.body(message_id)
         if body is None:
             return None
-        self._trim(len(body))
-        return memoryview(body)
-
-    def _trim(self, incoming: int) -> None:
-        """Forget the least recently used bodies until ``incoming`` more bytes fit the cache."""
-        sizes = {
-            key: len(view)
-            for key, future in self._bodies.items()
-            if future.done() and not future.cancelled() and (view := future.result()) is not None
-        }
-        total = sum(sizes.values()) + incoming
-        for key in list(self._bodies):
-            if total <= BODY_CACHE_BYTES:
-                break
-            if key in sizes:
-                del self._bodies[key]
-                total -= sizes[key]
+        view = memoryview(body)
+        self._bodies.put(message_id, view)
+        return view
 
     async def _attempt(self, job: Job) -> Outcome:
         body = await self._body(job.message_id)

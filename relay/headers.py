@@ -31,6 +31,28 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 
 
+# One mailbox in its plainest forms: ``Name <addr>``, ``"Name" <addr>``, or a bare
+# dot-atom addr-spec. No comments, groups, encoded words (``=``) or escapes: for these, the
+# email package's parser (the main cost of a small message) would find the same pair.
+_ATOM = r"[A-Za-z0-9_!#$%&'*+/=?^`{|}~-]+"
+_ADDR = rf"{_ATOM}(?:\.{_ATOM})*@[\w-]+(?:\.[\w-]+)*"
+_PLAIN_MAILBOX = re.compile(
+    r'(?:"(?P<quoted>[^"\\=]*)"|(?P<atoms>[^\W_](?:[\w .\'-]*[\w.])?)?)\s*'
+    rf"<(?P<addr>{_ADDR})>|(?P<bare>{_ADDR})"
+)
+
+
+def plain_mailbox(text: str) -> tuple[str, str] | None:
+    """(display name, addr-spec) when ``text`` is one mailbox in a plain form, else None."""
+    plain = _PLAIN_MAILBOX.fullmatch(text.strip())
+    if plain is None:
+        return None
+    if plain["bare"] is not None:
+        return "", plain["bare"]
+    name = plain["quoted"] if plain["quoted"] is not None else plain["atoms"] or ""
+    return " ".join(name.split()), plain["addr"]
+
+
 @dataclass(frozen=True, slots=True)
 class Field:
     """One header field: ``raw`` is its exact bytes, folding and final CRLF included."""
@@ -59,8 +81,12 @@ class Field:
         Empty when the list does not parse cleanly: a caller that would trust
         a name or an address from a malformed list gets nothing to trust.
         """
+        text = self.text()
+        plain = plain_mailbox(text)
+        if plain is not None:
+            return [plain]
         try:
-            header = email.policy.default.header_factory(self.name, self.text())
+            header = email.policy.default.header_factory(self.name, text)
             found = [(str(m.display_name), str(m.addr_spec)) for m in header.addresses]
         except (
             email.errors.HeaderParseError,

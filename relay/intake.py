@@ -15,6 +15,7 @@ Between the inbound shell and delivery; it holds no socket of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import time
@@ -170,7 +171,7 @@ class Intake:
         )
         return exc.reply
 
-    async def _store(
+    def _message(
         self,
         queue_id: str,
         copies: Sequence[NewCopy],
@@ -179,34 +180,42 @@ class Intake:
         submission: Submission,
         plan: Plan,
         now: float,
-    ) -> list[int]:
-        """Write the message and ``copies`` to the spool; their ids, durable (``SpoolError``)."""
+    ) -> NewMessage:
         credentials = submission.credentials
-        return await self._spool.store(
-            NewMessage(
-                id=queue_id,
-                sender=sender,
-                smtputf8=submission.smtputf8,
-                received=now,
-                expires=now + self._config.delivery.lifetime,
-                body=plan.copies[0].body,
-                copies=tuple(copies),
-                auth_user=credentials.username if credentials else "",
-            )
+        return NewMessage(
+            id=queue_id,
+            sender=sender,
+            smtputf8=submission.smtputf8,
+            received=now,
+            expires=now + self._config.delivery.lifetime,
+            body=plan.copies[0].body,
+            copies=tuple(copies),
+            auth_user=credentials.username if credentials else "",
         )
 
     async def _queue(
         self, queue_id: str, sender: str, submission: Submission, plan: Plan, now: float
     ) -> Reply:
-        copies = [NewCopy(c.recipient.text, c.headers, next_try=now) for c in plan.copies]
+        # When the workers have room, the copies are stored ``delivering`` and handed to
+        # them in memory with the body: no claim, no body read. Otherwise ``queued``.
+        handover = self._deliverer.can_take(len(plan.copies))
+        state = CopyState.DELIVERING if handover else CopyState.QUEUED
+        copies = [NewCopy(c.recipient.text, c.headers, state, next_try=now) for c in plan.copies]
+        message = self._message(
+            queue_id, copies, sender=sender, submission=submission, plan=plan, now=now
+        )
         try:
-            await self._store(
-                queue_id, copies, sender=sender, submission=submission, plan=plan, now=now
-            )
+            ids = await self._spool.store(message)
         except SpoolError as exc:
             log.error("spool write failed", extra={"fields": {"queue_id": queue_id}})
             return exc.reply
-        self._deliverer.wake()
+        if not handover:
+            self._deliverer.wake()
+        elif not self._deliverer.hand_over(message, ids):
+            # Delivery stopped meanwhile: back to ``queued`` (or, if even that write
+            # fails, ``delivering``, which the next start puts back in the queue).
+            with contextlib.suppress(SpoolError):
+                await self._spool.release(ids, now)
         return Reply(250, "2.0.0", f"OK: queued as {queue_id}")
 
     async def _direct(
@@ -219,10 +228,11 @@ class Intake:
             NewCopy(c.recipient.text, c.headers, state=CopyState.DELIVERING, next_try=now)
             for c in plan.copies
         ]
+        message = self._message(
+            queue_id, held, sender=sender, submission=submission, plan=plan, now=now
+        )
         try:
-            ids = await self._store(
-                queue_id, held, sender=sender, submission=submission, plan=plan, now=now
-            )
+            ids = await self._spool.store(message)
         except SpoolError as exc:
             log.error("spool write failed", extra={"fields": {"queue_id": queue_id}})
             return exc.reply

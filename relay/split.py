@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from relay.addresses import Address, parse_address
 from relay.dkimsign import DkimAction
 from relay.errors import BadAddress, DkimRejected, TooBig, TooManyHops
-from relay.headers import CRLF, Field, ParsedMessage
+from relay.headers import CRLF, Field, ParsedMessage, plain_mailbox
 from relay.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Trace
 from relay.signatures import Signature, changed_names, parse_signature
 
@@ -39,10 +39,6 @@ _TRACE_TOKEN = re.compile(r"[^A-Za-z0-9.\-:\[\]_]")
 _PHRASE_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
 # The plain forms mass mail uses: `Name <addr>` (letters, digits, spaces, . ' -) or
 # `"Quoted name" <addr>` with no escapes and no encoded words; anything else is parsed.
-_PLAIN_MAILBOX = re.compile(
-    r'(?:"(?P<quoted>[^"\\=]*)"|(?P<atoms>[^\W_](?:[\w .\'-]*[\w.])?)?)\s*'
-    r"<(?P<addr>[^<>\s\"()\\,;:@]+@[^<>\s\"()\\,;:@]+)>"
-)
 _UTF8 = email.charset.Charset("utf-8")
 
 
@@ -183,10 +179,9 @@ def _named_mailboxes(f: Field) -> Iterator[tuple[str, str]]:
     for element in _elements(f.text()):
         if "<" not in element:
             continue
-        plain = _PLAIN_MAILBOX.fullmatch(element)
+        plain = plain_mailbox(element)
         if plain is not None:
-            name = plain["quoted"] if plain["quoted"] is not None else plain["atoms"] or ""
-            yield " ".join(name.split()), plain["addr"]
+            yield plain
             continue
         yield from Field(
             f.name, f"{f.name}: {element}\r\n".encode("utf-8", "surrogateescape")

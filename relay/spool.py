@@ -44,6 +44,9 @@ log = logging.getLogger("relay.spool")
 
 T = TypeVar("T")
 MAX_BATCH = 512  # writes per transaction; bounded so one commit never holds the lock for long
+# ``live`` follows this process's own writes exactly; it is also recounted (a scan of the
+# index) at most this often, for what other processes (`solo-relay queue`) changed.
+LIVE_RECOUNT_SECONDS = 1.0
 # Errors about one operation's own data, not the file or the disk: that operation fails alone.
 _OWN_FAULT = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError)
 # Room above ``spool.max_bytes`` kept for state changes and DSNs (at least this much):
@@ -101,6 +104,8 @@ class CopyState(enum.Enum):
 
 
 LIVE = (CopyState.QUEUED, CopyState.DELIVERING, CopyState.DEFERRED)
+_LIVE_VALUES = tuple(s.value for s in LIVE)
+_LIVE_BYTES = tuple(s.value.encode() for s in LIVE)
 FINAL = (CopyState.DELIVERED, CopyState.FAILED)
 
 
@@ -183,7 +188,9 @@ class Spool:
         self._thread: threading.Thread | None = None
         self._lock: IO[bytes] | None = None
         self.quarantined = 0  # records moved aside since open
-        self.live = 0  # copies queued, delivering or deferred (kept current by every write)
+        self.live = 0  # copies queued, delivering or deferred (see LIVE_RECOUNT_SECONDS)
+        self._counted_at = 0.0
+        self._added = 0  # change in live copies by the transaction in progress
         self.commits = 0  # transactions committed (each one fsync): group commit at work
 
     def __repr__(self) -> str:
@@ -325,6 +332,7 @@ class Spool:
             " SELECT 'message', id, ?, ?, body FROM messages WHERE id = ?",
             (reason, now, message_id),
         )
+        self._added -= _count_live(conn, message_id)
         conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
         conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
         self.quarantined += 1
@@ -335,13 +343,18 @@ class Spool:
     def _quarantine_copy(
         self, conn: sqlite3.Connection, copy_id: int, message_id: str, reason: str, now: float
     ) -> None:
-        moved = conn.execute(
+        # The state as bytes: a damaged row's may not even be UTF-8.
+        state = conn.execute(
+            "SELECT CAST(state AS BLOB) FROM copies WHERE id = ?", (copy_id,)
+        ).fetchone()
+        if state is None:
+            return  # already gone with its message
+        conn.execute(
             "INSERT INTO quarantine (kind, ref, reason, at, data)"
             " SELECT 'copy', ?, ?, ?, headers FROM copies WHERE id = ?",
             (f"{message_id}/{copy_id}", reason, now, copy_id),
-        ).rowcount
-        if not moved:
-            return  # already gone with its message
+        )
+        self._added -= state[0] in _LIVE_BYTES
         conn.execute("DELETE FROM copies WHERE id = ?", (copy_id,))
         _drop_if_done(conn, message_id)  # else a message with no live copy stays forever
         self.quarantined += 1
@@ -381,6 +394,7 @@ class Spool:
         batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
     ) -> None:
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        self._added = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
             for operation, future in batch:
@@ -414,8 +428,13 @@ class Spool:
             results = [(future, None, failure) for _, future in batch]
         else:
             self.commits += 1
-            with contextlib.suppress(sqlite3.Error):  # committed: a count never undoes that
-                self.live = _count_live(conn)
+            now = time.monotonic()
+            if now - self._counted_at < LIVE_RECOUNT_SECONDS:
+                self.live += self._added
+            else:
+                with contextlib.suppress(sqlite3.Error):  # committed: a count never undoes that
+                    self.live = _count_live(conn)
+                    self._counted_at = now
         for future, result, error in results:
             _resolve(future, result, error)
 
@@ -438,6 +457,7 @@ class Spool:
             if self._max_bytes and _used_bytes(conn) + _size(message) > self._max_bytes:
                 raise SpoolError("database or disk is full (spool.max_bytes)")
             _insert(conn, message)
+            self._added += sum(c.state in LIVE for c in message.copies)
             rows = conn.execute(
                 "SELECT id FROM copies WHERE message = ? ORDER BY id", (message.id,)
             ).fetchall()
@@ -449,6 +469,7 @@ class Spool:
         """Remove a message that was never acknowledged (direct mode: nothing delivered)."""
 
         def write(conn: sqlite3.Connection) -> None:
+            self._added -= _count_live(conn, message_id)
             conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
             conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
@@ -532,10 +553,12 @@ class Spool:
 
         def write(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
-                "SELECT message, attempts FROM copies WHERE id = ?", (copy_id,)
+                "SELECT message, attempts, CAST(state AS BLOB) FROM copies WHERE id = ?",
+                (copy_id,),
             ).fetchone()
             if row is None:
                 return False  # deleted meanwhile (`solo-relay queue delete`, quarantine)
+            self._added += (state in LIVE) - (row[2] in _LIVE_BYTES)
             conn.execute(
                 "UPDATE copies SET state = ?, next_try = ?, attempts = ?, last_code = ?,"
                 " last_enhanced = ?, last_text = ?, updated = ? WHERE id = ?",
@@ -552,6 +575,7 @@ class Spool:
             )
             if also_store is not None:
                 _insert(conn, also_store)  # the DSN commits with the failure, or neither does
+                self._added += len(also_store.copies)
             _drop_if_done(conn, row[0])
             return True
 
@@ -634,7 +658,8 @@ def _insert(conn: sqlite3.Connection, message: NewMessage) -> None:
             for c in message.copies
         ],
     )
-    _drop_if_done(conn, message.id)
+    if not any(c.state in LIVE for c in message.copies):
+        _drop_if_done(conn, message.id)
 
 
 def _in_use(exc: sqlite3.DatabaseError) -> bool:
@@ -707,10 +732,17 @@ def _used_bytes(conn: sqlite3.Connection) -> int:
     return int((pages - free) * size)
 
 
-def _count_live(conn: sqlite3.Connection) -> int:
-    row = conn.execute(
-        "SELECT COUNT(*) FROM copies WHERE state IN (?, ?, ?)", tuple(s.value for s in LIVE)
-    ).fetchone()
+def _count_live(conn: sqlite3.Connection, message_id: str | None = None) -> int:
+    """Live copies in the spool, or of one message."""
+    if message_id is None:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM copies WHERE state IN (?, ?, ?)", _LIVE_VALUES
+        ).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM copies WHERE message = ? AND state IN (?, ?, ?)",
+            (message_id, *_LIVE_VALUES),
+        ).fetchone()
     return int(row[0])
 
 
@@ -723,3 +755,27 @@ def _drop_if_done(conn: sqlite3.Connection, message_id: str) -> None:
     if live is None:
         conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
         conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+
+def jobs_for(message: NewMessage, copy_ids: Sequence[int]) -> list[Job]:
+    """``message``'s copies, stored under ``copy_ids``, as jobs for the workers.
+
+    For copies stored ``delivering`` and handed to the workers in memory: the same
+    jobs a claim would have read back, without reading them back.
+    """
+    return [
+        Job(
+            copy_id,
+            message.id,
+            copy.rcpt,
+            copy.headers,
+            copy.attempts,
+            message.sender,
+            message.smtputf8,
+            message.auth_user,
+            message.received,
+            message.expires,
+            message.is_dsn,
+        )
+        for copy_id, copy in zip(copy_ids, message.copies, strict=True)
+    ]

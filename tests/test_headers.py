@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import email.errors
+import email.policy
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.errors import BadData, HeaderDefect
-from relay.headers import check_line_endings, parse_message
+from relay.headers import check_line_endings, parse_message, plain_mailbox
 
 
 @pytest.mark.parametrize(
@@ -79,3 +84,45 @@ def test_mailboxes_of_a_malformed_list_are_not_trusted() -> None:
     )
     assert parsed.fields[0].mailboxes() == []
     assert parsed.fields[1].mailboxes() == [("A", "a@example.com")]
+
+
+# -- plain_mailbox: the fast path must agree with the email package wherever it answers ----
+
+_MAILBOX_CHARS = st.sampled_from(list("abcXYZ09.-_'+ \"=<>@,;:()\\!#é\t"))
+_MAILBOX_PART = st.text(alphabet=_MAILBOX_CHARS, max_size=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    _MAILBOX_PART,
+    _MAILBOX_PART,
+    _MAILBOX_PART,
+    st.sampled_from(["{n} <{l}@{d}>", '"{n}" <{l}@{d}>', "{l}@{d}", " {l}@{d} ", "{n}<{l}@{d}>"]),
+)
+def test_plain_mailbox_agrees_with_the_email_package(
+    name: str, local: str, domain: str, form: str
+) -> None:
+    text = form.format(n=name, l=local, d=domain)
+    fast = plain_mailbox(text)
+    if fast is None:
+        return  # not a plain form: the email package decides
+    header = email.policy.default.header_factory("from", text)
+    assert all(isinstance(d, email.errors.ObsoleteHeaderDefect) for d in header.defects), text
+    slow = [(" ".join(str(m.display_name).split()), str(m.addr_spec)) for m in header.addresses]
+    assert slow == [fast], text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("news@example.org", ("", "news@example.org")),
+        ("News Desk <news@example.org>", ("News Desk", "news@example.org")),
+        ('"Desk, News" <news@example.org>', ("Desk, News", "news@example.org")),
+        ("=?utf-8?q?N=C3=A9ws?= <news@example.org>", None),  # encoded word: the full parser
+        ("news@example.org (comment)", None),
+        ("a@example.org, b@example.org", None),
+        ("<0@.>", None),
+    ],
+)
+def test_plain_mailbox_forms(text: str, expected: tuple[str, str] | None) -> None:
+    assert plain_mailbox(text) == expected
