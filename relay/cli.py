@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from relay import __version__, preview, queuectl
+from relay import __version__, eventloop, preview, queuectl
 from relay.config import Config, load
 from relay.dkimsign import DkimAction
 from relay.errors import ConfigError
@@ -130,7 +129,7 @@ def _serve(path: str | None) -> int:
         return 2
     try:
         tokens = setup_logging(config.log, key=load_key(config.log, Path(config.spool.dir)))
-        asyncio.run(Relay(config, tokens=tokens).run())
+        eventloop.run(Relay(config, tokens=tokens).run())
     except ConfigError as exc:
         print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -170,7 +169,7 @@ def _check(path: str | None, upstream: bool) -> int:
             print(f"  {'ok ' if step.ok else 'FAIL'} {step.name:<8} {step.detail}")
         return all(step.ok for step in results)
 
-    return 0 if asyncio.run(steps()) else 1
+    return 0 if eventloop.run(steps()) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -169,9 +169,9 @@ class RelaySMTP(SMTP):
             return  # the TLS transport after STARTTLS: the same session
         metrics = self._gate.metrics
         if self._gate.open >= self._gate.max_connections:
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())
-            transport.close()
+            writer = cast("asyncio.WriteTransport", transport)  # uvloop's is no asyncio.Transport
+            writer.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())
+            writer.close()
             if metrics is not None:
                 metrics.connection(ConnectionResult.REFUSED_LIMIT)
             return
@@ -187,8 +187,9 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
     def _timeout_cb(self) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.Transport) and not transport.is_closing():
+        # Duck-typed: uvloop's transports are not subclasses of ``asyncio.Transport``.
+        transport = cast("asyncio.WriteTransport | None", self.transport)
+        if transport is not None and not transport.is_closing():
             transport.write(f"{IDLE_TIMEOUT}\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it untyped
 

@@ -124,6 +124,7 @@ class Relay:
                     "metrics": f"{metrics.host}:{self.metrics_port}",
                     "upstream": self._upstream_name(),
                     "version": __version__,
+                    "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                 }
             },
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -52,6 +53,9 @@ def test_serve_with_defaults_writes_copies_to_the_outbox(
     """No configuration: queued, then each recipient's copy appears in ./outbox; SIGTERM stops."""
     process, listening = relay_process
     assert listening["event"] == "listening" and listening["upstream"] == "outbox:./outbox"
+    # uvloop is a dependency: the relay runs on it (relay/eventloop.py), asyncio's loop otherwise.
+    expected_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    assert listening["loop"] == expected_loop
     port = int(str(listening["smtp"]).rsplit(":", 1)[1])
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.sendmail(

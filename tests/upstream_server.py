@@ -42,6 +42,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from relay import eventloop
 from relay.tlsconf import self_signed
 
 USER = "relay@example.com"
@@ -454,5 +455,6 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
                     await stack.enter_async_context(value)
             await function(**kwargs)
 
-    asyncio.run(asyncio.wait_for(main(), ASYNC_TEST_TIMEOUT))
+    # The relay's own loop (uvloop when installed): the tests run what production runs.
+    eventloop.run(asyncio.wait_for(main(), ASYNC_TEST_TIMEOUT))
     return True
