@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from relay.addresses import parse_address
+from relay.addresses import Address, parse_address
 from relay.bodycache import BodyCache
 from relay.config import Config
 from relay.dsn import Failure, build_dsn, dsn_recipient_ok
@@ -188,7 +188,9 @@ class Deliverer:
             and len(self._ready) + copies <= READY_COPIES
         )
 
-    def hand_over(self, message: NewMessage, copy_ids: Sequence[int]) -> bool:
+    def hand_over(
+        self, message: NewMessage, copy_ids: Sequence[int], addresses: Sequence[Address]
+    ) -> bool:
         """Take ``message``'s copies, stored ``delivering``, straight into the ready line.
 
         Saves the claim and the body read a spooled copy costs. False when delivery is
@@ -197,7 +199,7 @@ class Deliverer:
         if self._stopping:
             return False
         self._bodies.put(message.id, memoryview(message.body))
-        self._ready.extend(jobs_for(message, copy_ids))
+        self._ready.extend(jobs_for(message, copy_ids, addresses))
         self._wake.set()
         return True
 
@@ -383,7 +385,7 @@ class Deliverer:
         if body is None:
             return Outcome(Status.PERMANENT, Stage.WRITE, 0, "", "message body lost (quarantined)")
         try:
-            rcpt = parse_address(job.rcpt, smtputf8=True)
+            rcpt = job.address or parse_address(job.rcpt, smtputf8=True)
         except BadAddress:
             rcpt = None
         if rcpt is None:
@@ -421,12 +423,8 @@ class Deliverer:
             "ambiguous": outcome.ambiguous,
         }
         if outcome.status is Status.DELIVERED:
-            await self._spool.record(
-                job.copy_id,
-                CopyState.DELIVERED,
-                now=now,
-                attempts=job.attempts + 1,
-                outcome=outcome,
+            await self._spool.record_delivered(
+                job.copy_id, now=now, attempts=job.attempts + 1, outcome=outcome
             )
             log.info("copy delivered", extra={"fields": fields})
             return

@@ -211,7 +211,7 @@ class Intake:
             return exc.reply
         if not handover:
             self._deliverer.wake()
-        elif not self._deliverer.hand_over(message, ids):
+        elif not self._deliverer.hand_over(message, ids, [c.recipient for c in plan.copies]):
             # Delivery stopped meanwhile: back to ``queued`` (or, if even that write
             # fails, ``delivering``, which the next start puts back in the queue).
             with contextlib.suppress(SpoolError):

@@ -39,6 +39,7 @@ SHUTDOWN_GRACE = 30.0  # seconds for sessions in progress after SIGTERM
 # asyncio's default of 100 drops a burst of connects in the kernel, where they wait for
 # SYN retransmits; a deep queue lets each one reach the 421 4.7.0 of the connection limit.
 LISTEN_BACKLOG = 1024
+FREE_SPACE_SECONDS = 1.0  # how long a reading of the spool's free space stands
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 QUEUE_FULL = Reply(451, "4.3.2", "Queue is full, try again later")
 
@@ -58,6 +59,7 @@ class Relay:
         self.metrics = Metrics(self.registry)
         self.smtp_port = 0
         self.metrics_port = 0
+        self._free, self._free_at = 0, -FREE_SPACE_SECONDS
         self._stop = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._gate: Gate | None = None
@@ -147,11 +149,14 @@ class Relay:
 
     def _admit(self) -> Reply | None:
         """SPEC 5: refuse new mail (at MAIL) when custody cannot be taken."""
-        try:
-            free = shutil.disk_usage(self.config.spool.dir).free
-        except OSError:
-            free = 0
-        if free < self.config.spool.min_free_bytes:
+        now = time.monotonic()
+        if now - self._free_at >= FREE_SPACE_SECONDS:  # a statfs per MAIL is waste
+            try:
+                self._free = shutil.disk_usage(self.config.spool.dir).free
+            except OSError:
+                self._free = 0
+            self._free_at = now
+        if self._free < self.config.spool.min_free_bytes:
             return SPOOL_FULL
         if self.spool is not None and self.spool.live >= self.config.delivery.max_queued:
             return QUEUE_FULL

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import enum
 import fcntl
+import functools
 import logging
 import queue
 import sqlite3
@@ -32,11 +33,11 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from relay.addresses import Address
 from relay.errors import RelayError, Reply
 from relay.model import Outcome
 
@@ -155,6 +156,15 @@ class Job:
     received: float
     expires: float
     is_dsn: bool
+    address: Address | None = None  # ``rcpt`` as already validated, when handed over
+
+
+@dataclass(slots=True)
+class _DeliveredBatch:
+    """Copies delivered, waiting to be recorded in one operation (``record_delivered``)."""
+
+    items: list[tuple[int, float, int, Outcome]] = field(default_factory=list)
+    task: asyncio.Future[set[int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +193,7 @@ class Spool:
         self._fsync = fsync
         self._max_bytes = max_bytes
         self._queue: queue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock: IO[bytes] | None = None
@@ -191,6 +201,8 @@ class Spool:
         self.live = 0  # copies queued, delivering or deferred (see LIVE_RECOUNT_SECONDS)
         self._counted_at = 0.0
         self._added = 0  # change in live copies by the transaction in progress
+        self._delivered: _DeliveredBatch | None = None  # record_delivered's open batch
+        self._delivered_lock = threading.Lock()  # shared with the writer thread
         self.commits = 0  # transactions committed (each one fsync): group commit at work
 
     def __repr__(self) -> str:
@@ -384,23 +396,24 @@ class Spool:
                 self._commit(conn, batch)
             except Exception as exc:  # the thread must live: every later caller waits on it
                 log.exception("spool writer error")
-                for _, future in batch:
-                    _resolve(future, None, SpoolError(f"spool writer error: {exc}"))
+                failure = SpoolError(f"spool writer error: {exc}")
+                _answer([(future, None, failure) for _, future in batch])
         conn.close()
 
     def _commit(
         self,
         conn: sqlite3.Connection,
-        batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]],
+        batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
     ) -> None:
-        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        results: list[_Answer] = []
         self._added = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
             for operation, future in batch:
                 # A caller cancelled before its turn (a dropped session, a drain) is gone:
-                # its write is skipped, and its future may no longer be answered.
-                if not future.set_running_or_notify_cancel():
+                # its write is skipped. (Read from this thread, the flag can only be late:
+                # a caller cancelled from now on finds its write done, unanswered.)
+                if future.cancelled():
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
@@ -435,15 +448,14 @@ class Spool:
                 with contextlib.suppress(sqlite3.Error):  # committed: a count never undoes that
                     self.live = _count_live(conn)
                     self._counted_at = now
-        for future, result, error in results:
-            _resolve(future, result, error)
+        _answer(results)
 
     async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None:
             raise SpoolError("spool is not open")
-        future: Future[T] = Future()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put((operation, future))
-        return await asyncio.wrap_future(future)
+        return await future
 
     # -- operations ----------------------------------------------------------------
 
@@ -581,6 +593,63 @@ class Spool:
 
         return await self._submit(write)
 
+    async def record_delivered(
+        self, copy_id: int, *, now: float, attempts: int, outcome: Outcome
+    ) -> bool:
+        """``record(copy_id, DELIVERED, ...)``, batched with other copies delivered meanwhile.
+
+        The workers finish hundreds of copies a second: every copy that reports while
+        a batch waits for the writer joins it, and the batch is one operation (a
+        few statements for all its copies) instead of one each.
+        """
+        with self._delivered_lock:
+            batch = self._delivered
+            if batch is None:
+                batch = self._delivered = _DeliveredBatch()
+            batch.items.append((copy_id, now, attempts, outcome))
+        if batch.task is None:  # the first in this batch (all callers are on one loop)
+            batch.task = asyncio.ensure_future(
+                self._submit(functools.partial(self._write_delivered, batch))
+            )
+        found = await asyncio.shield(batch.task)
+        return copy_id in found
+
+    def _write_delivered(self, batch: _DeliveredBatch, conn: sqlite3.Connection) -> set[int]:
+        with self._delivered_lock:  # closed: later copies start the next batch
+            if self._delivered is batch:
+                self._delivered = None
+            items = list(batch.items)
+        found: dict[int, tuple[str, bytes]] = {}
+        for start in range(0, len(items), 500):  # within SQLite's limit on parameters
+            ids = [item[0] for item in items[start : start + 500]]
+            marks = ",".join("?" * len(ids))
+            for copy_id, message_id, state in conn.execute(
+                f"SELECT id, message, CAST(state AS BLOB) FROM copies WHERE id IN ({marks})",
+                ids,
+            ):
+                found[copy_id] = (message_id, state)
+        conn.executemany(
+            "UPDATE copies SET state = ?, next_try = 0, attempts = ?, last_code = ?,"
+            " last_enhanced = ?, last_text = ?, updated = ? WHERE id = ?",
+            [
+                (
+                    CopyState.DELIVERED.value,
+                    attempts,
+                    outcome.code,
+                    outcome.enhanced,
+                    outcome.text[:500],
+                    now,
+                    copy_id,
+                )
+                for copy_id, now, attempts, outcome in items
+                if copy_id in found
+            ],
+        )
+        self._added -= sum(state in _LIVE_BYTES for _, state in found.values())
+        for message_id in {message_id for message_id, _ in found.values()}:
+            _drop_if_done(conn, message_id)
+        return set(found)
+
     async def release(self, copy_ids: Sequence[int], now: float) -> None:
         """Put claimed copies back to ``queued`` (a drain that ran out of time)."""
 
@@ -702,9 +771,24 @@ def _body_crc(body: object) -> int | None:
     return zlib.crc32(body) if isinstance(body, bytes) else None
 
 
-def _resolve(future: Future[Any], result: Any, error: BaseException | None) -> None:
-    """Answer a caller, unless it was cancelled meanwhile (then nobody is listening)."""
-    with contextlib.suppress(InvalidStateError):
+_Answer = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+def _answer(results: Sequence[_Answer]) -> None:
+    """Answer a transaction's callers from the writer thread: one wake-up per loop, not each."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
+    for answer in results:
+        by_loop.setdefault(answer[0].get_loop(), []).append(answer)
+    for loop, answers in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening
+            loop.call_soon_threadsafe(_resolve, answers)
+
+
+def _resolve(answers: Sequence[_Answer]) -> None:
+    """On the callers' loop: answer each, unless it was cancelled meanwhile."""
+    for future, result, error in answers:
+        if future.done():
+            continue
         if error is None:
             future.set_result(result)
         else:
@@ -757,11 +841,14 @@ def _drop_if_done(conn: sqlite3.Connection, message_id: str) -> None:
         conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
 
-def jobs_for(message: NewMessage, copy_ids: Sequence[int]) -> list[Job]:
+def jobs_for(
+    message: NewMessage, copy_ids: Sequence[int], addresses: Sequence[Address]
+) -> list[Job]:
     """``message``'s copies, stored under ``copy_ids``, as jobs for the workers.
 
     For copies stored ``delivering`` and handed to the workers in memory: the same
-    jobs a claim would have read back, without reading them back.
+    jobs a claim would have read back, without reading them back; ``addresses`` are
+    the recipients as intake validated them, in the same order.
     """
     return [
         Job(
@@ -776,6 +863,7 @@ def jobs_for(message: NewMessage, copy_ids: Sequence[int]) -> list[Job]:
             message.received,
             message.expires,
             message.is_dsn,
+            address,
         )
-        for copy_id, copy in zip(copy_ids, message.copies, strict=True)
+        for copy_id, copy, address in zip(copy_ids, message.copies, addresses, strict=True)
     ]

@@ -79,7 +79,11 @@ def after_upstream_250() -> None:
             die()
         await record(self, copy_id, state, **kwargs)
 
+    async def killing_record_delivered(self: Spool, copy_id: int, **kwargs: Any) -> None:
+        die()
+
     Spool.record = killing_record  # type: ignore[method-assign]
+    Spool.record_delivered = killing_record_delivered  # type: ignore[method-assign]
 
 
 POINTS: dict[str, Callable[[], None]] = {

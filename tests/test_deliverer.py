@@ -628,6 +628,9 @@ class FailingRecords(Spool):
             raise SpoolError("database or disk is full")
         return await super().record(copy_id, state, **kwargs)
 
+    async def record_delivered(self, copy_id: int, **kwargs: Any) -> bool:
+        raise SpoolError("database or disk is full")
+
 
 async def test_delivered_copy_that_cannot_be_recorded_is_not_sent_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -121,6 +121,45 @@ async def test_record_delivered_of_last_copy_removes_the_message(tmp_path: Path)
         assert spool.live == 0
 
 
+async def test_record_delivered_batches_copies_that_report_together(tmp_path: Path) -> None:
+    """Copies delivered together are recorded together, each answered for itself."""
+    with opened(tmp_path) as spool:
+        rcpts = tuple(f"user{n}@example.com" for n in range(40))
+        await spool.store(new_message("M1", rcpts[:20]))
+        await spool.store(new_message("M2", rcpts[20:]))
+        jobs = await spool.claim_due(T0, 100)
+        assert len(jobs) == 40 and spool.live == 40
+        await spool.record(jobs[0].copy_id, CopyState.FAILED, now=T0, outcome=TRANSIENT)
+        found = await asyncio.gather(
+            *(
+                spool.record_delivered(job.copy_id, now=T0, attempts=1, outcome=DELIVERED)
+                for job in jobs[1:]
+            ),
+            spool.record_delivered(999_999, now=T0, attempts=1, outcome=DELIVERED),
+        )
+        assert found == [True] * 39 + [False]  # the unknown copy: gone, nothing written
+        # Every copy final: both messages left the spool, the failed copy with its message.
+        assert count(tmp_path, "messages") == 0 and count(tmp_path, "copies") == 0
+        assert spool.live == 0
+
+
+async def test_record_delivered_keeps_a_message_with_live_copies(tmp_path: Path) -> None:
+    """A delivered copy is written as such; its message stays while another copy lives."""
+    with opened(tmp_path) as spool:
+        await spool.store(new_message())
+        jobs = {job.rcpt: job for job in await spool.claim_due(T0, 10)}
+        assert await spool.record_delivered(
+            jobs[ALICE].copy_id, now=T0, attempts=3, outcome=DELIVERED
+        )
+        assert states(tmp_path) == {ALICE: "delivered", BOB: "delivering"}
+        assert spool.live == 1
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            row = db.execute(
+                "SELECT attempts, last_code, last_text FROM copies WHERE rcpt = ?", (ALICE,)
+            ).fetchone()
+        assert row == (3, 250, "ok")
+
+
 async def test_record_deferred_keeps_attempts_and_next_try(tmp_path: Path) -> None:
     """A deferred copy is claimable again at its next_try, with its attempts and last reply."""
     with opened(tmp_path) as spool:
