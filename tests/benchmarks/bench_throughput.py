@@ -2,53 +2,78 @@
 
 Run from the repository root (it is a script, not a test: pytest does not collect it)::
 
-    .venv/bin/python tests/benchmarks/bench_throughput.py                  # 1,000 messages a case
+    .venv/bin/python tests/benchmarks/bench_throughput.py                  # the issue's run
     .venv/bin/python tests/benchmarks/bench_throughput.py --messages 200   # a smoke run
     .venv/bin/python tests/benchmarks/bench_throughput.py --install        # apt-get postfix first
+    .venv/bin/python tests/benchmarks/bench_throughput.py --delay-ms 20    # + pool scaling
 
-It needs ``smtp-source`` and ``smtp-sink`` from Postfix (Debian package ``postfix``); when
-they are missing it prints the command that installs them, or runs it with ``--install``.
+It needs ``smtp-source`` and ``smtp-sink`` from Postfix (Debian package ``postfix``);
+when they are missing it prints the command that installs them, or runs it with
+``--install``. Postfix itself, run as a splitting relay for comparison, needs root
+(``postfix_relay.py`` sets up a private instance; nothing of the system's is touched).
 
-Cases (issue 5): messages of 5 KB to 1, 10 and 100 recipients, and messages of 1 MB to
-10 recipients. For each, a fresh ``smtp-sink`` listens on a free loopback port and
-counts what it receives (its ``-c`` running counter: one ``mesg`` per transaction, and
-the relay delivers one transaction per copy); the relay starts in ``queue`` mode (the
-default) on a fresh spool pointed at the sink; ``smtp-source`` drives it with 20
-parallel sessions that reuse their connection (``-d``); the clock stops when the sink has
-every copy, bounded by ``--timeout``. Printed per case: messages/s and copies/s end to
-end, the acceptance rate alone (``smtp-source`` done), relay CPU seconds (user + system
-from ``/proc/PID/stat``, counted from just before the load) per 1,000 copies, and peak
-RSS (``VmHWM`` from ``/proc/PID/status``). The same run measures ``smtp-source``
-straight into ``smtp-sink`` (the ceiling: no splitting, one transaction per message)
-and prints relay/sink ratios. The message count per case scales with the work: the
-100-recipient case sends a tenth of ``--messages``, the 1 MB case a twentieth.
+Cases (issue 5): messages of 5 KB to 1, 10 and 100 recipients, and of 1 MB to 10. For
+each case, three targets are driven in the same run, each behind a fresh ``smtp-sink``
+on a free loopback port (``-c``: it counts one ``mesg`` per transaction):
 
-Postfix itself as a splitting relay (``smtp_destination_recipient_limit = 1``) is not
-set up here: the script prints "postfix relay: not measured".
+``sink``
+    ``smtp-source`` straight into ``smtp-sink``: the ceiling (no splitting, one
+    transaction per message).
+``postfix``
+    Postfix as a splitting relay (``smtp_destination_recipient_limit = 1``, queue on
+    disk, fsynced), relaying to the sink: the reference.
+``relay``
+    solo-relay as ``solo-relay serve`` with its defaults (``queue`` mode, the SQLite
+    spool with ``synchronous=FULL``, log level ``info``), delivering to the sink.
+
+``smtp-source`` drives each with 20 sessions that keep their connection (``-d``); the
+clock stops when the sink has every copy. Meanwhile one more client (``Probe``) sends
+messages of the same shape on its own connection and times each final dot to its
+reply: the p50 and p99 columns (under load; its messages are counted in the totals).
+Printed per case and target: messages/s and copies/s end to end, acceptance alone
+(``smtp-source`` done), dot-to-reply p50/p99, CPU seconds per 1,000 copies (the relay:
+its process; Postfix: all processes of the instance, from ``/proc``), and memory (the
+relay: peak RSS, ``VmHWM``; Postfix: the sum of its processes' PSS at the end of the
+load, since the sum of ~150 peaks counts shared pages ~150 times). Then the ratios.
+
+With ``--delay-ms N``, the 10-recipient case also runs through ``delay_proxy.py``, which
+holds every reply of the sink for N ms (a provider far away), once per ``--pools`` size:
+copies/s should grow with the pool.
+
+The message count per case scales with the work: the 100-recipient case sends a tenth
+of ``--messages``, the 1 MB case a twentieth.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import collections.abc
+import contextlib
 import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+from postfix_relay import PostfixRelay, find_postfix
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 TOOLS = ("smtp-source", "smtp-sink")
 TOOL_DIRS = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin")
 INSTALL = "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postfix"
 KB = 1024
 MESG = re.compile(rb"mesg=(\d+)")
+GOAL = 2.0  # relay copies/s over Postfix's, in every case (issue 5)
 
 
 @dataclass(frozen=True)
@@ -67,34 +92,50 @@ CASES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Result:
-    target: str  # "sink" (the ceiling) or "relay"
+    target: str  # "sink", "postfix" or "relay"
     case: Case
-    messages: int
+    messages: int  # smtp-source's and the probe's
+    copies: int  # transactions the sink counted
     seconds: float  # until the sink has every copy
     accept_seconds: float  # until smtp-source is done
-    cpu: float | None = None  # relay user + system seconds during the load
-    peak_rss_kb: int | None = None
+    latencies: list[float] = field(default_factory=list)  # the probe's dot-to-reply
+    cpu: float | None = None
+    memory_kb: int | None = None
+
+    def quantile(self, q: float) -> str:
+        if len(self.latencies) < 2:
+            return "-"
+        cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
+        return f"{cuts[int(q * 100) - 1] * 1000:.1f}"
 
     @property
-    def copies(self) -> int:
-        return self.messages * self.case.rcpts
+    def copies_per_second(self) -> float:
+        return self.copies / self.seconds
 
     def row(self) -> str:
-        cpu = f"{self.cpu / self.copies * 1000:>9.2f}" if self.cpu is not None else f"{'-':>9}"
-        rss = f"{self.peak_rss_kb / KB:>8.1f}" if self.peak_rss_kb is not None else f"{'-':>8}"
+        cpu = f"{self.cpu / self.copies * 1000:.2f}" if self.cpu is not None else "-"
+        memory = f"{self.memory_kb / KB:.0f}" if self.memory_kb is not None else "-"
         return (
-            f"{self.case.label:<16} {self.target:<6} {self.messages:>6} {self.copies:>7}"
-            f" {self.messages / self.seconds:>9.1f} {self.copies / self.seconds:>10.1f}"
-            f" {self.messages / self.accept_seconds:>10.1f} {cpu} {rss}"
+            f"{self.case.label:<15} {self.target:<8} {self.messages:>6} {self.copies:>7}"
+            f" {self.messages / self.seconds:>8.1f} {self.copies_per_second:>9.1f}"
+            f" {self.messages / self.accept_seconds:>9.1f} {self.quantile(0.5):>7}"
+            f" {self.quantile(0.99):>7} {cpu:>8} {memory:>7}"
         )
 
 
 HEADER = (
-    f"{'case':<16} {'target':<6} {'msgs':>6} {'copies':>7} {'msg/s':>9} {'copies/s':>10}"
-    f" {'accept/s':>10} {'cpu s/1k':>9} {'RSS MB':>8}"
+    f"{'case':<15} {'target':<8} {'msgs':>6} {'copies':>7} {'msg/s':>8} {'copies/s':>9}"
+    f" {'accept/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu/1k':>8} {'mem MB':>7}"
 )
+
+
+class Target(Protocol):
+    port: int
+
+    def cpu_seconds(self) -> float: ...
+    def close(self) -> None: ...
 
 
 def find_tools() -> dict[str, str] | None:
@@ -139,7 +180,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 class Sink:
-    """``smtp-sink -c`` on a free port; ``count`` is its running total of messages."""
+    """``smtp-sink -c`` on a free port; ``count`` is its running total of transactions."""
 
     def __init__(self, binary: str) -> None:
         self.port = free_port()
@@ -165,7 +206,7 @@ class Sink:
             self._tail = text[-64:]  # a counter may straddle two reads
 
     def wait_for(self, target: int, timeout: float) -> float:
-        """Block until the sink has ``target`` messages; return the time, raise on timeout."""
+        """Block until the sink has ``target`` transactions; return the time, raise on timeout."""
         deadline = time.perf_counter() + timeout
         while self.count < target:
             now = time.perf_counter()
@@ -178,8 +219,21 @@ class Sink:
         stop(self.process)
 
 
+class SinkTarget:
+    """The sink itself as the target (the ceiling)."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.port = sink.port
+
+    def cpu_seconds(self) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
 class Relay:
-    """The relay as a subprocess, queue mode, delivering to ``upstream_port``."""
+    """``solo-relay serve`` as a process with its defaults, delivering to ``upstream_port``."""
 
     def __init__(self, upstream_port: int, pool_size: int) -> None:
         self.spool = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
@@ -189,18 +243,18 @@ class Relay:
             "RELAY_LISTEN": f"127.0.0.1:{self.port}",
             "RELAY_METRICS_LISTEN": "127.0.0.1:0",
             "RELAY_SPOOL_DIR": str(self.spool),
-            "RELAY_SPOOL_MIN_FREE_BYTES": "0",
             "RELAY_UPSTREAM": f"smtp+plain://127.0.0.1:{upstream_port}",
             "RELAY_UPSTREAM_POOL_SIZE": str(pool_size),
+            # Room for the load: 20 sessions + the probe, 100 recipients a message.
             "RELAY_SMTP_MAX_CONNECTIONS": "1000",
-            "RELAY_SMTP_MAX_RECIPIENTS": "10000",
-            "RELAY_LOG_LEVEL": "warning",
+            "RELAY_SMTP_MAX_RECIPIENTS": "1000",
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve"], env=env, cwd=ROOT, stderr=subprocess.PIPE
         )
         self.log: collections.deque[bytes] = collections.deque(maxlen=20)
-        # Keep reading its log, or a full pipe would stall the relay mid-benchmark.
+        # Keep reading its log (info: a line per message and per copy), or a full pipe
+        # would stall the relay mid-benchmark.
         threading.Thread(target=self._drain, daemon=True).start()
         wait_listening(self.port, self.process, "the relay")
 
@@ -215,7 +269,8 @@ class Relay:
         fields = stat[stat.rindex(")") + 2 :].split()  # fields from 3 (state) on
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def peak_rss_kb(self) -> int:
+    def memory_kb(self) -> int:
+        """Peak RSS (``VmHWM``)."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
@@ -224,6 +279,83 @@ class Relay:
     def close(self) -> None:
         stop(self.process)
         shutil.rmtree(self.spool, ignore_errors=True)
+
+
+def postfix_pss_kb(postfix: PostfixRelay) -> int:
+    """The instance's memory now: the sum of its processes' proportional set size."""
+    total = 0
+    for pid in postfix.pids():
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+class Probe(threading.Thread):
+    """One more client, sending messages like the case's on its own connection.
+
+    For each, the body goes out up to its last CRLF, then the clock starts, the final
+    ``.`` CRLF goes out, and the clock stops at the reply: the time the target takes
+    to answer the end of data, under the load of ``smtp-source``.
+    """
+
+    def __init__(self, port: int, case: Case) -> None:
+        super().__init__(daemon=True)
+        self.port, self.case = port, case
+        self.latencies: list[float] = []
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        line = b"x" * 76 + b"\r\n"
+        self._body = (
+            b"From: <probe@example.org>\r\nTo: <probe@example.com>\r\nSubject: probe\r\n\r\n"
+            + line * max(1, case.size // len(line))
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(timeout=120)
+        if self.error is not None:
+            raise RuntimeError(f"probe failed: {self.error}")
+
+    def run(self) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=60) as sock:
+                replies = sock.makefile("rb")
+                self._expect(replies, b"220")
+                sock.sendall(b"EHLO probe.example.org\r\n")
+                self._expect(replies, b"250")
+                while not self._stop.is_set():
+                    self._one(sock, replies)
+                sock.sendall(b"QUIT\r\n")
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def _one(self, sock: socket.socket, replies: collections.abc.Iterator[bytes]) -> None:
+        sock.sendall(b"MAIL FROM:<probe@example.org>\r\n")
+        self._expect(replies, b"250")
+        for n in range(self.case.rcpts):
+            sock.sendall(f"RCPT TO:<probe{n}@example.com>\r\n".encode())
+            self._expect(replies, b"250")
+        sock.sendall(b"DATA\r\n")
+        self._expect(replies, b"354")
+        sock.sendall(self._body)
+        started = time.perf_counter()
+        sock.sendall(b".\r\n")
+        self._expect(replies, b"250")
+        self.latencies.append(time.perf_counter() - started)
+        self.sent += 1
+
+    @staticmethod
+    def _expect(replies: collections.abc.Iterator[bytes], code: bytes) -> None:
+        for line in replies:
+            if not line.startswith(code):
+                raise RuntimeError(f"expected {code!r}, got {line!r}")
+            if line[3:4] != b"-":
+                return
+        raise RuntimeError("connection closed")
 
 
 def source(binary: str, port: int, sessions: int, messages: int, case: Case) -> None:
@@ -254,44 +386,84 @@ def source(binary: str, port: int, sessions: int, messages: int, case: Case) -> 
         raise RuntimeError(f"smtp-source failed ({done.returncode}): {output}")
 
 
-def measure_sink(tools: dict[str, str], case: Case, sessions: int, messages: int) -> Result:
-    sink = Sink(tools["smtp-sink"])
-    try:
-        started = time.perf_counter()
-        source(tools["smtp-source"], sink.port, sessions, messages, case)
-        accepted = time.perf_counter()
-        done = sink.wait_for(messages, timeout=60)
-    finally:
-        sink.close()
-    return Result("sink", case, messages, done - started, accepted - started)
-
-
-def measure_relay(
-    tools: dict[str, str], case: Case, sessions: int, messages: int, *, pool: int, timeout: float
+def measure(
+    tools: dict[str, str],
+    case: Case,
+    target_name: str,
+    *,
+    sessions: int,
+    messages: int,
+    pool: int,
+    timeout: float,
+    delay_ms: float = 0.0,
 ) -> Result:
     sink = Sink(tools["smtp-sink"])
-    relay: Relay | None = None
+    target: Target | None = None
+    proxy: subprocess.Popen[bytes] | None = None
     try:
-        relay = Relay(sink.port, pool)
-        cpu = relay.cpu_seconds()
+        upstream = sink.port
+        if delay_ms:
+            upstream = free_port()
+            proxy = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(HERE / "delay_proxy.py"),
+                    str(upstream),
+                    str(sink.port),
+                    str(delay_ms),
+                ],
+                stdout=subprocess.PIPE,
+            )
+            assert proxy.stdout is not None
+            proxy.stdout.readline()  # "ready"
+        if target_name == "relay":
+            target = Relay(upstream, pool)
+        elif target_name == "postfix":
+            target = PostfixRelay(upstream)
+        else:
+            target = SinkTarget(sink)
+        probe = Probe(target.port, case)
+        cpu = target.cpu_seconds()
         started = time.perf_counter()
-        source(tools["smtp-source"], relay.port, sessions, messages, case)
+        probe.start()
+        source(tools["smtp-source"], target.port, sessions, messages, case)
         accepted = time.perf_counter()
-        done = sink.wait_for(messages * case.rcpts, timeout=timeout)
-        cpu = relay.cpu_seconds() - cpu
-        peak = relay.peak_rss_kb()
+        probe.stop()
+        total = messages + probe.sent
+        copies = total if target_name == "sink" else total * case.rcpts
+        done = sink.wait_for(copies, timeout=timeout)
+        cpu = target.cpu_seconds() - cpu
+        memory = None
+        if isinstance(target, Relay):
+            memory = target.memory_kb()
+        elif isinstance(target, PostfixRelay):
+            memory = postfix_pss_kb(target)
         time.sleep(0.2)  # any copy delivered twice would show up now
-        if sink.count != messages * case.rcpts:
-            raise RuntimeError(f"smtp-sink has {sink.count} copies, {messages * case.rcpts} sent")
+        if sink.count != copies:
+            raise RuntimeError(f"smtp-sink has {sink.count} transactions, {copies} expected")
     except Exception:
-        if relay is not None:
-            sys.stderr.write(b"".join(relay.log).decode(errors="replace"))
+        if isinstance(target, Relay):
+            sys.stderr.write(b"".join(target.log).decode(errors="replace"))
+        if isinstance(target, PostfixRelay):
+            sys.stderr.write(target.log_tail())
         raise
     finally:
-        if relay is not None:
-            relay.close()
+        if target is not None:
+            target.close()
+        if proxy is not None:
+            stop(proxy)
         sink.close()
-    return Result("relay", case, messages, done - started, accepted - started, cpu, peak)
+    return Result(
+        target_name,
+        case,
+        total,
+        copies,
+        done - started,
+        accepted - started,
+        probe.latencies,
+        cpu if target_name != "sink" else None,
+        memory,
+    )
 
 
 def main() -> int:
@@ -300,6 +472,14 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source -s")
     parser.add_argument("--pool-size", type=int, default=20, help="RELAY_UPSTREAM_POOL_SIZE")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a case may take")
+    parser.add_argument(
+        "--cases", default="1,2,3,4", help="which cases to run, by number (default: all four)"
+    )
+    parser.add_argument("--no-postfix", action="store_true", help="skip Postfix as a relay")
+    parser.add_argument(
+        "--delay-ms", type=float, default=0.0, help="also measure pool scaling at this delay"
+    )
+    parser.add_argument("--pools", default="5,10,20,40", help="pool sizes for --delay-ms")
     parser.add_argument("--install", action="store_true", help="apt-get install postfix if needed")
     args = parser.parse_args()
 
@@ -313,28 +493,72 @@ def main() -> int:
         print(f"    {INSTALL}")
         print("or run this script with --install")
         return 2
+    targets = ["sink", "relay"]
+    if args.no_postfix:
+        print("postfix relay: skipped (--no-postfix)")
+    elif find_postfix() is None:
+        print("postfix relay: not measured (needs Postfix >= 3.4 installed, and root)")
+    else:
+        targets.insert(1, "postfix")
 
+    cases = [CASES[int(n) - 1] for n in args.cases.split(",")]
     print(
-        f"smtp-source -s {args.sessions} -d into smtp-sink (the ceiling) and into the relay"
-        f" (queue mode, upstream pool {args.pool_size}) delivering to smtp-sink;"
+        f"smtp-source -s {args.sessions} -d into: {', '.join(targets)}"
+        f" (relay: queue mode, fsynced spool, upstream pool {args.pool_size});"
         f" {os.cpu_count()} CPUs"
     )
     print(HEADER)
-    ratios: list[str] = []
-    for case in CASES:
+    results: dict[tuple[str, str], Result] = {}
+    for case in cases:
         messages = max(args.sessions, args.messages // case.share)
-        ceiling = measure_sink(tools, case, args.sessions, messages)
-        print(ceiling.row(), flush=True)
-        relay = measure_relay(
-            tools, case, args.sessions, messages, pool=args.pool_size, timeout=args.timeout
+        for name in targets:
+            result = measure(
+                tools,
+                case,
+                name,
+                sessions=args.sessions,
+                messages=messages,
+                pool=args.pool_size,
+                timeout=args.timeout,
+            )
+            results[(case.label, name)] = result
+            print(result.row(), flush=True)
+
+    print("\nrelay copies/s against the others (end to end, same run):")
+    failed = False
+    for case in cases:
+        relay = results[(case.label, "relay")].copies_per_second
+        line = f"{case.label:<15} relay {relay:>8.1f}"
+        if (case.label, "postfix") in results:
+            postfix = results[(case.label, "postfix")].copies_per_second
+            ok = relay >= GOAL * postfix
+            failed |= not ok
+            verdict = "meets" if ok else "misses"
+            line += f" | postfix {postfix:>8.1f} = {relay / postfix:.2f}x ({verdict} {GOAL:g}x)"
+        sink = results[(case.label, "sink")]
+        line += f" | sink {sink.copies_per_second:>8.1f} msg/s"
+        print(line)
+
+    if args.delay_ms:
+        case = CASES[1]
+        messages = max(args.sessions, args.messages // 2)
+        print(
+            f"\npool scaling: {case.label}, every upstream reply held {args.delay_ms:g} ms"
+            f" (delay_proxy.py), {messages} messages"
         )
-        print(relay.row(), flush=True)
-        ours, best = relay.messages / relay.seconds, ceiling.messages / ceiling.seconds
-        ratios.append(f"{case.label:<16} {ours:>9.1f} / {best:>9.1f} msg/s = {ours / best:.3f}")
-    print("\nratios relay / sink (end-to-end messages per second):")
-    print("\n".join(ratios))
-    print("postfix relay: not measured")
-    return 0
+        for pool in (int(p) for p in args.pools.split(",")):
+            result = measure(
+                tools,
+                case,
+                "relay",
+                sessions=args.sessions,
+                messages=messages,
+                pool=pool,
+                timeout=args.timeout,
+                delay_ms=args.delay_ms,
+            )
+            print(f"pool {pool:>3}: {result.copies_per_second:>8.1f} copies/s", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
