@@ -186,6 +186,18 @@ class RelaySMTP(SMTP):
                 self._gate.metrics.connection_closed()
         super().connection_lost(error)
 
+    def eof_received(self) -> bool | None:
+        """The client closed its side: the session is over, so close ours too.
+
+        aiosmtpd cancels the session's handler here and keeps the connection
+        half-open; if that cancel lands while the greeting is being sent (a client,
+        such as a TCP health probe, that connects and closes at once), nothing ever
+        closes the transport, and on uvloop the session held its connection slot
+        for good. Nothing more can be read, and unsent replies are still flushed.
+        """
+        super().eof_received()
+        return False
+
     def _timeout_cb(self) -> None:
         # Duck-typed: uvloop's transports are not subclasses of ``asyncio.Transport``.
         transport = cast("asyncio.WriteTransport | None", self.transport)

@@ -70,8 +70,13 @@ class Relay:
         self._delivering: asyncio.Task[None] | None = None
         self._started = 0.0
 
+    @property
+    def open_sessions(self) -> int:
+        """SMTP sessions open now (each holds one of ``smtp.max_connections``)."""
+        return self._gate.open if self._gate else 0
+
     def __repr__(self) -> str:
-        open_sessions = self._gate.open if self._gate else 0
+        open_sessions = self.open_sessions
         return f"<Relay smtp={self.smtp_port} metrics={self.metrics_port} sessions={open_sessions}>"
 
     async def start(self) -> None:

@@ -542,6 +542,31 @@ async def test_500_connections_at_once(plain_server: UpstreamServer, tmp_path: P
     assert t.rcpt_tos == [RCPT]
 
 
+async def test_clients_that_close_before_the_greeting_free_their_slot(
+    plain_server: UpstreamServer, tmp_path: Path
+) -> None:
+    """Connect and close at once, greeting unread (a TCP health probe): no slot stays taken.
+
+    On uvloop, aiosmtpd left such a session half-open for ever (its handler cancelled
+    at EOF while still sending the greeting), so each probe used up a connection slot
+    and shutdown waited out its whole grace time.
+    """
+    async with relay_for(tmp_path, plain_server, {"RELAY_SMTP_MAX_CONNECTIONS": "5"}) as relay:
+
+        def probe() -> None:  # from another thread, as a probe from another process would
+            for _ in range(20):
+                socket.create_connection(("127.0.0.1", relay.smtp_port), timeout=5).close()
+
+        await asyncio.to_thread(probe)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while relay.open_sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert relay.open_sessions == 0
+        client = await ehlo(relay)  # a slot is free
+        await quit_cleanly(client)
+
+
 # -- envelope addresses ---------------------------------------------------------------
 
 
