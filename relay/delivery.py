@@ -54,7 +54,9 @@ log = logging.getLogger("relay.delivery")
 _UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 POLL_SECONDS = 1.0  # the longest the workers sleep without a wake-up (queue CLI retries)
 RECORD_TRIES = 8  # writing down a delivered copy: about two minutes of retries
-BODY_CACHE_BYTES = 64 * 1024 * 1024  # recently used bodies kept for their other copies
+# Bodies of handed-over copies held in memory at most; past this, new mail waits in the
+# spool as ``queued`` and its body is read back when its copies are claimed.
+HANDOVER_BYTES = 64 * 1024 * 1024
 # Copies handed over by intake and waiting for a free slot (each holds its header section;
 # their bodies are in the body cache). Past this, new mail waits in the spool as ``queued``.
 READY_COPIES = 5000
@@ -158,7 +160,7 @@ class Deliverer:
         self._limited = False
         # Bodies by message: one object per message, so the upstream's per-body
         # preparation (scan, stuffing) happens once, not per copy; loads in progress.
-        self._bodies = BodyCache(BODY_CACHE_BYTES)
+        self._bodies = BodyCache()
         self._loading: dict[str, asyncio.Future[memoryview | None]] = {}
         # Copies stored ``delivering`` by intake and handed over in memory (no claim).
         self._ready: collections.deque[Job] = collections.deque()
@@ -176,16 +178,18 @@ class Deliverer:
     def wake(self) -> None:
         self._wake.set()
 
-    def can_take(self, copies: int) -> bool:
-        """Whether ``copies`` more may be stored ``delivering`` and handed over (``hand_over``).
+    def can_take(self, copies: int, size: int) -> bool:
+        """Whether a message (``copies``, ``size`` body bytes) may be handed over.
 
-        Not while stopping, paused, held back by a rate limit, or with enough waiting.
+        Not while stopping, paused, held back by a rate limit, or with enough copies
+        or body bytes waiting in memory already.
         """
         return (
             not self._stopping
             and not self._limited
             and self.paused_until <= self._clock()
             and len(self._ready) + copies <= READY_COPIES
+            and self._bodies.bytes + size <= HANDOVER_BYTES
         )
 
     def hand_over(
@@ -198,6 +202,7 @@ class Deliverer:
         """
         if self._stopping:
             return False
+        self._bodies.expect(message.id, len(copy_ids))
         self._bodies.put(message.id, memoryview(message.body))
         self._ready.extend(jobs_for(message, copy_ids, addresses))
         self._wake.set()
@@ -248,6 +253,8 @@ class Deliverer:
             raise
         if self._stopping:  # ``drain`` began during the claim: it cannot see these
             self._limiter.give_back(allowed)
+            for job in jobs:
+                self._bodies.done(job.message_id)
             await self._spool.release([job.copy_id for job in jobs], now)
             return 0
         self._limiter.give_back(allowed - len(jobs))
@@ -272,6 +279,8 @@ class Deliverer:
                 raise
             if len(claimed) < allowed - len(jobs):
                 self._claim_after = now + CLAIM_SECONDS
+            for job in claimed:
+                self._bodies.expect(job.message_id)
             jobs += claimed
         while self._ready and len(jobs) < allowed:
             jobs.append(self._ready.popleft())
@@ -281,10 +290,11 @@ class Deliverer:
         for job in jobs:
             task = asyncio.create_task(self._deliver(job))
             self._in_flight[job.copy_id] = task
-            task.add_done_callback(functools.partial(self._finished, job.copy_id))
+            task.add_done_callback(functools.partial(self._finished, job))
 
-    def _finished(self, copy_id: int, _: object) -> None:
-        self._in_flight.pop(copy_id, None)
+    def _finished(self, job: Job, _: object) -> None:
+        self._in_flight.pop(job.copy_id, None)
+        self._bodies.done(job.message_id)
         self._wake.set()
 
     async def run_once(self, now: float) -> int:
@@ -299,6 +309,8 @@ class Deliverer:
         self._stopping = True
         self._wake.set()
         waiting = [job.copy_id for job in self._ready]
+        for job in self._ready:
+            self._bodies.done(job.message_id)
         self._ready.clear()
         if waiting:
             await self._spool.release(waiting, self._clock())

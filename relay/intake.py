@@ -198,7 +198,7 @@ class Intake:
     ) -> Reply:
         # When the workers have room, the copies are stored ``delivering`` and handed to
         # them in memory with the body: no claim, no body read. Otherwise ``queued``.
-        handover = self._deliverer.can_take(len(plan.copies))
+        handover = self._deliverer.can_take(len(plan.copies), len(plan.copies[0].body))
         state = CopyState.DELIVERING if handover else CopyState.QUEUED
         copies = [NewCopy(c.recipient.text, c.headers, state, next_try=now) for c in plan.copies]
         message = self._message(

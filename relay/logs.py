@@ -55,6 +55,7 @@ ADDRESS_PATTERN = re.compile(
 # Attributes every LogRecord has; anything else came in through ``extra``.
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _HANDLER_MARK = "_solo_relay_handler"
+_PLAIN = frozenset({int, float, bool})  # field values with nothing to redact
 
 
 class AddressTokens:
@@ -97,13 +98,18 @@ class AddressTokens:
 
     def redact_value(self, value: Any) -> Any:
         """A field value with every string in it redacted (dicts, lists, tuples, sets)."""
+        kind = type(value)
+        if kind is str:
+            return self.redact(value)
+        if kind in _PLAIN or value is None:
+            return value
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, Mapping):
             return {self.redact(str(k)): self.redact_value(v) for k, v in value.items()}
         if isinstance(value, list | tuple | set | frozenset):
             return [self.redact_value(v) for v in value]
-        if isinstance(value, bool | int | float) or value is None:
+        if isinstance(value, bool | int | float):
             return value
         return self.redact(str(value))  # an object's str() can name anyone
 
@@ -140,9 +146,8 @@ class RedactAddresses(logging.Filter):
             message = f"{record.msg!s} {record.args!r}"
         record.msg = redact(message)
         record.args = None
-        for name, value in list(record.__dict__.items()):
-            if name not in _RECORD_ATTRS:
-                setattr(record, name, self.tokens.redact_value(value))
+        for name in record.__dict__.keys() - _RECORD_ATTRS:  # what came in through ``extra``
+            setattr(record, name, self.tokens.redact_value(getattr(record, name)))
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -236,6 +241,12 @@ def setup_logging(config: LogConfig, *, key: bytes, stream: TextIO | None = None
             old.close()
     root.addHandler(handler)
     root.setLevel(config.level.upper())
+    # Nothing the formatters write needs the caller's frame, thread or process: the
+    # logging HOWTO's "Optimization" settings, which spare each record that work.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     _tokens = tokens

@@ -307,7 +307,7 @@ class Probe(threading.Thread):
         self.latencies: list[float] = []
         self.sent = 0
         self.error: BaseException | None = None
-        self._stop = threading.Event()
+        self._finish = threading.Event()
         line = b"x" * 76 + b"\r\n"
         self._body = (
             b"From: <probe@example.org>\r\nTo: <probe@example.com>\r\nSubject: probe\r\n\r\n"
@@ -315,7 +315,7 @@ class Probe(threading.Thread):
         )
 
     def stop(self) -> None:
-        self._stop.set()
+        self._finish.set()
         self.join(timeout=120)
         if self.error is not None:
             raise RuntimeError(f"probe failed: {self.error}")
@@ -327,7 +327,7 @@ class Probe(threading.Thread):
                 self._expect(replies, b"220")
                 sock.sendall(b"EHLO probe.example.org\r\n")
                 self._expect(replies, b"250")
-                while not self._stop.is_set():
+                while not self._finish.is_set():
                     self._one(sock, replies)
                 sock.sendall(b"QUIT\r\n")
         except BaseException as exc:  # reported by stop()
