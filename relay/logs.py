@@ -18,15 +18,18 @@ and redacts; it does not decide what is logged, nor where logs are shipped.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
 import re
 import secrets
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -55,6 +58,10 @@ ADDRESS_PATTERN = re.compile(
 # Attributes every LogRecord has; anything else came in through ``extra``.
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _HANDLER_MARK = "_solo_relay_handler"
+# Lines below WARNING wait in a buffer at most this long (``flush`` runs on this period
+# too): a busy relay writes a line per copy, and one system call for each line cost more
+# than the rest of the logging. Warnings and errors are written at once.
+FLUSH_SECONDS = 0.2
 _PLAIN = frozenset({int, float, bool})  # field values with nothing to redact
 
 
@@ -220,6 +227,44 @@ def wants_json(fmt: LogFormat, stream: TextIO) -> bool:
     return fmt is LogFormat.JSON
 
 
+class _BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that flushes per ``FLUSH_SECONDS``, or at once from WARNING up."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._flushed = time.monotonic()
+        self._urgent = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._urgent = record.levelno >= logging.WARNING
+        super().emit(record)  # writes, then calls flush()
+
+    def flush(self) -> None:
+        if self._urgent or time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self.flush_now()
+
+    def flush_now(self) -> None:
+        super().flush()
+        self._flushed = time.monotonic()
+
+
+_handler: _BatchingHandler | None = None
+
+
+def flush() -> None:
+    """Write out buffered log lines (the server calls this every ``FLUSH_SECONDS``)."""
+    if _handler is not None:
+        _handler.flush_now()
+
+
+def _buffered_stderr() -> TextIO:
+    """Standard error with a 64 KiB buffer (Python's own is line-buffered: a call a line)."""
+    raw = io.FileIO(sys.stderr.fileno(), "w", closefd=False)
+    return io.TextIOWrapper(
+        io.BufferedWriter(raw, 1 << 16), encoding="utf-8", errors="backslashreplace"
+    )
+
+
 def setup_logging(config: LogConfig, *, key: bytes, stream: TextIO | None = None) -> AddressTokens:
     """Install the relay's one handler on the root logger and return its tokens.
 
@@ -227,16 +272,20 @@ def setup_logging(config: LogConfig, *, key: bytes, stream: TextIO | None = None
     others installed are left alone. Also makes ``token()`` use ``key``.
     Raises ``ValueError`` for a key shorter than 16 bytes.
     """
-    global _tokens  # noqa: PLW0603 - logging is process-wide; token() follows the setup
+    global _tokens, _handler  # noqa: PLW0603 - logging is process-wide
     tokens = AddressTokens(key, show=config.show_addresses)
     out = sys.stderr if stream is None else stream
-    handler = logging.StreamHandler(out)
+    if stream is None and not sys.stderr.isatty():
+        out = _buffered_stderr()  # a terminal keeps its lines as they come
+    handler = _BatchingHandler(out)
     handler.setFormatter(JsonFormatter() if wants_json(config.format, out) else TextFormatter())
     handler.addFilter(RedactAddresses(tokens))
     setattr(handler, _HANDLER_MARK, True)
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, _HANDLER_MARK, False):
+            if isinstance(old, _BatchingHandler):
+                old.flush_now()
             root.removeHandler(old)
             old.close()
     root.addHandler(handler)
@@ -250,7 +299,11 @@ def setup_logging(config: LogConfig, *, key: bytes, stream: TextIO | None = None
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     _tokens = tokens
+    _handler = handler
     return tokens
+
+
+atexit.register(flush)
 
 
 def load_key(config: LogConfig, spool_dir: Path) -> bytes:

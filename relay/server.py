@@ -26,7 +26,8 @@ from relay.errors import ConfigError, Reply
 from relay.health import HealthServer
 from relay.inbound import Gate, make_protocol_factory
 from relay.intake import Intake
-from relay.logs import AddressTokens, load_key
+from relay.logs import FLUSH_SECONDS, AddressTokens, load_key
+from relay.logs import flush as flush_logs
 from relay.metrics import Metrics
 from relay.spool import Spool
 from relay.target import parse_upstream_url
@@ -68,6 +69,7 @@ class Relay:
         self.spool: Spool | None = None
         self.deliverer: Deliverer | None = None
         self._delivering: asyncio.Task[None] | None = None
+        self._log_flusher: asyncio.Task[None] | None = None
         self._started = 0.0
 
     @property
@@ -123,6 +125,7 @@ class Relay:
         self.metrics_port = await self._health.start(metrics.host, metrics.port)
         self._started = time.monotonic()
         self._delivering = asyncio.create_task(self.deliverer.run(), name="deliverer")
+        self._log_flusher = asyncio.create_task(_flush_logs(), name="log flusher")
         log.info(
             "listening",
             extra={
@@ -208,4 +211,14 @@ class Relay:
             await self._upstream.aclose()
         if self._health is not None:
             await self._health.stop()
+        if self._log_flusher is not None:
+            self._log_flusher.cancel()
         log.info("stopped")
+        flush_logs()
+
+
+async def _flush_logs() -> None:
+    """Buffered log lines go out at least every ``FLUSH_SECONDS``, busy or quiet."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        flush_logs()

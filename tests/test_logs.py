@@ -222,3 +222,39 @@ def test_an_empty_key_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / KEY_FILE).write_bytes(b"")
     with pytest.raises(ConfigError, match="no usable key"):
         load_key(LogConfig(), tmp_path)
+
+
+class CountingStream(io.StringIO):
+    """Counts flushes: each one is a system call on a real stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_info_lines_are_flushed_in_batches_warnings_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Below WARNING a line waits for the next flush (periodic); a warning flushes at once."""
+    now = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    stream = CountingStream()
+    configure(stream, format=LogFormat.JSON)
+    log = logging.getLogger("relay.delivery")
+    for _ in range(50):
+        log.info("copy delivered")
+    assert stream.flushes == 0  # 50 lines, no flush yet
+    log.warning("copy failed")
+    assert stream.flushes == 1
+    log.info("copy delivered")
+    now[0] += logs.FLUSH_SECONDS  # the period has passed: this line flushes
+    log.info("copy delivered")
+    assert stream.flushes == 2
+    log.info("copy delivered")
+    logs.flush()  # what the server runs every FLUSH_SECONDS
+    assert stream.flushes == 3
+    assert len(lines(stream)) == 54
