@@ -121,6 +121,22 @@ async def test_record_delivered_of_last_copy_removes_the_message(tmp_path: Path)
         assert spool.live == 0
 
 
+async def test_claims_take_queued_and_deferred_copies_in_due_order(tmp_path: Path) -> None:
+    """Across both states, the earliest due first (then the oldest id), up to the limit."""
+    with opened(tmp_path) as spool:
+        carol, dave = "carol@example.org", "dave@example.net"
+        await spool.store(new_message("M1", (ALICE, BOB), now=T0))
+        [alice, bob] = await spool.claim_due(T0, 10)
+        await spool.record(alice.copy_id, CopyState.DEFERRED, now=T0, next_try=T0 + 5)
+        await spool.record(bob.copy_id, CopyState.DEFERRED, now=T0, next_try=T0 + 20)
+        await spool.store(new_message("M2", (carol,), now=T0 + 10))
+        await spool.store(new_message("M3", (dave,), now=T0 + 10))
+        assert await spool.next_due() == T0 + 5
+        assert [j.rcpt for j in await spool.claim_due(T0 + 30, 3)] == [ALICE, carol, dave]
+        assert [j.rcpt for j in await spool.claim_due(T0 + 30, 3)] == [BOB]
+        assert await spool.next_due() is None
+
+
 async def test_record_delivered_batches_copies_that_report_together(tmp_path: Path) -> None:
     """Copies delivered together are recorded together, each answered for itself."""
     with opened(tmp_path) as spool:
