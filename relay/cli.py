@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from relay import __version__, eventloop, preview, queuectl
+from relay import __version__, eventloop, preview, queuectl, workers
 from relay.config import Config, load
 from relay.dkimsign import DkimAction
 from relay.errors import ConfigError
@@ -17,13 +18,18 @@ from relay.model import REMOVED_HEADERS, BodyCheck, IsolationOptions
 from relay.server import Relay
 from relay.target import parse_upstream_url
 from relay.upstream import open_upstream
+from relay.workers import WorkerArgs
+
+log = logging.getLogger("relay.cli")
 
 _SERVE_HELP = """\
 Run the relay: listen for SMTP (default 127.0.0.1:2525), make one isolated
 copy per recipient, and send each copy upstream (default: write .eml files to
 ./outbox). Metrics and health on 127.0.0.1:9925. Configuration: the TOML file
 named by --config or RELAY_CONFIG, then RELAY_* environment variables (see
-config/solo-relay.toml). SIGTERM or Ctrl-C stops it gracefully.
+config/solo-relay.toml). SIGTERM or Ctrl-C stops it gracefully. With
+workers = N above 1 (RELAY_WORKERS), this process supervises N worker
+processes that share the listener, each with its own spool.
 """
 
 _CHECK_HELP = """\
@@ -106,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve = commands.add_parser("serve", help="run the relay", description=_SERVE_HELP)
     serve.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
+    # Given by the supervisor to its workers (relay.workers), never by hand.
+    serve.add_argument("--worker", help=argparse.SUPPRESS)
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--status-file", help=argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate the configuration", description=_CHECK_HELP)
     check.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
     check.add_argument(
@@ -123,13 +134,30 @@ def _load(path: str | None) -> Config | None:
         return None
 
 
-def _serve(path: str | None) -> int:
+def _serve(args: argparse.Namespace) -> int:
+    path: str | None = args.config
     config = _load(path)
     if config is None:
         return 2
     try:
+        # One key for every worker: the one kept in spool.dir itself.
         tokens = setup_logging(config.log, key=load_key(config.log, Path(config.spool.dir)))
-        eventloop.run(Relay(config, tokens=tokens).run())
+        if args.worker:
+            index, count = (int(n) for n in args.worker.split("/"))
+            worker = WorkerArgs(
+                index, count, args.listen_fd, args.lifeline_fd, Path(args.status_file)
+            )
+            relay = Relay(workers.share(config, index, count), tokens=tokens, worker=worker)
+            eventloop.run(relay.run())
+        elif config.workers > 1:
+            eventloop.run(workers.Supervisor(config, path).run())
+        else:
+            for spool in workers.orphaned_spools(config):
+                log.error(
+                    "a spool of a worker beyond the configured count is not delivered",
+                    extra={"fields": {"spool": str(spool), "workers": config.workers}},
+                )
+            eventloop.run(Relay(config, tokens=tokens).run())
     except ConfigError as exc:
         print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -207,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (sys.stdout if status == 0 else sys.stderr).write(text)
         return status
     if args.command == "serve":
-        return _serve(args.config)
+        return _serve(args)
     if args.command == "check":
         return _check(args.config, args.upstream)
     if args.command == "queue":

@@ -38,6 +38,8 @@ from relay.model import (
 ENV_PREFIX = "RELAY_"
 ENV_ALIASES = {"RELAY_UPSTREAM": ("upstream", "url")}
 ENV_NOT_KEYS = frozenset({"RELAY_CONFIG"})
+MAX_WORKERS = 64
+SHUTDOWN_GRACE = 30.0  # seconds for SMTP sessions in progress after SIGTERM
 
 # Loopback addresses: the only networks a relay may serve with no allow-list or AUTH.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
@@ -192,6 +194,7 @@ class LogConfig:
 class Config:
     listen: str = "127.0.0.1:2525"
     mode: Mode = Mode.QUEUE
+    workers: int = 1  # processes sharing the listener, each with its own spool (relay/workers.py)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
@@ -365,9 +368,12 @@ def validate(config: Config) -> None:
         ("isolation.max_header_size", config.isolation.max_header_size),
         ("isolation.max_fanout_size", config.isolation.max_fanout_size),
         ("delivery.max_queued", config.delivery.max_queued),
+        ("workers", config.workers),
     ):
         if value < 1:
             raise ConfigError(key, "must be at least 1")
+    if config.workers > MAX_WORKERS:
+        raise ConfigError("workers", f"must be at most {MAX_WORKERS}")
     for key, seconds in (
         ("smtp.idle_timeout", config.smtp.idle_timeout),
         ("smtp.data_timeout", config.smtp.data_timeout),

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import time
 from collections.abc import Callable
 from http import HTTPStatus
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -39,6 +43,8 @@ READ_TIMEOUT = 5.0
 # Seconds to hand a response to the kernel before giving up on the client.
 WRITE_TIMEOUT = 10.0
 ALLOWED_METHODS = ("GET", "HEAD")
+STATUS_SECONDS = 1.0  # how often a worker writes its status file (``relay.workers``)
+STATUS_STALE = 5.0  # a status file older than this: that worker is not answering
 TEXT = "text/plain; charset=utf-8"
 
 
@@ -211,3 +217,25 @@ def _content_length(lines: list[bytes]) -> int:
             text = value.strip()
             return int(text) if text.isdigit() else 0
     return 0
+
+
+def write_status(path: Path, ready: bool, reason: str) -> None:
+    """A worker's readiness for its supervisor, written whole (a temporary file, renamed)."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"ready": ready, "reason": reason, "pid": os.getpid()}))
+    temporary.replace(path)
+
+
+def read_status(path: Path) -> tuple[bool, str]:
+    """A worker's readiness as its last status file says, if that is recent."""
+    try:
+        status = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return False, "starting"
+    if age > STATUS_STALE:
+        return False, "not answering"
+    if not isinstance(status, dict) or status.get("ready") is not True:
+        reason = status.get("reason") if isinstance(status, dict) else None
+        return False, str(reason or "not ready")
+    return True, "ready"

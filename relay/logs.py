@@ -18,6 +18,7 @@ and redacts; it does not decide what is logged, nor where logs are shipped.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import datetime
 import hashlib
@@ -255,6 +256,13 @@ def flush() -> None:
     """Write out buffered log lines (the server calls this every ``FLUSH_SECONDS``)."""
     if _handler is not None:
         _handler.flush_now()
+
+
+async def flush_periodically() -> None:
+    """Write out buffered lines every ``FLUSH_SECONDS``, busy or quiet (a task of the server)."""
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        flush()
 
 
 def _buffered_stderr() -> TextIO:

@@ -24,6 +24,12 @@ Closed label sets:
 - ``result`` of an inbound connection: the values of ``ConnectionResult``.
 - ``version`` of ``solo_relay_build_info``: the one running version.
 
+With ``workers`` above 1 each worker process writes its series to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, set up by
+``relay.workers``), and the supervisor serves their sum: counters and
+histograms add up, and each gauge says how (``multiprocess_mode``: copies and
+connections add up over the live workers, ages and flags take the largest).
+
 This module holds counters only: it does not serve them (``relay.health``
 does), log, or decide anything; readiness is not a metric.
 """
@@ -173,11 +179,13 @@ class Metrics:
             "Copies in the spool, by state.",
             ["state"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self._oldest = Gauge(
             f"{p}_spool_oldest_queued_age_seconds",
             "Age of the oldest copy waiting for delivery (0 when none waits).",
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self._headers = Counter(
             f"{p}_header_changes_total",
@@ -205,6 +213,7 @@ class Metrics:
             f"{p}_inbound_connections_open",
             "Inbound SMTP connections open now.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self._auth_failures = Counter(
             f"{p}_upstream_auth_failures_total",
@@ -215,6 +224,7 @@ class Metrics:
             f"{p}_upstream_auth_paused",
             "1 while delivery is paused after the upstream refused the credentials, else 0.",
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self._retries = Counter(
             f"{p}_retries_total",
@@ -236,6 +246,7 @@ class Metrics:
             "Always 1; the label names the running version.",
             ["version"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self._build.labels(version).set(1)
         self._preinitialise()

@@ -33,6 +33,7 @@ from relay.config import Config, load
 from relay.errors import ConfigError
 from relay.logs import AddressTokens, load_key
 from relay.spool import BUSY_TIMEOUT_MS, LIVE, CopyRow, CopyState, read_stats
+from relay.workers import spool_dirs
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1  # an unknown queue id, or no spool database / an unreadable one
@@ -142,46 +143,69 @@ def run(
         print(f"solo-relay: configuration error: {exc}", file=err)
         return EXIT_CONFIG
     directory = Path(config.spool.dir)
-    path = directory / DB_NAME
-    try:
-        conn = _connect(path)
-    except SpoolNotFound:
+    # One spool per worker (relay.workers): spool.dir itself, then spool.dir/worker-K.
+    paths = [d / DB_NAME for d in spool_dirs(config) if (d / DB_NAME).is_file()]
+    if not paths:
         print(
-            f"solo-relay queue: no spool database at {path} (spool.dir = {config.spool.dir!r})",
+            f"solo-relay queue: no spool database at {directory / DB_NAME}"
+            f" (spool.dir = {config.spool.dir!r})",
             file=err,
         )
         return EXIT_NOT_FOUND
-    except sqlite3.Error as exc:
-        print(f"solo-relay queue: cannot open {path}: {exc}", file=err)
+    action: str = args.queue_action
+    tokens = None
+    if action in ("list", "show"):
+        try:
+            tokens = _tokens(config, directory, show=args.show_addresses)
+        except ConfigError as exc:
+            print(f"solo-relay: configuration error: {exc}", file=err)
+            return EXIT_CONFIG
+    found = False
+    for path in paths:
+        try:
+            conn = _connect(path)
+        except (SpoolNotFound, sqlite3.Error) as exc:
+            print(f"solo-relay queue: cannot open {path}: {exc}", file=err)
+            return EXIT_NOT_FOUND
+        try:
+            text = _act(conn, path, args, tokens, clock())
+            every = action in ("stats", "list") or (action == "retry" and args.every)
+            out.write(f"spool {path.parent}:\n{text}" if every and len(paths) > 1 else text)
+            found = True
+        except UnknownMessage:
+            continue  # a queue id lives in one spool: look in the next
+        except sqlite3.Error as exc:
+            print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
+            return EXIT_NOT_FOUND
+        finally:
+            conn.close()
+        if action in ("show", "delete") or (action == "retry" and not args.every):
+            break  # done: that message was found
+    if not found:
+        print(f"solo-relay queue: no message {_safe(args.queue_id)} in the spool", file=err)
         return EXIT_NOT_FOUND
-    try:
-        action: str = args.queue_action
-        if action == "stats":
-            out.write(_stats(conn, path, clock()))
-            return EXIT_OK
-        if action == "retry":
-            out.write(_retry(conn, None if args.every else args.queue_id, clock()))
-            return EXIT_OK
-        if action == "delete":
-            out.write(_delete(conn, args.queue_id))
-            return EXIT_OK
-        tokens = _tokens(config, directory, show=args.show_addresses)
-        if action == "list":
-            out.write(_list(conn, tokens, clock()))
-        else:
-            out.write(_show(conn, args.queue_id, tokens, clock()))
-        return EXIT_OK
-    except UnknownMessage as exc:
-        print(f"solo-relay queue: no message {_safe(str(exc))} in the spool", file=err)
-        return EXIT_NOT_FOUND
-    except ConfigError as exc:
-        print(f"solo-relay: configuration error: {exc}", file=err)
-        return EXIT_CONFIG
-    except sqlite3.Error as exc:
-        print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
-        return EXIT_NOT_FOUND
-    finally:
-        conn.close()
+    return EXIT_OK
+
+
+def _act(
+    conn: sqlite3.Connection,
+    path: Path,
+    args: argparse.Namespace,
+    tokens: AddressTokens | None,
+    now: float,
+) -> str:
+    """One spool's part of ``solo-relay queue ACTION`` (``UnknownMessage``: not in this one)."""
+    action: str = args.queue_action
+    if action == "stats":
+        return _stats(conn, path, now)
+    if action == "retry":
+        return _retry(conn, None if args.every else args.queue_id, now)
+    if action == "delete":
+        return _delete(conn, args.queue_id)
+    assert tokens is not None
+    if action == "list":
+        return _list(conn, tokens, now)
+    return _show(conn, args.queue_id, tokens, now)
 
 
 # -- the database ------------------------------------------------------------------

@@ -14,19 +14,21 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
 from relay import __version__
-from relay.config import Config, Mode
+from relay.config import SHUTDOWN_GRACE, Config, Mode
 from relay.delivery import Deliverer
 from relay.errors import ConfigError, Reply
-from relay.health import HealthServer
+from relay.health import STATUS_SECONDS, HealthServer, write_status
 from relay.inbound import Gate, make_protocol_factory
 from relay.intake import Intake
-from relay.logs import FLUSH_SECONDS, AddressTokens, load_key
+from relay.logs import AddressTokens, flush_periodically, load_key
 from relay.logs import flush as flush_logs
 from relay.metrics import Metrics
 from relay.spool import Spool
@@ -34,9 +36,11 @@ from relay.target import parse_upstream_url
 from relay.tlsconf import server_context
 from relay.upstream import Upstream, open_upstream
 
+if TYPE_CHECKING:
+    from relay.workers import WorkerArgs
+
 log = logging.getLogger("relay.server")
 
-SHUTDOWN_GRACE = 30.0  # seconds for sessions in progress after SIGTERM
 # asyncio's default of 100 drops a burst of connects in the kernel, where they wait for
 # SYN retransmits; a deep queue lets each one reach the 421 4.7.0 of the connection limit.
 LISTEN_BACKLOG = 1024
@@ -53,9 +57,12 @@ class Relay:
         config: Config,
         registry: CollectorRegistry | None = None,
         tokens: AddressTokens | None = None,
+        *,
+        worker: WorkerArgs | None = None,
     ) -> None:
         self.config = config
         self._tokens = tokens
+        self._worker = worker  # one of several processes (relay.workers), or None
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.smtp_port = 0
@@ -70,6 +77,7 @@ class Relay:
         self.deliverer: Deliverer | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._log_flusher: asyncio.Task[None] | None = None
+        self._status: asyncio.Task[None] | None = None
         self._started = 0.0
 
     @property
@@ -116,16 +124,20 @@ class Relay:
         )
         listen = config.listen_address
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            factory, listen.host, listen.port, backlog=LISTEN_BACKLOG
-        )
+        if self._worker is not None:  # the supervisor's socket, shared by every worker
+            shared = socket.socket(fileno=self._worker.listen_fd)
+            self._server = await loop.create_server(factory, sock=shared)
+        else:
+            self._server = await loop.create_server(
+                factory, listen.host, listen.port, backlog=LISTEN_BACKLOG
+            )
         self.smtp_port = self._server.sockets[0].getsockname()[1]
         self._health = HealthServer(self.registry, self._ready)
         metrics = config.metrics_address
         self.metrics_port = await self._health.start(metrics.host, metrics.port)
         self._started = time.monotonic()
         self._delivering = asyncio.create_task(self.deliverer.run(), name="deliverer")
-        self._log_flusher = asyncio.create_task(_flush_logs(), name="log flusher")
+        self._log_flusher = asyncio.create_task(flush_periodically(), name="log flusher")
         log.info(
             "listening",
             extra={
@@ -135,6 +147,11 @@ class Relay:
                     "upstream": self._upstream_name(),
                     "version": __version__,
                     "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+                    **(
+                        {"worker": f"{self._worker.index}/{self._worker.count}"}
+                        if self._worker
+                        else {}
+                    ),
                 }
             },
         )
@@ -173,12 +190,26 @@ class Relay:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def _report(self, path: Path) -> None:
+        """A worker's readiness for its supervisor, every ``STATUS_SECONDS``."""
+        while True:
+            ready, reason = self._ready()
+            try:
+                write_status(path, ready, reason)
+            except OSError:
+                log.exception("cannot write the worker status file")
+            await asyncio.sleep(STATUS_SECONDS)
+
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (or ``request_stop``), then stop."""
         await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        if self._worker is not None:
+            # The supervisor holds the other end: readable (EOF) once it is gone.
+            loop.add_reader(self._worker.lifeline_fd, self.request_stop)
+            self._status = asyncio.create_task(self._report(self._worker.status_file))
         try:
             await self._stop.wait()
         finally:
@@ -213,12 +244,7 @@ class Relay:
             await self._health.stop()
         if self._log_flusher is not None:
             self._log_flusher.cancel()
+        if self._status is not None:
+            self._status.cancel()
         log.info("stopped")
-        flush_logs()
-
-
-async def _flush_logs() -> None:
-    """Buffered log lines go out at least every ``FLUSH_SECONDS``, busy or quiet."""
-    while True:
-        await asyncio.sleep(FLUSH_SECONDS)
         flush_logs()

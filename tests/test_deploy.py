@@ -32,8 +32,15 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.config import Config, DeliveryConfig, Mode, env_names, load, parse_host_port
-from relay.server import SHUTDOWN_GRACE
+from relay.config import (
+    SHUTDOWN_GRACE,
+    Config,
+    DeliveryConfig,
+    Mode,
+    env_names,
+    load,
+    parse_host_port,
+)
 from tests.relay_harness import running_relay
 from tests.upstream_server import UpstreamServer
 
