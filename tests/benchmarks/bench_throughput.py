@@ -63,6 +63,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -241,10 +242,11 @@ class Relay:
     def __init__(self, upstream_port: int, pool_size: int, workers: int = 1) -> None:
         self.spool = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
         self.port = free_port()
+        self.metrics_port = free_port()
         env = {
             **os.environ,
             "RELAY_LISTEN": f"127.0.0.1:{self.port}",
-            "RELAY_METRICS_LISTEN": "127.0.0.1:0",
+            "RELAY_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "RELAY_SPOOL_DIR": str(self.spool),
             "RELAY_UPSTREAM": f"smtp+plain://127.0.0.1:{upstream_port}",
             "RELAY_UPSTREAM_POOL_SIZE": str(pool_size),
@@ -261,6 +263,19 @@ class Relay:
         # would stall the relay mid-benchmark.
         threading.Thread(target=self._drain, daemon=True).start()
         wait_listening(self.port, self.process, "the relay")
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        """Until ``/readyz`` says 200: with workers, the listener is up before they are."""
+        deadline = time.monotonic() + 30
+        url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("the relay is not ready after 30 s")
+            time.sleep(0.05)
 
     def _drain(self) -> None:
         assert self.process.stderr is not None
