@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -19,8 +18,6 @@ from relay.server import Relay
 from relay.target import parse_upstream_url
 from relay.upstream import open_upstream
 from relay.workers import WorkerArgs
-
-log = logging.getLogger("relay.cli")
 
 _SERVE_HELP = """\
 Run the relay: listen for SMTP (default 127.0.0.1:2525), make one isolated
@@ -152,11 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
         elif config.workers > 1:
             eventloop.run(workers.Supervisor(config, path).run())
         else:
-            for spool in workers.orphaned_spools(config):
-                log.error(
-                    "a spool of a worker beyond the configured count is not delivered",
-                    extra={"fields": {"spool": str(spool), "workers": config.workers}},
-                )
+            workers.report_orphans(config)
             eventloop.run(Relay(config, tokens=tokens).run())
     except ConfigError as exc:
         print(f"solo-relay: configuration error: {exc}", file=sys.stderr)

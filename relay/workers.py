@@ -102,6 +102,15 @@ def orphaned_spools(config: Config) -> list[Path]:
     ]
 
 
+def report_orphans(config: Config) -> None:
+    """At start: an error line for each spool that no worker of this run delivers."""
+    for path in orphaned_spools(config):
+        log.error(
+            "a spool of a worker beyond the configured count is not delivered",
+            extra={"fields": {"spool": str(path), "workers": config.workers}},
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerArgs:
     """What ``serve --worker`` is given by its supervisor."""
@@ -157,11 +166,7 @@ class Supervisor:
     async def _start(self) -> None:
         config = self.config
         listen = config.listen_address
-        for path in orphaned_spools(config):
-            log.error(
-                "a spool of a worker beyond the configured count is not delivered",
-                extra={"fields": {"spool": str(path), "workers": config.workers}},
-            )
+        report_orphans(config)
         self._sock = socket.create_server(
             (listen.host, listen.port), backlog=LISTEN_BACKLOG, reuse_port=False
         )

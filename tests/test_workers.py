@@ -266,3 +266,40 @@ def test_workers_stop_when_their_supervisor_is_killed(served: Served) -> None:
         while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text():
             assert time.monotonic() < deadline, f"worker {pid} still running"
             time.sleep(0.05)
+
+
+def test_a_spool_left_by_more_workers_is_reported_at_start(tmp_path: Path) -> None:
+    """With workers = 1, spool.dir/worker-1 holds mail nobody delivers: serve says so."""
+    left = tmp_path / "spool" / "worker-1"
+    spool = Spool(left, fsync=False)
+    spool.open()
+    try:
+        asyncio.run(spool.store(_message("QL", "alice@example.com")))
+    finally:
+        spool.close()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+        "RELAY_LISTEN": "127.0.0.1:0",
+        "RELAY_METRICS_LISTEN": "127.0.0.1:0",
+        "RELAY_LOG_FORMAT": "json",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        lines = []
+        for text in process.stderr:
+            lines.append(json.loads(text))
+            if lines[-1]["event"] == "listening":
+                break
+        [orphan] = [line for line in lines if line["level"] == "error"]
+        assert orphan["event"] == "a spool of a worker beyond the configured count is not delivered"
+        assert orphan["spool"] == "spool/worker-1" and orphan["workers"] == 1
+    finally:
+        process.kill()
+        process.wait(timeout=10)
