@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sqlite3
 import sys
@@ -32,7 +33,7 @@ from typing import TextIO
 from relay.config import Config, load
 from relay.errors import ConfigError
 from relay.logs import AddressTokens, load_key
-from relay.spool import BUSY_TIMEOUT_MS, LIVE, CopyRow, CopyState, read_stats
+from relay.spool import BODIES, BUSY_TIMEOUT_MS, LIVE, CopyRow, CopyState, read_stats
 from relay.workers import spool_dirs
 
 EXIT_OK = 0
@@ -201,11 +202,11 @@ def _act(
     if action == "retry":
         return _retry(conn, None if args.every else args.queue_id, now)
     if action == "delete":
-        return _delete(conn, args.queue_id)
+        return _delete(conn, path, args.queue_id)
     assert tokens is not None
     if action == "list":
         return _list(conn, tokens, now)
-    return _show(conn, args.queue_id, tokens, now)
+    return _show(conn, path, args.queue_id, tokens, now)
 
 
 # -- the database ------------------------------------------------------------------
@@ -298,10 +299,13 @@ def _list(conn: sqlite3.Connection, tokens: AddressTokens, now: float) -> str:
     )
 
 
-def _show(conn: sqlite3.Connection, message_id: str, tokens: AddressTokens, now: float) -> str:
+def _show(
+    conn: sqlite3.Connection, path: Path, message_id: str, tokens: AddressTokens, now: float
+) -> str:
     with _transaction(conn):
         message = conn.execute(
-            "SELECT sender, smtputf8, auth_user, received, expires, length(body), is_dsn"
+            "SELECT sender, smtputf8, auth_user, received, expires,"
+            " CASE body_file WHEN 1 THEN -1 ELSE length(body) END, is_dsn"
             " FROM messages WHERE id = ?",
             (message_id,),
         ).fetchone()
@@ -312,6 +316,8 @@ def _show(conn: sqlite3.Connection, message_id: str, tokens: AddressTokens, now:
             conn.execute("SELECT id, headers FROM copies WHERE message = ?", (message_id,))
         )
     sender, smtputf8, auth_user, received, expires, size, is_dsn = message
+    if size == -1:  # a large body is a file of its own (relay.spool, Rule 3)
+        size = _file_size(path.parent / BODIES / message_id)
     lines = [
         f"queue id   {_safe(message_id)}",
         f"sender     {_safe(_sender(sender, tokens))}",
@@ -361,7 +367,7 @@ def _retry(conn: sqlite3.Connection, message_id: str | None, now: float) -> str:
     return f"{_copies_word(count)}{scope} due now\n"
 
 
-def _delete(conn: sqlite3.Connection, message_id: str) -> str:
+def _delete(conn: sqlite3.Connection, path: Path, message_id: str) -> str:
     with _transaction(conn, write=True):
         _require(conn, message_id)
         (in_flight,) = conn.execute(
@@ -369,7 +375,11 @@ def _delete(conn: sqlite3.Connection, message_id: str) -> str:
             (message_id, CopyState.DELIVERING.value),
         ).fetchone()
         count = conn.execute("DELETE FROM copies WHERE message = ?", (message_id,)).rowcount
-        conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        [(in_file,)] = conn.execute(
+            "DELETE FROM messages WHERE id = ? RETURNING body_file", (message_id,)
+        ).fetchall()
+    if in_file == 1:  # after the commit, as the relay does (a file no row names is harmless)
+        (path.parent / BODIES / message_id).unlink(missing_ok=True)
     text = f"deleted {_safe(message_id)}: {_copies_word(count)}\n"
     if in_flight:
         text += f"  {_copies_word(in_flight)} being delivered at that moment may still arrive\n"
@@ -382,6 +392,8 @@ def _stats(conn: sqlite3.Connection, path: Path, now: float) -> str:
         (messages,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
         (quarantined,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
     sizes = {suffix: _file_size(Path(f"{path}{suffix}")) for suffix in ("", "-wal")}
+    bodies = path.parent / BODIES
+    files = [entry.stat().st_size for entry in os.scandir(bodies)] if bodies.is_dir() else []
     lines = [f"{state.value:<12} {counts[state]}" for state in CopyState]
     lines.append(f"{'messages':<12} {messages}")
     age = "-" if oldest is None else f"{_span(now - oldest)} (received {_when(oldest)})"
@@ -391,6 +403,7 @@ def _stats(conn: sqlite3.Connection, path: Path, now: float) -> str:
         f"{'database':<12} {_bytes(sum(sizes.values()))}"
         f" ({path.name} {_bytes(sizes[''])}, WAL {_bytes(sizes['-wal'])})"
     )
+    lines.append(f"{'body files':<12} {len(files)}, {_bytes(sum(files))}")
     return "\n".join(lines) + "\n"
 
 

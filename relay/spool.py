@@ -7,7 +7,11 @@ Rule 2: group commit: every write waiting when the writer thread comes free
 goes into one transaction and costs one fsync, so durability does not cap
 throughput (Postfix pays one fsync per queue file instead).
 Rule 3: a message's body is stored once; each copy stores its own header
-section and its state.
+section and its state. A body of ``BODY_FILE_OCTETS`` or more is a file of
+its own (``bodies/ID`` beside the database), written and fsynced (and its
+directory) before the transaction that names it commits, and removed after
+the one that drops it: SQLite would write it twice (log, then checkpoint)
+and read it back to free it, about six times the CPU.
 Rule 4: a state change is durable before it is acted on: a copy is marked
 ``delivering`` before it is sent and ``delivered`` after the upstream's
 ``250``; a crash between those two can resend that one copy (at least once),
@@ -28,7 +32,9 @@ import fcntl
 import functools
 import heapq
 import logging
+import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -56,6 +62,9 @@ _OWN_FAULT = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingErro
 # quotes that header section once more.
 HEADROOM_BYTES = 4 * 1024 * 1024
 PAGE_SIZE = 16384  # SQLite's default is 4096
+BODY_FILE_OCTETS = 64 * 1024  # bodies this large or larger live in files (Rule 3)
+BODIES = "bodies"
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # a queue id safe as a file name
 BUSY_TIMEOUT_MS = 10_000  # `solo-relay queue` commands share the file with a running relay
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -67,6 +76,7 @@ CREATE TABLE IF NOT EXISTS messages (
     expires REAL NOT NULL,
     body_crc INTEGER NOT NULL,
     is_dsn INTEGER NOT NULL DEFAULT 0,
+    body_file INTEGER NOT NULL DEFAULT 0,  -- 1: the body is the file bodies/<id>
     -- Last: SQLite reads a row's columns in order, and a large body spills into
     -- overflow pages that every read of a later column would have to walk.
     body BLOB NOT NULL
@@ -186,6 +196,94 @@ class CopyRow:
     sender: str
 
 
+class _BodyFiles:
+    """Large bodies as files in ``bodies/`` (Rule 3), in step with the writer's transactions.
+
+    Used only on the writer thread (and by ``open`` before it starts). Files written
+    in a transaction are removed if it rolls back; files of dropped messages are
+    removed once it commits. A crash between the two leaves a file no row names,
+    which the next ``open`` removes.
+    """
+
+    def __init__(self, directory: Path, *, fsync: bool) -> None:
+        self.directory = directory
+        self._fsync = fsync
+        self._written: list[Path] = []  # in the transaction in progress
+        self._doomed: list[Path] = []  # to remove once it commits
+        self.bytes = 0  # of the files named by committed rows (``spool.max_bytes``)
+
+    def path(self, message_id: str) -> Path:
+        return self.directory / message_id
+
+    def write(self, message_id: str, body: bytes) -> None:
+        self.directory.mkdir(exist_ok=True)
+        path = self.path(message_id)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._written.append(path)  # from here on, a rollback removes it
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(descriptor, view) :]
+            if self._fsync:
+                os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        self.bytes += len(body)
+
+    def read(self, message_id: str) -> bytes | None:
+        try:
+            return self.path(message_id).read_bytes()
+        except OSError:
+            return None
+
+    def forget(self, message_id: str) -> None:
+        self._doomed.append(self.path(message_id))
+
+    def mark(self) -> tuple[int, int]:
+        return len(self._written), len(self._doomed)
+
+    def rollback_to(self, mark: tuple[int, int]) -> None:
+        """An operation rolled back: its new files go, and the files it dropped stay."""
+        for path in self._written[mark[0] :]:
+            self._remove(path)
+        del self._written[mark[0] :]
+        del self._doomed[mark[1] :]
+
+    def before_commit(self) -> None:
+        if self._written and self._fsync:  # the new names are durable before the rows
+            descriptor = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+
+    def committed(self) -> None:
+        for path in self._doomed:
+            self._remove(path)
+        self._written.clear()
+        self._doomed.clear()
+
+    def rolled_back(self) -> None:
+        self.rollback_to((0, 0))
+
+    def sweep(self, known: set[str]) -> None:
+        """At open: remove files no row names (a crash mid-transaction); count the rest."""
+        self.bytes = 0
+        if not self.directory.is_dir():
+            return
+        for entry in os.scandir(self.directory):
+            if entry.name in known:
+                self.bytes += entry.stat().st_size
+            else:
+                self._remove(Path(entry.path))
+
+    def _remove(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            size = path.stat().st_size
+            path.unlink()
+            self.bytes = max(0, self.bytes - size)
+
+
 class Spool:
     """The spool database. ``open`` it, then ``await`` its methods from the event loop."""
 
@@ -194,6 +292,7 @@ class Spool:
         self.path = directory / "spool.db"
         self._fsync = fsync
         self._max_bytes = max_bytes
+        self._files = _BodyFiles(directory / BODIES, fsync=fsync)
         self._queue: queue.SimpleQueue[
             tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
         ] = queue.SimpleQueue()
@@ -277,6 +376,8 @@ class Spool:
             source = Path(str(self.path) + suffix)
             if source.exists():
                 source.rename(Path(str(aside) + suffix))
+        if self._files.directory.is_dir():  # its large bodies go with it, for whoever salvages
+            self._files.directory.rename(Path(str(aside) + "." + BODIES))
         self.quarantined += 1
         return self._open_db()
 
@@ -298,6 +399,9 @@ class Spool:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'OFF'}")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        if "body_file" not in columns:  # a spool made before bodies could be files
+            conn.execute("ALTER TABLE messages ADD COLUMN body_file INTEGER NOT NULL DEFAULT 0")
         if self._max_bytes:
             # ``max_bytes`` bounds new mail (``store`` checks it); SQLite's own limit sits
             # above it, so that claims, outcomes and DSNs can still be written when new mail
@@ -314,13 +418,20 @@ class Spool:
             (CopyState.QUEUED.value, now, CopyState.DELIVERING.value),
         )
         # One row at a time (a backlog can be larger than memory); act once the scan is done.
-        bad_messages = [
-            (message_id, "body checksum mismatch" if _body_crc(body) != crc else "times damaged")
-            for message_id, body, crc, received, expires in conn.execute(
-                "SELECT id, body, body_crc, received, expires FROM messages"
-            )
-            if _body_crc(body) != crc or not _numbers(received, expires)
-        ]
+        bad_messages = []
+        in_files = set()
+        for message_id, body, crc, received, expires, in_file in conn.execute(
+            "SELECT id, body, body_crc, received, expires, body_file FROM messages"
+        ):
+            if in_file == 1:
+                in_files.add(message_id)
+            stored = self._read_body(message_id, body, in_file)
+            if stored is None and in_file == 1:
+                bad_messages.append((message_id, "body file missing"))
+            elif _body_crc(stored) != crc:
+                bad_messages.append((message_id, "body checksum mismatch"))
+            elif not _numbers(received, expires):
+                bad_messages.append((message_id, "times damaged"))
         for message_id, reason in bad_messages:
             self._quarantine_message(conn, message_id, reason, now)
         # rcpt and state are read as bytes: a corrupt byte is a mismatch, not a decode error.
@@ -340,19 +451,23 @@ class Spool:
             self._quarantine_copy(conn, copy_id, message_id, reason, now)
         conn.execute("DELETE FROM copies WHERE message NOT IN (SELECT id FROM messages)")
         conn.execute("COMMIT")
+        self._files.committed()
+        self._files.sweep(in_files - {message_id for message_id, _ in bad_messages})
         self.live = _count_live(conn)
 
     def _quarantine_message(
         self, conn: sqlite3.Connection, message_id: str, reason: str, now: float
     ) -> None:
+        row = conn.execute(
+            "SELECT body, body_file FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        data = None if row is None else self._read_body(message_id, row[0], row[1])
         conn.execute(
-            "INSERT INTO quarantine (kind, ref, reason, at, data)"
-            " SELECT 'message', id, ?, ?, body FROM messages WHERE id = ?",
-            (reason, now, message_id),
+            "INSERT INTO quarantine (kind, ref, reason, at, data) VALUES ('message', ?, ?, ?, ?)",
+            (message_id, reason, now, data),
         )
         self._added -= _count_live(conn, message_id)
-        conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
-        conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        self._delete_message(conn, message_id)
         self.quarantined += 1
         log.error(
             "spool record quarantined", extra={"fields": {"queue_id": message_id, "reason": reason}}
@@ -374,11 +489,82 @@ class Spool:
         )
         self._added -= state[0] in _LIVE_BYTES
         conn.execute("DELETE FROM copies WHERE id = ?", (copy_id,))
-        _drop_if_done(conn, message_id)  # else a message with no live copy stays forever
+        self._drop_if_done(conn, message_id)  # else a message with no live copy stays forever
         self.quarantined += 1
         log.error(
             "spool record quarantined", extra={"fields": {"queue_id": message_id, "reason": reason}}
         )
+
+    # -- rows and body files (writer thread) -------------------------------------------
+
+    def _insert(self, conn: sqlite3.Connection, message: NewMessage) -> None:
+        body = bytes(message.body)
+        crc = zlib.crc32(body)
+        in_file = len(body) >= BODY_FILE_OCTETS and _FILE_NAME.fullmatch(message.id) is not None
+        conn.execute(
+            "INSERT INTO messages (id, sender, smtputf8, auth_user, received, expires, body,"
+            " body_crc, is_dsn, body_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                message.id,
+                message.sender,
+                int(message.smtputf8),
+                message.auth_user,
+                message.received,
+                message.expires,
+                b"" if in_file else body,
+                crc,
+                int(message.is_dsn),
+                int(in_file),
+            ),
+        )  # first: a duplicate id fails here, before any file is made
+        if in_file:
+            try:
+                self._files.write(message.id, body)
+            except OSError as exc:  # a full or failing disk: this message fails alone
+                raise SpoolError(f"cannot write the body file: {exc.strerror}") from exc
+        conn.executemany(
+            "INSERT INTO copies (message, rcpt, headers, crc, state, attempts, next_try, last_code,"
+            " last_enhanced, last_text, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    message.id,
+                    c.rcpt,
+                    c.headers,
+                    _copy_crc(c.rcpt, c.headers),
+                    c.state.value,
+                    c.attempts,
+                    c.next_try,
+                    c.last_code,
+                    c.last_enhanced,
+                    c.last_text,
+                    message.received,
+                )
+                for c in message.copies
+            ],
+        )
+        if not any(c.state in LIVE for c in message.copies):
+            self._drop_if_done(conn, message.id)
+
+    def _drop_if_done(self, conn: sqlite3.Connection, message_id: str) -> None:
+        """A message whose copies are all final leaves the spool (its story is in logs, metrics)."""
+        live = conn.execute(
+            "SELECT 1 FROM copies WHERE message = ? AND state IN (?, ?, ?) LIMIT 1",
+            (message_id, *_LIVE_VALUES),
+        ).fetchone()
+        if live is None:
+            self._delete_message(conn, message_id)
+
+    def _delete_message(self, conn: sqlite3.Connection, message_id: str) -> None:
+        conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
+        for (in_file,) in conn.execute(
+            "DELETE FROM messages WHERE id = ? RETURNING body_file", (message_id,)
+        ).fetchall():
+            if in_file == 1:
+                self._files.forget(message_id)  # removed once this transaction commits
+
+    def _read_body(self, message_id: str, body: object, in_file: object) -> object:
+        """The stored body: the column, or the file (None when it is missing)."""
+        return self._files.read(message_id) if in_file == 1 else body
 
     # -- the writer thread ---------------------------------------------------------
 
@@ -422,10 +608,12 @@ class Spool:
                 if future.cancelled():
                     continue
                 conn.execute("SAVEPOINT op")
+                files = self._files.mark()
                 try:
                     result = operation(conn)
                 except _OWN_FAULT as exc:  # this operation's data (a duplicate id): it alone
                     conn.execute("ROLLBACK TO op")
+                    self._files.rollback_to(files)
                     own = SpoolError(str(exc))
                     own.__cause__ = exc
                     results.append((future, None, own))
@@ -433,15 +621,19 @@ class Spool:
                     raise  # the disk or the file: the whole transaction is suspect
                 except Exception as exc:  # a bad operation fails alone
                     conn.execute("ROLLBACK TO op")
+                    self._files.rollback_to(files)
                     results.append((future, None, exc))
                 else:
                     results.append((future, result, None))
                 conn.execute("RELEASE op")
+            self._files.before_commit()
             conn.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
+            self._files.committed()
+        except (sqlite3.DatabaseError, OSError) as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            self._files.rolled_back()
             log.error("spool write failed", extra={"fields": {"error": str(exc)}})
             failure = SpoolError(str(exc))
             results = [(future, None, failure) for _, future in batch]
@@ -472,9 +664,10 @@ class Spool:
         """
 
         def write(conn: sqlite3.Connection) -> list[int]:
-            if self._max_bytes and _used_bytes(conn) + _size(message) > self._max_bytes:
+            used = _used_bytes(conn) + self._files.bytes
+            if self._max_bytes and used + _size(message) > self._max_bytes:
                 raise SpoolError("database or disk is full (spool.max_bytes)")
-            _insert(conn, message)
+            self._insert(conn, message)
             self._added += sum(c.state in LIVE for c in message.copies)
             rows = conn.execute(
                 "SELECT id FROM copies WHERE message = ? ORDER BY id", (message.id,)
@@ -488,8 +681,7 @@ class Spool:
 
         def write(conn: sqlite3.Connection) -> None:
             self._added -= _count_live(conn, message_id)
-            conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
-            conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            self._delete_message(conn, message_id)
 
         await self._submit(write)
 
@@ -553,14 +745,17 @@ class Spool:
 
         def read(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute(
-                "SELECT body, body_crc FROM messages WHERE id = ?", (message_id,)
+                "SELECT body, body_crc, body_file FROM messages WHERE id = ?", (message_id,)
             ).fetchone()
             if row is None:
                 return None
-            if _body_crc(row[0]) != row[1]:
-                self._quarantine_message(conn, message_id, "body checksum mismatch", time.time())
+            body = self._read_body(message_id, row[0], row[2])
+            if not isinstance(body, bytes) or _body_crc(body) != row[1]:
+                missing = body is None and row[2] == 1
+                reason = "body file missing" if missing else "body checksum mismatch"
+                self._quarantine_message(conn, message_id, reason, time.time())
                 return None
-            return bytes(row[0])
+            return body
 
         return await self._submit(read)
 
@@ -604,9 +799,9 @@ class Spool:
                 ),
             )
             if also_store is not None:
-                _insert(conn, also_store)  # the DSN commits with the failure, or neither does
+                self._insert(conn, also_store)  # the DSN commits with the failure, or neither
                 self._added += len(also_store.copies)
-            _drop_if_done(conn, row[0])
+            self._drop_if_done(conn, row[0])
             return True
 
         return await self._submit(write)
@@ -665,7 +860,7 @@ class Spool:
         )
         self._added -= sum(state in _LIVE_BYTES for _, state in found.values())
         for message_id in {message_id for message_id, _ in found.values()}:
-            _drop_if_done(conn, message_id)
+            self._drop_if_done(conn, message_id)
         return set(found)
 
     async def release(self, copy_ids: Sequence[int], now: float) -> None:
@@ -710,47 +905,6 @@ def read_stats(conn: sqlite3.Connection) -> tuple[dict[CopyState, int], float | 
         tuple(s.value for s in LIVE),
     ).fetchone()
     return counts, (float(row[0]) if row is not None and _numbers(row[0]) else None)
-
-
-def _insert(conn: sqlite3.Connection, message: NewMessage) -> None:
-    body = bytes(message.body)
-    conn.execute(
-        "INSERT INTO messages (id, sender, smtputf8, auth_user, received, expires, body, body_crc,"
-        " is_dsn) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id,
-            message.sender,
-            int(message.smtputf8),
-            message.auth_user,
-            message.received,
-            message.expires,
-            body,
-            zlib.crc32(body),
-            int(message.is_dsn),
-        ),
-    )
-    conn.executemany(
-        "INSERT INTO copies (message, rcpt, headers, crc, state, attempts, next_try, last_code,"
-        " last_enhanced, last_text, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                message.id,
-                c.rcpt,
-                c.headers,
-                _copy_crc(c.rcpt, c.headers),
-                c.state.value,
-                c.attempts,
-                c.next_try,
-                c.last_code,
-                c.last_enhanced,
-                c.last_text,
-                message.received,
-            )
-            for c in message.copies
-        ],
-    )
-    if not any(c.state in LIVE for c in message.copies):
-        _drop_if_done(conn, message.id)
 
 
 def _in_use(exc: sqlite3.DatabaseError) -> bool:
@@ -855,17 +1009,6 @@ def _count_live(conn: sqlite3.Connection, message_id: str | None = None) -> int:
             (message_id, *_LIVE_VALUES),
         ).fetchone()
     return int(row[0])
-
-
-def _drop_if_done(conn: sqlite3.Connection, message_id: str) -> None:
-    """A message whose copies are all final leaves the spool (its story is in logs and metrics)."""
-    live = conn.execute(
-        "SELECT 1 FROM copies WHERE message = ? AND state IN (?, ?, ?) LIMIT 1",
-        (message_id, *(s.value for s in LIVE)),
-    ).fetchone()
-    if live is None:
-        conn.execute("DELETE FROM copies WHERE message = ?", (message_id,))
-        conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
 
 def jobs_for(

@@ -371,3 +371,27 @@ def test_waits_for_the_relays_write_lock(running: Spool, spool_dir: Path) -> Non
     finally:
         release.set()
         holder.join()
+
+
+def test_a_large_body_kept_as_a_file_is_sized_and_deleted(spool_dir: Path) -> None:
+    body = b"x" * 100_000 + b"\r\n"
+    message = NewMessage(
+        "QBIG", SENDER, False, time.time(), time.time() + 3600, body, (NewCopy(BOB, headers(BOB)),)
+    )
+    spool = Spool(spool_dir, fsync=False)
+    spool.open()
+    try:
+        store(spool, message)
+    finally:
+        spool.close()
+    file = spool_dir / "bodies" / "QBIG"
+    assert file.read_bytes() == body
+    shown = queue(spool_dir, "show", "QBIG")
+    assert shown.returncode == 0, shown.stderr
+    assert f"body {len(body)} bytes" in shown.stdout
+    stats = queue(spool_dir, "stats")
+    assert (
+        f"body files   1, {len(body) // 1024}" in stats.stdout or "body files   1," in stats.stdout
+    )
+    assert queue(spool_dir, "delete", "QBIG").returncode == 0
+    assert not file.exists()

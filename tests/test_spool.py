@@ -413,6 +413,7 @@ async def test_unreadable_database_is_moved_aside(tmp_path: Path, damage: str) -
     with opened(tmp_path) as spool:
         for i in range(20):
             await spool.store(new_message(f"M{i}", body=random.Random(i).randbytes(3000)))
+        await spool.store(new_message("BIG", body=LARGE))
     path = tmp_path / "spool.db"
     original = path.read_bytes()
     if damage == "random-bytes":
@@ -426,6 +427,9 @@ async def test_unreadable_database_is_moved_aside(tmp_path: Path, damage: str) -
         assert [job.rcpt for job in await spool.claim_due(T0, 10)] == [ALICE]
     aside = sorted(p.name for p in (tmp_path / "quarantine").iterdir())
     assert any(name.startswith("spool-") and name.endswith(".db") for name in aside)
+    # Its large bodies went with it (the fresh spool would have swept them away).
+    [moved] = [p for p in (tmp_path / "quarantine").iterdir() if p.name.endswith(".bodies")]
+    assert (moved / "BIG").read_bytes() == LARGE
 
 
 @pytest.mark.parametrize("damage", ["record", "file"])
@@ -561,3 +565,83 @@ def test_damaged_numbers_are_quarantined_at_open(tmp_path: Path) -> None:
     with opened(tmp_path) as spool:
         assert spool.quarantined == 1
     assert states(tmp_path) == {ALICE: "queued"}
+
+
+# -- large bodies as files (Rule 3) ---------------------------------------------------
+
+LARGE = b"".join(b"line %06d of a large body\r\n" % n for n in range(4000))  # ~108 KB
+
+
+def bodies(directory: Path) -> dict[str, bytes]:
+    folder = directory / spool_module.BODIES
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.is_dir() else {}
+
+
+async def test_a_large_body_is_a_file_until_its_last_copy_is_final(tmp_path: Path) -> None:
+    assert len(LARGE) >= spool_module.BODY_FILE_OCTETS
+    with opened(tmp_path) as spool:
+        await spool.store(new_message("BIG", body=LARGE))
+        await spool.store(new_message("SMALL", body=b"small\r\n"))
+        assert bodies(tmp_path) == {"BIG": LARGE}  # the small one stays in the database
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            assert db.execute("SELECT length(body) FROM messages WHERE id = 'BIG'").fetchone() == (
+                0,
+            )
+        assert await spool.body("BIG") == LARGE
+        jobs = [j for j in await spool.claim_due(T0, 10) if j.message_id == "BIG"]
+        await spool.record_delivered(jobs[0].copy_id, now=T0, attempts=1, outcome=DELIVERED)
+        assert bodies(tmp_path) == {"BIG": LARGE}  # one copy still to go
+        await spool.record(jobs[1].copy_id, CopyState.FAILED, now=T0, outcome=TRANSIENT)
+        assert bodies(tmp_path) == {}
+        assert await spool.body("BIG") is None
+
+
+async def test_a_large_body_survives_a_restart(tmp_path: Path) -> None:
+    with opened(tmp_path) as spool:
+        await spool.store(new_message("BIG", body=LARGE))
+        await spool.claim_due(T0, 10)  # delivering when the process stops
+    with opened(tmp_path) as spool:
+        assert {job.message_id for job in await spool.claim_due(T0, 10)} == {"BIG"}
+        assert await spool.body("BIG") == LARGE
+
+
+async def test_a_duplicate_id_leaves_the_first_body_file_alone(tmp_path: Path) -> None:
+    with opened(tmp_path) as spool:
+        await spool.store(new_message("BIG", body=LARGE))
+        with pytest.raises(SpoolError):
+            await spool.store(new_message("BIG", body=LARGE[::-1]))
+        assert bodies(tmp_path) == {"BIG": LARGE}
+        assert await spool.body("BIG") == LARGE
+
+
+async def test_body_files_without_a_row_go_and_rows_without_a_file_are_quarantined(
+    tmp_path: Path,
+) -> None:
+    """At open: a file a crash left behind is removed; a missing or altered file quarantines."""
+    with opened(tmp_path) as spool:
+        for name in ("GONE", "ALTERED", "FINE"):
+            await spool.store(new_message(name, body=LARGE))
+    folder = tmp_path / spool_module.BODIES
+    (folder / "GONE").unlink()
+    (folder / "ALTERED").write_bytes(LARGE.replace(b"line 000100", b"line 999999"))
+    (folder / "LEFTOVER").write_bytes(b"from a transaction that never committed")
+    with opened(tmp_path) as spool:
+        assert spool.quarantined == 2
+        assert bodies(tmp_path) == {"FINE": LARGE}
+        assert {job.message_id for job in await spool.claim_due(T0, 10)} == {"FINE"}
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db:
+        reasons = dict(db.execute("SELECT ref, reason FROM quarantine").fetchall())
+        kept = db.execute("SELECT data FROM quarantine WHERE ref = 'ALTERED'").fetchone()
+    assert reasons == {"GONE": "body file missing", "ALTERED": "body checksum mismatch"}
+    assert kept is not None and len(kept[0]) == len(LARGE)  # the altered bytes, kept aside
+
+
+async def test_body_files_count_against_max_bytes(tmp_path: Path) -> None:
+    with opened(tmp_path, max_bytes=512 * 1024) as spool:
+        stored = 0
+        with pytest.raises(SpoolError, match="full"):
+            while stored < 20:
+                await spool.store(new_message(f"B{stored}", (ALICE,), body=LARGE))
+                stored += 1
+        assert 2 <= stored <= 5  # ~108 KB each against 512 KB, the database included
+        assert len(bodies(tmp_path)) == stored
