@@ -144,13 +144,17 @@ def _serve(args: argparse.Namespace) -> int:
             worker = WorkerArgs(
                 index, count, args.listen_fd, args.lifeline_fd, Path(args.status_file)
             )
-            relay = Relay(workers.share(config, index, count), tokens=tokens, worker=worker)
+            # The first worker also delivers the spools of workers beyond the count.
+            orphans = workers.orphaned_spools(config) if index == 0 else []
+            relay = Relay(
+                workers.share(config, index, count), tokens=tokens, worker=worker, orphans=orphans
+            )
             eventloop.run(relay.run())
         elif config.workers > 1:
             eventloop.run(workers.Supervisor(config, path).run())
         else:
-            workers.report_orphans(config)
-            eventloop.run(Relay(config, tokens=tokens).run())
+            relay = Relay(config, tokens=tokens, orphans=workers.orphaned_spools(config))
+            eventloop.run(relay.run())
     except ConfigError as exc:
         print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -61,7 +61,8 @@ HANDOVER_BYTES = 64 * 1024 * 1024
 # their bodies are in the body cache). Past this, new mail waits in the spool as ``queued``.
 READY_COPIES = 5000
 # While handed-over copies wait, the spool is asked for its own due copies at most this
-# often when its last answer was short (a backlog of retries still gets half the slots).
+# often when its last answer was short (a backlog of retries gets the larger half of the
+# slots, at least one).
 CLAIM_SECONDS = 0.1
 STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
 
@@ -142,8 +143,11 @@ class Deliverer:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        reports_gauges: bool = True,
     ) -> None:
         self._config = config
+        # False for a spool left by a larger worker count: the gauges are the main spool's.
+        self.reports_gauges = reports_gauges
         self._policy = config.delivery
         self._spool = spool
         self._upstream = upstream
@@ -215,7 +219,7 @@ class Deliverer:
             self._wake.clear()
             try:
                 started = await self.step(now)
-                if now - self._stats_at >= STATS_SECONDS:
+                if self.reports_gauges and now - self._stats_at >= STATS_SECONDS:
                     await self.refresh_gauges(now)
                 next_due = None if started else await self._spool.next_due()
             except Exception:
@@ -265,11 +269,11 @@ class Deliverer:
         """Up to ``allowed`` jobs: handed-over ones, and copies due in the spool.
 
         With copies waiting in memory, the spool is still asked (at most every
-        ``CLAIM_SECONDS`` while it has nothing due) and gets half the slots, so a
-        stream of new mail never starves retries.
+        ``CLAIM_SECONDS`` while it has nothing due) and gets the larger half of the
+        slots, at least one, so a stream of new mail never starves retries.
         """
         claim = not self._ready or now >= self._claim_after
-        share = allowed - allowed // 2 if claim else allowed
+        share = allowed // 2 if claim else allowed  # the spool gets the larger half, at least 1
         jobs = [self._ready.popleft() for _ in range(min(share, len(self._ready)))]
         if claim and allowed > len(jobs):
             try:

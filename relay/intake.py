@@ -204,18 +204,26 @@ class Intake:
         message = self._message(
             queue_id, copies, sender=sender, submission=submission, plan=plan, now=now
         )
-        try:
+        addresses = [c.recipient for c in plan.copies]
+
+        async def custody() -> None:
             ids = await self._spool.store(message)
+            if not handover:
+                self._deliverer.wake()
+            elif not self._deliverer.hand_over(message, ids, addresses):
+                # Delivery stopped meanwhile: back to ``queued`` (or, if even that write
+                # fails, ``delivering``, which the next start puts back in the queue).
+                with contextlib.suppress(SpoolError):
+                    await self._spool.release(ids, now)
+
+        # Shielded: a session cancelled mid-write (the client hung up, a timeout) must not
+        # separate a store of ``delivering`` copies from their hand-over, or they would
+        # wait for the next start. The write goes on; only the reply is lost.
+        try:
+            await asyncio.shield(asyncio.ensure_future(custody()))
         except SpoolError as exc:
             log.error("spool write failed", extra={"fields": {"queue_id": queue_id}})
             return exc.reply
-        if not handover:
-            self._deliverer.wake()
-        elif not self._deliverer.hand_over(message, ids, [c.recipient for c in plan.copies]):
-            # Delivery stopped meanwhile: back to ``queued`` (or, if even that write
-            # fails, ``delivering``, which the next start puts back in the queue).
-            with contextlib.suppress(SpoolError):
-                await self._spool.release(ids, now)
         return Reply(250, "2.0.0", f"OK: queued as {queue_id}")
 
     async def _direct(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -29,6 +30,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import sys
 import time
 from collections.abc import Mapping
@@ -262,12 +264,34 @@ async def flush_periodically() -> None:
     """Write out buffered lines every ``FLUSH_SECONDS``, busy or quiet (a task of the server)."""
     while True:
         await asyncio.sleep(FLUSH_SECONDS)
-        flush()
+        with contextlib.suppress(OSError):  # a full or closed pipe: try again next time
+            flush()
+
+
+class _WholeLines(io.RawIOBase):
+    """Writes to a file descriptor in pieces of at most ``PIPE_BUF`` bytes that end a line.
+
+    A pipe takes a write of up to ``PIPE_BUF`` (4096 on Linux) in one piece: the
+    workers of one supervisor share standard error, and no line of one must land
+    inside a line of another. A longer line goes out in pieces, as it would anyway.
+    """
+
+    def __init__(self, descriptor: int) -> None:
+        super().__init__()
+        self._descriptor = descriptor
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:  # the buffered writer retries the rest
+        piece = memoryview(data)[: select.PIPE_BUF]
+        end = bytes(piece).rfind(b"\n") + 1
+        return os.write(self._descriptor, piece[: end or len(piece)])
 
 
 def _buffered_stderr() -> TextIO:
     """Standard error with a 64 KiB buffer (Python's own is line-buffered: a call a line)."""
-    raw = io.FileIO(sys.stderr.fileno(), "w", closefd=False)
+    raw = _WholeLines(sys.stderr.fileno())
     return io.TextIOWrapper(
         io.BufferedWriter(raw, 1 << 16), encoding="utf-8", errors="backslashreplace"
     )

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from relay.intake import Intake
 from relay.logs import AddressTokens, flush_periodically, load_key
 from relay.logs import flush as flush_logs
 from relay.metrics import Metrics
-from relay.spool import Spool
+from relay.spool import Spool, SpoolError
 from relay.target import parse_upstream_url
 from relay.tlsconf import server_context
 from relay.upstream import Upstream, open_upstream
@@ -59,10 +60,14 @@ class Relay:
         tokens: AddressTokens | None = None,
         *,
         worker: WorkerArgs | None = None,
+        orphans: Sequence[Path] = (),
     ) -> None:
         self.config = config
         self._tokens = tokens
         self._worker = worker  # one of several processes (relay.workers), or None
+        # Spools of workers beyond the configured count: delivered here, no new mail.
+        self._orphans = tuple(orphans)
+        self._orphan_delivery: list[tuple[Spool, Deliverer, asyncio.Task[None]]] = []
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.smtp_port = 0
@@ -110,6 +115,8 @@ class Relay:
         self.spool.open()
         self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)
         await self.deliverer.refresh_gauges(time.time())
+        for directory in self._orphans:
+            self._deliver_orphan(directory, tokens)
         intake = Intake(
             config,
             upstream=self._upstream,
@@ -190,6 +197,28 @@ class Relay:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _deliver_orphan(self, directory: Path, tokens: AddressTokens) -> None:
+        """Deliver what a spool no worker serves any more holds (mail already acknowledged)."""
+        assert self._upstream is not None
+        config = self.config
+        spool = Spool(directory, fsync=config.spool.fsync, max_bytes=config.spool.max_bytes)
+        try:
+            spool.open()
+        except SpoolError:
+            log.exception(
+                "cannot open a left-over spool", extra={"fields": {"spool": str(directory)}}
+            )
+            return
+        deliverer = Deliverer(
+            config, spool, self._upstream, self.metrics, tokens, reports_gauges=False
+        )
+        task = asyncio.create_task(deliverer.run(), name=f"left-over spool {directory}")
+        self._orphan_delivery.append((spool, deliverer, task))
+        log.warning(
+            "delivering a spool left by a larger worker count",
+            extra={"fields": {"spool": str(directory), "live": spool.live}},
+        )
+
     async def _report(self, path: Path) -> None:
         """A worker's readiness for its supervisor, every ``STATUS_SECONDS``."""
         while True:
@@ -208,14 +237,22 @@ class Relay:
             loop.add_signal_handler(sig, self.request_stop)
         if self._worker is not None:
             # The supervisor holds the other end: readable (EOF) once it is gone.
-            loop.add_reader(self._worker.lifeline_fd, self.request_stop)
+            lifeline = self._worker.lifeline_fd
+
+            def orphaned() -> None:
+                loop.remove_reader(lifeline)  # EOF stays readable: once is enough
+                self.request_stop()
+
+            loop.add_reader(lifeline, orphaned)
             self._status = asyncio.create_task(self._report(self._worker.status_file))
         try:
             await self._stop.wait()
         finally:
+            # The handlers stay through the stop: a second signal (Ctrl-C again, or a
+            # supervisor passing SIGTERM on) must not kill a drain in progress.
+            await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            await self.stop()
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let sessions finish until ``grace``, then close everything."""
@@ -232,10 +269,15 @@ class Relay:
             self._gate.close_all()
         if self._server is not None:
             await self._server.wait_closed()
+        drains = [d.drain(self.config.delivery.drain_grace) for _, d, _ in self._orphan_delivery]
         if self.deliverer is not None:
-            await self.deliverer.drain(self.config.delivery.drain_grace)
+            drains.append(self.deliverer.drain(self.config.delivery.drain_grace))
+        await asyncio.gather(*drains)
         if self._delivering is not None:
             await self._delivering
+        for spool, _, task in self._orphan_delivery:
+            await task
+            spool.close()
         if self.spool is not None:
             self.spool.close()
         if self._upstream is not None:

@@ -215,7 +215,7 @@ class _BodyFiles:
     def path(self, message_id: str) -> Path:
         return self.directory / message_id
 
-    def write(self, message_id: str, body: bytes) -> None:
+    def write(self, message_id: str, body: bytes | memoryview) -> None:
         self.directory.mkdir(exist_ok=True)
         path = self.path(message_id)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -498,7 +498,7 @@ class Spool:
     # -- rows and body files (writer thread) -------------------------------------------
 
     def _insert(self, conn: sqlite3.Connection, message: NewMessage) -> None:
-        body = bytes(message.body)
+        body = message.body  # a large one goes to its file as it is: no copy in memory
         crc = zlib.crc32(body)
         in_file = len(body) >= BODY_FILE_OCTETS and _FILE_NAME.fullmatch(message.id) is not None
         conn.execute(
@@ -511,7 +511,7 @@ class Spool:
                 message.auth_user,
                 message.received,
                 message.expires,
-                b"" if in_file else body,
+                b"" if in_file else bytes(body),
                 crc,
                 int(message.is_dsn),
                 int(in_file),

@@ -8,7 +8,8 @@ shared socket: the kernel hands each new connection to one of them.
 Rule 1: shared nothing but the socket. Each worker has its own spool
 (``spool_dir``), its own delivery and upstream pool, and its share of the
 limits (``share``), so custody, recovery and ordering are exactly those of a
-single relay, once per worker.
+single relay, once per worker. Spools of workers beyond the count (a run with
+more workers before) are delivered by the first worker (``orphaned_spools``).
 Rule 2: one operations endpoint. Workers record metrics in
 ``PROMETHEUS_MULTIPROC_DIR`` and report readiness in a status file there,
 once a second; the supervisor serves ``/metrics`` (their sum), ``/healthz``
@@ -94,21 +95,14 @@ def share(config: Config, index: int, count: int) -> Config:
 
 
 def orphaned_spools(config: Config) -> list[Path]:
-    """Spools of workers beyond ``workers`` (left by a run with more): nobody delivers them."""
+    """Spools of workers beyond ``workers`` (left by a run with more); the first worker
+    delivers what they hold (``Relay(orphans=...)``) and sends them no new mail.
+    """
     return [
         path
         for path in spool_dirs(config)[1:]
         if int(path.name[7:]) >= config.workers and (path / "spool.db").exists()
     ]
-
-
-def report_orphans(config: Config) -> None:
-    """At start: an error line for each spool that no worker of this run delivers."""
-    for path in orphaned_spools(config):
-        log.error(
-            "a spool of a worker beyond the configured count is not delivered",
-            extra={"fields": {"spool": str(path), "workers": config.workers}},
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,10 +146,10 @@ class Supervisor:
             watchers = [asyncio.create_task(self._watch(i)) for i in range(self.config.workers)]
             flusher = asyncio.create_task(flush_periodically())
             await self._stop.wait()
+            log.info("stopping", extra={"fields": {"workers": len(self._workers)}})
+            await self._stop_workers()  # the handlers stay: a second signal changes nothing
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            log.info("stopping", extra={"fields": {"workers": len(self._workers)}})
-            await self._stop_workers()
             for task in (*watchers, flusher):
                 task.cancel()
         finally:
@@ -166,7 +160,6 @@ class Supervisor:
     async def _start(self) -> None:
         config = self.config
         listen = config.listen_address
-        report_orphans(config)
         self._sock = socket.create_server(
             (listen.host, listen.port), backlog=LISTEN_BACKLOG, reuse_port=False
         )
@@ -209,8 +202,13 @@ class Supervisor:
             f"--status-file={self._status_file(index)}",
         ]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._directory)}
+        # A session of its own: a Ctrl-C to the terminal's process group reaches the
+        # supervisor, which passes SIGTERM on, not every worker at once.
         self._workers[index] = await asyncio.create_subprocess_exec(
-            *command, env=env, pass_fds=(self._sock.fileno(), self._lifeline[0])
+            *command,
+            env=env,
+            pass_fds=(self._sock.fileno(), self._lifeline[0]),
+            start_new_session=True,
         )
 
     async def _watch(self, index: int) -> None:
@@ -226,9 +224,13 @@ class Supervisor:
                 extra={"fields": {"worker": index, "status": status, "pid": process.pid}},
             )
             await asyncio.sleep(RESTART_DELAY)
-            if self._stop.is_set():
-                return
-            await self._spawn(index)
+            while not self._stop.is_set():
+                try:
+                    await self._spawn(index)
+                    break
+                except OSError:  # no process to be had now (memory, limits): try again
+                    log.exception("cannot start a worker", extra={"fields": {"worker": index}})
+                    await asyncio.sleep(RESTART_DELAY)
 
     def _ready(self) -> tuple[bool, str]:
         for index in range(self.config.workers):

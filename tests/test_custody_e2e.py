@@ -4,8 +4,13 @@ never 250) when custody cannot be taken."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from relay.spool import Spool
 from tests.relay_harness import RawClient, running_relay
 from tests.upstream_server import UpstreamServer
 
@@ -42,6 +47,47 @@ async def test_queue_mode_answers_after_the_spool_write_then_delivers(
         assert relay.spool is not None and relay.deliverer is not None
         async with asyncio.timeout(10):
             while relay.spool.live:
+                await asyncio.sleep(0.02)
+    assert sorted(t.rcpt_tos[0] for t in plain_server.transactions) == [
+        "alice@example.com",
+        "bob@example.com",
+    ]
+
+
+async def test_client_gone_during_the_spool_write_still_gets_its_copies_delivered(
+    tmp_path: Path, plain_server: UpstreamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Final dot, QUIT and a half-close while the write is slow: the copies still go out.
+
+    aiosmtpd cancels the session at the client's EOF; the write commits anyway (the
+    message is in custody), so its copies must be delivered now, not left marked
+    ``delivering`` until the next start (found in review).
+    """
+    insert = Spool._insert
+
+    def slow_insert(self: Spool, conn: Any, message: Any) -> None:
+        time.sleep(0.3)  # a slow disk, in the writer thread
+        insert(self, conn, message)
+
+    monkeypatch.setattr(Spool, "_insert", slow_insert)
+    async with running_relay(tmp_path, plain_server.url(), QUEUE) as relay:
+        client = await RawClient.connect(relay.smtp_port)
+        await client.command("EHLO app.example.org")
+        await client.command("MAIL FROM:<news@example.org>")
+        await client.command("RCPT TO:<alice@example.com>")
+        await client.command("RCPT TO:<bob@example.com>")
+        await client.command("DATA")
+        await client.send(b"From: news@example.org\r\nSubject: t\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        await asyncio.sleep(0.05)
+        client.writer.write_eof()  # gone before the 250
+        await client.reader.read()
+        await client.close()
+        async with asyncio.timeout(10):
+            while len(plain_server.transactions) < 2:
+                await asyncio.sleep(0.02)
+        assert relay.spool is not None
+        async with asyncio.timeout(10):
+            while relay.spool.live:  # nothing left behind as "delivering"
                 await asyncio.sleep(0.02)
     assert sorted(t.rcpt_tos[0] for t in plain_server.transactions) == [
         "alice@example.com",

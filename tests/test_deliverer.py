@@ -22,6 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay import delivery as delivery_module
+from relay.addresses import parse_address
 from relay.config import Config, load
 from relay.delivery import Deliverer
 from relay.logs import AddressTokens
@@ -666,3 +667,28 @@ async def test_refused_passthrough_login_holds_only_its_own_mail(tmp_path: Path)
         assert w.deliverer.paused_until == 0
         assert w.row(ALICE) is not None and w.row(ALICE)[0] == "queued"  # type: ignore[index]
         assert len(w.upstream.to(BOB)) == 1
+
+
+async def test_one_free_slot_goes_to_the_spool_before_handed_over_mail(tmp_path: Path) -> None:
+    """With copies waiting in memory and one slot, a copy due in the spool is not starved.
+
+    (Found in review: the one slot always went to the in-memory line, so while new mail
+    kept coming, retries and DSNs due in the spool never started.)
+    """
+    with world(tmp_path, {"RELAY_DELIVERY_CONCURRENCY": "1"}) as w:
+        await w.store("OLD", [ALICE])  # queued in the spool, due now
+        fresh = NewMessage(
+            id="NEW",
+            sender=SENDER,
+            smtputf8=False,
+            received=T0,
+            expires=T0 + 3600,
+            body=b"Hello.\r\n",
+            copies=(NewCopy(BOB, headers(BOB, SENDER), CopyState.DELIVERING, next_try=T0),),
+        )
+        ids = await w.spool.store(fresh)
+        assert w.deliverer.hand_over(fresh, ids, [parse_address(BOB, smtputf8=False)])
+        assert await w.run_at(T0) == 1
+        assert [s.rcpt for s in w.upstream.sent] == [ALICE]
+        assert await w.run_at(T0 + 1) == 1
+        assert [s.rcpt for s in w.upstream.sent] == [ALICE, BOB]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import select
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -258,3 +261,40 @@ def test_info_lines_are_flushed_in_batches_warnings_at_once(
     logs.flush()  # what the server runs every FLUSH_SECONDS
     assert stream.flushes == 3
     assert len(lines(stream)) == 54
+
+
+def test_buffered_lines_go_out_in_whole_lines_of_at_most_pipe_buf(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers share one stderr pipe: each write is whole lines, small enough to stay whole."""
+    written: list[bytes] = []
+    real_write = os.write
+
+    def record(descriptor: int, data: Any) -> int:
+        count = real_write(descriptor, data)
+        written.append(bytes(data[:count]))
+        return count
+
+    monkeypatch.setattr(logs.os, "write", record)
+    read_end, write_end = os.pipe()
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(iter_pipe(read_end)))
+    reader.start()
+    stream = io.TextIOWrapper(
+        io.BufferedWriter(logs._WholeLines(write_end), 1 << 16), encoding="utf-8"
+    )
+    text = "".join(f"line {n:05d} " + "x" * (n % 300) + "\n" for n in range(600))
+    stream.write(text)
+    stream.flush()
+    os.close(write_end)
+    reader.join(timeout=10)
+    os.close(read_end)
+    assert received.decode() == text
+    assert b"".join(written).decode() == text
+    assert len(written) < 600  # batched: far fewer writes than lines
+    assert all(len(piece) <= select.PIPE_BUF and piece.endswith(b"\n") for piece in written)
+
+
+def iter_pipe(descriptor: int) -> Iterator[int]:
+    while chunk := os.read(descriptor, 65536):
+        yield from chunk
