@@ -77,9 +77,10 @@ class LeakGuard:
 
     def check(self, copies: Sequence[Copy]) -> tuple[str, ...]:
         """Raise ``LeakDetected`` if any copy discloses another recipient; return warnings."""
+        others = False
         for number, copy in enumerate(copies, start=1):
-            self._check_copy(number, copy)
-        return self._check_body(copies)
+            others |= self._check_copy(number, copy)
+        return self._check_body(copies, scan=others)
 
     def _addresses(self, raw: bytes) -> frozenset[str]:
         found = self._cache.get(raw)
@@ -88,7 +89,12 @@ class LeakGuard:
             self._cache[raw] = found
         return found
 
-    def _check_copy(self, number: int, copy: Copy) -> None:
+    def _check_copy(self, number: int, copy: Copy) -> bool:
+        """Raise ``LeakDetected`` for a copy that shows anyone else; True if anyone else exists.
+
+        When every watched address is one of the copy's own (a message to one recipient
+        whose To: names just that one), no field can name another: the search is skipped.
+        """
         own = address_key(copy.recipient)
         # Every way the scanner reads the copy's own address ("o'brien@x" also reads as
         # "brien@x"): none of them is "another recipient" in this copy.
@@ -98,11 +104,13 @@ class LeakGuard:
         named = self._addresses(to_fields[0].raw) if len(to_fields) == 1 else frozenset()
         if own not in named or named - own_forms:
             raise LeakDetected(f"copy {number}: To: is not exactly the copy's recipient")
+        others = bool(self._watched - own_forms)
         for f in fields:
             if f.name in self._options.removed_headers:
                 raise LeakDetected(f"copy {number}: removed field {f.name} is still present")
-            if (self._addresses(f.raw) & self._watched) - own_forms:
+            if others and (self._addresses(f.raw) & self._watched) - own_forms:
                 raise LeakDetected(f"copy {number}: {f.display_name} names another recipient")
+        return others
 
     def _reparse(self, number: int, headers: bytes) -> tuple[Field, ...]:
         if not headers.endswith(b"\r\n\r\n") or headers.find(b"\r\n\r\n") != len(headers) - 4:
@@ -113,10 +121,14 @@ class LeakGuard:
         except (BadData, HeaderDefect) as exc:
             raise LeakDetected(f"copy {number}: header section unreadable ({exc.reason})") from exc
 
-    def _check_body(self, copies: Sequence[Copy]) -> tuple[str, ...]:
-        """The body is shared, so one reading serves every copy (SPEC 3, body checks)."""
+    def _check_body(self, copies: Sequence[Copy], *, scan: bool) -> tuple[str, ...]:
+        """The body is shared, so one reading serves every copy (SPEC 3, body checks).
+
+        ``scan`` False: no copy has anyone else to hide, so the body is not read (its
+        MIME structure still is, for the nesting limit).
+        """
         mode = self._options.body_check
-        found = self._body_addresses(scan=mode is not BodyCheck.OFF) & self._watched
+        found = self._body_addresses(scan=scan and mode is not BodyCheck.OFF) & self._watched
         if not found:
             return ()
         exposed = sum(

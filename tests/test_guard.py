@@ -116,3 +116,36 @@ def test_body_check_counts_only_copies_that_see_someone_else() -> None:
     ]
     warnings = LeakGuard(parsed, ENVELOPE, IsolationOptions()).check(copies)
     assert warnings == ("the body names other recipients in 1 of 2 copies",)
+
+
+SOLO_ENVELOPE = Envelope.parse("news@example.org", ["alice@example.com"])
+SOLO = message("From: news@example.org", "To: alice@example.com", "Subject: hi")
+
+
+@pytest.mark.parametrize(
+    ("headers", "passes"),
+    [
+        (copy_headers("alice@example.com", "To: alice@example.com", "X-Note: bob@x.test"), 1),
+        (
+            copy_headers("alice@example.com", "To: alice@example.com", "To: alice@example.com"),
+            False,
+        ),
+        (copy_headers("alice@example.com", "To: alice@example.com", "Cc: bob@example.com"), 0),
+        (copy_headers("alice@example.com", "To: alice@example.com, bob@example.com"), 0),
+        (copy_headers("alice@example.com", "Subject: no To"), 0),
+    ],
+    ids=["unwatched-address", "two-to", "cc-left", "to-extra", "no-to"],
+)
+def test_a_single_recipient_copy_still_gets_every_structural_check(
+    headers: bytes, passes: int
+) -> None:
+    """With nobody else to hide, the address search is skipped; the rest still holds."""
+    parsed = parse_message(SOLO, smtputf8=False, max_header_octets=10_000)
+    rcpt = parse_address("alice@example.com", smtputf8=False)
+    assert rcpt is not None
+    guard = LeakGuard(parsed, SOLO_ENVELOPE, IsolationOptions())
+    if passes:
+        guard.check([Copy(rcpt, headers, parsed.body, ())])
+    else:
+        with pytest.raises(LeakDetected):
+            guard.check([Copy(rcpt, headers, parsed.body, ())])
