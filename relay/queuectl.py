@@ -162,12 +162,14 @@ def run(
             print(f"solo-relay: configuration error: {exc}", file=err)
             return EXIT_CONFIG
     found = False
+    broken = False  # a spool that could not be read: the others are still shown
     for path in paths:
         try:
             conn = _connect(path)
         except (SpoolNotFound, sqlite3.Error) as exc:
             print(f"solo-relay queue: cannot open {path}: {exc}", file=err)
-            return EXIT_NOT_FOUND
+            broken = True
+            continue
         try:
             text = _act(conn, path, args, tokens, clock())
             every = action in ("stats", "list") or (action == "retry" and args.every)
@@ -177,11 +179,14 @@ def run(
             continue  # a queue id lives in one spool: look in the next
         except sqlite3.Error as exc:
             print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
-            return EXIT_NOT_FOUND
+            broken = True
+            continue
         finally:
             conn.close()
         if action in ("show", "delete") or (action == "retry" and not args.every):
             break  # done: that message was found
+    if broken:
+        return EXIT_NOT_FOUND
     if not found:
         print(f"solo-relay queue: no message {_safe(args.queue_id)} in the spool", file=err)
         return EXIT_NOT_FOUND

@@ -336,3 +336,28 @@ def test_a_spool_left_by_more_workers_is_delivered(tmp_path: Path) -> None:
 def _live(directory: Path) -> int:
     with contextlib.closing(sqlite3.connect(directory / "spool.db")) as db:
         return int(db.execute("SELECT COUNT(*) FROM copies").fetchone()[0])
+
+
+def test_queue_list_goes_on_past_an_unreadable_spool(tmp_path: Path) -> None:
+    """One damaged worker spool: the others are still listed; the exit status says so."""
+    base = tmp_path / "spool"
+    spool = Spool(base, fsync=False)
+    spool.open()
+    try:
+        asyncio.run(spool.store(_message("QA", "alice@example.com")))
+    finally:
+        spool.close()
+    (base / "worker-1").mkdir()
+    (base / "worker-1" / "spool.db").write_bytes(b"not a database " * 100)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    listing = subprocess.run(
+        [sys.executable, "-m", "relay", "queue", "list"],
+        env={**clean, "RELAY_SPOOL_DIR": str(base)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "QA" in listing.stdout
+    assert "worker-1" in listing.stderr
+    assert listing.returncode == 1
