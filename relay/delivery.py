@@ -168,6 +168,9 @@ class Deliverer:
         self._loading: dict[str, asyncio.Future[memoryview | None]] = {}
         # Copies stored ``delivering`` by intake and handed over in memory (no claim).
         self._ready: collections.deque[Job] = collections.deque()
+        # Copies not sent whose release back to ``queued`` failed: retried by ``run``,
+        # else they would stay ``delivering`` until the next start.
+        self._unreleased: set[int] = set()
         self._claim_after = 0.0
         self._quarantined_seen = 0
         self.paused_until = 0.0
@@ -218,6 +221,10 @@ class Deliverer:
             now = self._clock()
             self._wake.clear()
             try:
+                if self._unreleased:  # copies not sent whose way back to the queue failed
+                    retry = sorted(self._unreleased)
+                    await self._spool.release(retry, now)
+                    self._unreleased.difference_update(retry)
                 started = await self.step(now)
                 if self.reports_gauges and now - self._stats_at >= STATS_SECONDS:
                     await self.refresh_gauges(now)
@@ -312,7 +319,8 @@ class Deliverer:
         """Stop claiming; let deliveries finish until ``grace``; put the rest back in the queue."""
         self._stopping = True
         self._wake.set()
-        waiting = [job.copy_id for job in self._ready]
+        waiting = [job.copy_id for job in self._ready] + sorted(self._unreleased)
+        self._unreleased.clear()
         for job in self._ready:
             self._bodies.done(job.message_id)
         self._ready.clear()
@@ -369,8 +377,10 @@ class Deliverer:
             if attempt + 1 < RECORD_TRIES:
                 await asyncio.sleep(min(2.0**attempt, 30.0))
         if outcome.status is not Status.DELIVERED:
-            with contextlib.suppress(Exception):
+            try:
                 await self._spool.release([job.copy_id], self._clock())
+            except Exception:  # the spool is in trouble: the loop tries again (``run``)
+                self._unreleased.add(job.copy_id)
 
     async def _body(self, message_id: str) -> memoryview | None:
         """The message body as one shared view: the upstream prepares it once per message.

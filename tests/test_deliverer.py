@@ -692,3 +692,43 @@ async def test_one_free_slot_goes_to_the_spool_before_handed_over_mail(tmp_path:
         assert [s.rcpt for s in w.upstream.sent] == [ALICE]
         assert await w.run_at(T0 + 1) == 1
         assert [s.rcpt for s in w.upstream.sent] == [ALICE, BOB]
+
+
+class FailingOnce(Spool):
+    """Recording a failure fails; putting the copy back fails once, then works."""
+
+    releases = 0
+
+    async def record(self, copy_id: int, state: CopyState, **kwargs: Any) -> bool:
+        if state is not CopyState.DELIVERED:
+            raise SpoolError("database is locked")
+        return await super().record(copy_id, state, **kwargs)
+
+    async def release(self, copy_ids: Sequence[int], now: float) -> None:
+        self.releases += 1
+        if self.releases == 1:
+            raise SpoolError("database is locked")
+        await super().release(copy_ids, now)
+
+
+async def test_a_copy_whose_way_back_to_the_queue_failed_is_put_back_later(
+    tmp_path: Path,
+) -> None:
+    """Not sent, not recorded, release failed: the delivery loop puts it back, no restart.
+
+    (Found in review; before, the copy stayed ``delivering`` until the next start.)
+    """
+    transient = Outcome(Status.TRANSIENT, Stage.RCPT, 451, "4.2.0", "try later")
+    spool = FailingOnce(tmp_path)
+    with world(tmp_path, script={ALICE: [transient]}, spool=spool) as w:
+        await w.store("M1", [ALICE])
+        runner = asyncio.create_task(w.deliverer.run())
+        async with asyncio.timeout(10):
+            while len(w.upstream.sent) < 2 or w.row(ALICE) is not None:
+                await asyncio.sleep(0.02)
+        # Back in the queue on the loop's next turn, then sent again (and delivered).
+        assert spool.releases == 2
+        assert [s.rcpt for s in w.upstream.sent] == [ALICE, ALICE]
+        assert spool.releases == 2
+        await w.deliverer.drain(1)
+        await runner
