@@ -82,6 +82,28 @@ def stuffed(data: bytes) -> bytes:
 # -- delivery ------------------------------------------------------------------
 
 
+# Every test here runs against an upstream that offers PIPELINING (as the large providers
+# do: MAIL, RCPT and DATA go out in one write) and one that does not (one by one).
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+def plain_server(pipelining: bool) -> UpstreamServer:
+    return UpstreamServer(auth_require_tls=False, pipelining=pipelining)
+
+
+@pytest.fixture
+def upstream_server(server_tls: ssl.SSLContext, pipelining: bool) -> UpstreamServer:
+    return UpstreamServer(tls_context=server_tls, pipelining=pipelining)
+
+
+@pytest.fixture
+def implicit_tls_server(server_tls: ssl.SSLContext, pipelining: bool) -> UpstreamServer:
+    return UpstreamServer(tls_context=server_tls, implicit_tls=True, pipelining=pipelining)
+
+
 async def test_plain_delivery_to_loopback_sends_the_exact_bytes(
     plain_server: UpstreamServer,
 ) -> None:
@@ -247,22 +269,28 @@ async def test_a_full_pool_closes_an_idle_connection_of_other_credentials(
 
 
 async def test_rset_after_a_refusal_then_the_connection_is_reused(
-    plain_server: UpstreamServer,
+    plain_server: UpstreamServer, pipelining: bool
 ) -> None:
-    """A refused RCPT is followed by RSET, and the same connection carries the next copy."""
+    """A refused RCPT is followed by RSET, and the same connection carries the next copy.
+
+    With PIPELINING, DATA went out with MAIL and RCPT and was refused in turn (RFC 2920).
+    """
     plain_server.script("RCPT", [550])
     async with opened(config(plain_server)) as upstream:
         first = await upstream.send(SENDER, make_copy(), smtputf8=False)
         second = await upstream.send(SENDER, make_copy(), smtputf8=False)
-    assert (first.status, second.status) == (Status.PERMANENT, Status.DELIVERED)
+    assert (first.status, first.stage, first.code) == (Status.PERMANENT, Stage.RCPT, 550)
+    assert second.status is Status.DELIVERED
     assert len(plain_server.connections) == 1
-    assert plain_server.connections[0].commands()[:6] == [
+    first_try = ["MAIL", "RCPT", "DATA"] if pipelining else ["MAIL", "RCPT"]
+    assert plain_server.connections[0].commands() == [
         "EHLO",
-        "MAIL",
-        "RCPT",
+        *first_try,
         "RSET",
         "MAIL",
         "RCPT",
+        "DATA",
+        "QUIT",
     ]
 
 
@@ -739,3 +767,32 @@ async def test_password_file_wins_over_password_and_url(
     outcome = await send_one(UpstreamConfig(url=url_only, ca_file=ca_file))
     assert outcome.status is Status.DELIVERED
     assert [a[2] for a in upstream_server.auths] == [PASSWORD] * 3
+
+
+async def test_pipelining_sends_mail_rcpt_and_data_in_one_write(
+    plain_server: UpstreamServer, pipelining: bool
+) -> None:
+    """Offered PIPELINING: one write for MAIL, RCPT and DATA (half the round trips)."""
+    async with opened(config(plain_server)) as upstream:
+        for _ in range(2):  # a fresh connection, then a reused one
+            outcome = await upstream.send(SENDER, make_copy(), smtputf8=False)
+            assert outcome.status is Status.DELIVERED
+    chunks = [data for _, data in plain_server.connections[0].chunks]
+    together = [c for c in chunks if b"MAIL FROM:" in c and b"RCPT TO:" in c and b"DATA\r\n" in c]
+    assert len(together) == (2 if pipelining else 0)
+    assert len(plain_server.transactions) == 2
+
+
+async def test_a_reply_that_is_not_smtp_is_a_transient_failure(
+    plain_server: UpstreamServer, pipelining: bool
+) -> None:
+    """Garbage where a reply should be: not sent, retried later; the connection is dropped."""
+    plain_server.script("MAIL", ["this is not an SMTP reply"])
+    async with opened(config(plain_server)) as upstream:
+        outcome = await upstream.send(SENDER, make_copy(), smtputf8=False)
+        assert (outcome.status, outcome.stage) == (Status.TRANSIENT, Stage.MAIL)
+        assert not outcome.ambiguous
+        again = await upstream.send(SENDER, make_copy(), smtputf8=False)
+        assert again.status is Status.DELIVERED
+    assert len(plain_server.connections) == 2  # the confused session was not reused
+    assert len(plain_server.transactions) == 1

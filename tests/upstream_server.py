@@ -70,6 +70,9 @@ class Connection:
     index: int
     chunks: list[tuple[bool, bytes]] = field(default_factory=list)
     wire: bytearray = field(default_factory=bytearray)
+    # Whether each DATA command opened a data phase (a pipelined DATA after a refused
+    # RCPT does not: what follows it are commands again).
+    data_opened: list[bool] = field(default_factory=list)
 
     def sent(self, *, tls: bool) -> bytes:
         """Every byte the client sent in clear (``tls=False``) or inside TLS."""
@@ -79,6 +82,7 @@ class Connection:
         """The command verbs the client sent (DATA content excluded)."""
         verbs: list[str] = []
         in_data = False
+        opened = iter(self.data_opened)
         for line in bytes(self.wire).split(b"\r\n"):
             if in_data:
                 in_data = line != b"."
@@ -86,7 +90,7 @@ class Connection:
             verb = line.split(b" ", 1)[0].decode("ascii", "replace").upper()
             if verb:
                 verbs.append(verb)
-            in_data = verb == "DATA"
+            in_data = verb == "DATA" and next(opened, True)
         return verbs
 
 
@@ -121,6 +125,8 @@ class _Handler:
         session.host_name = hostname
         tls = self.owner.implicit_tls or session.ssl is not None
         lines = [r[4:] for r in responses]
+        if self.owner.pipelining:  # aiosmtpd reads pipelined commands; it just never says so
+            lines[-1:-1] = ["PIPELINING"]
         for remove, add, when in self.owner.ehlo_edits:
             if when is None or when is tls:
                 lines = [ln for ln in lines if ln.split(" ", 1)[0].upper() not in remove]
@@ -229,11 +235,14 @@ class _RecordingSMTP(SMTP):
         await super().smtp_STARTTLS(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
-        if self.envelope is not None and self.envelope.rcpt_tos:
+        opened = self.envelope is not None and bool(self.envelope.rcpt_tos)
+        if opened:
             reply = self.owner.next_reply("DATA")
             if reply is not None:
+                self.record.data_opened.append(False)
                 await self.push(await self.owner.act(self, reply))
                 return
+        self.record.data_opened.append(opened)
         self.data_start = len(self.record.wire) - len(self._reader._buffer)  # type: ignore[attr-defined]
         await super().smtp_DATA(arg)
 
@@ -251,8 +260,10 @@ class UpstreamServer:
         auth_mechanisms: Iterable[str] = ("PLAIN", "LOGIN", "XOAUTH2"),
         auth_require_tls: bool = True,
         smtputf8: bool = True,
+        pipelining: bool = True,
     ) -> None:
         self.tls_context = tls_context
+        self.pipelining = pipelining  # offered in EHLO, as by the large providers
         self.implicit_tls = implicit_tls
         self.users = {USER: PASSWORD} if users is None else users
         self.tokens = set(tokens)
