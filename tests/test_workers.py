@@ -158,23 +158,31 @@ class Served:
         return [int(pid) for pid in children.read_text().split()]
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
+def serve(directory: Path, workers: int) -> subprocess.Popen[str]:
+    """``solo-relay serve`` in ``directory`` on free ports, JSON logs on a pipe.
+
+    In a process group of its own, as a terminal gives it.
+    """
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
-        "RELAY_WORKERS": "2",
+        "RELAY_WORKERS": str(workers),
         "RELAY_LISTEN": "127.0.0.1:0",
         "RELAY_METRICS_LISTEN": "127.0.0.1:0",
         "RELAY_LOG_FORMAT": "json",
     }
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "relay", "serve"],
-        cwd=tmp_path,
+        cwd=directory,
         env=env,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # a process group of its own, as a terminal gives it
+        start_new_session=True,
     )
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    process = serve(tmp_path, workers=2)
     assert process.stderr is not None
     first = json.loads(process.stderr.readline())
     smtp = int(str(first["smtp"]).rsplit(":", 1)[1])
@@ -297,19 +305,7 @@ def test_a_spool_left_by_more_workers_is_delivered(tmp_path: Path) -> None:
         asyncio.run(spool.store(_message("QL", "alice@example.com")))
     finally:
         spool.close()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
-        "RELAY_LISTEN": "127.0.0.1:0",
-        "RELAY_METRICS_LISTEN": "127.0.0.1:0",
-        "RELAY_LOG_FORMAT": "json",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve"],
-        cwd=tmp_path,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = serve(tmp_path, workers=1)
     try:
         assert process.stderr is not None
         lines = []
