@@ -18,9 +18,6 @@ class BodyCache:
         self._pending: dict[str, int] = {}
         self.bytes = 0  # of the bodies held
 
-    def __len__(self) -> int:
-        return len(self._views)
-
     def __repr__(self) -> str:
         return f"<BodyCache {len(self._views)} bodies, {self.bytes} bytes>"
 

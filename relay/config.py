@@ -40,6 +40,7 @@ ENV_ALIASES = {"RELAY_UPSTREAM": ("upstream", "url")}
 ENV_NOT_KEYS = frozenset({"RELAY_CONFIG"})
 MAX_WORKERS = 64
 SHUTDOWN_GRACE = 30.0  # seconds for SMTP sessions in progress after SIGTERM
+LISTEN_BACKLOG = 1024  # pending connections the SMTP listener queues
 
 # Loopback addresses: the only networks a relay may serve with no allow-list or AUTH.
 LOOPBACK = ("127.0.0.0/8", "::1/128")

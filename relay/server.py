@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from relay import __version__
-from relay.config import SHUTDOWN_GRACE, Config, Mode
+from relay.config import LISTEN_BACKLOG, SHUTDOWN_GRACE, Config, Mode
 from relay.delivery import Deliverer
 from relay.errors import ConfigError, Reply
 from relay.health import STATUS_SECONDS, HealthServer, write_status
@@ -44,7 +44,6 @@ log = logging.getLogger("relay.server")
 
 # asyncio's default of 100 drops a burst of connects in the kernel, where they wait for
 # SYN retransmits; a deep queue lets each one reach the 421 4.7.0 of the connection limit.
-LISTEN_BACKLOG = 1024
 FREE_SPACE_SECONDS = 1.0  # how long a reading of the spool's free space stands
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 QUEUE_FULL = Reply(451, "4.3.2", "Queue is full, try again later")

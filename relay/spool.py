@@ -216,7 +216,8 @@ class _BodyFiles:
         return self.directory / message_id
 
     def write(self, message_id: str, body: bytes | memoryview) -> None:
-        self.directory.mkdir(exist_ok=True)
+        if not self.directory.is_dir():
+            self._make_directory()
         path = self.path(message_id)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._written.append(path)  # from here on, a rollback removes it
@@ -251,11 +252,13 @@ class _BodyFiles:
 
     def before_commit(self) -> None:
         if self._written and self._fsync:  # the new names are durable before the rows
-            descriptor = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            _fsync_directory(self.directory)
+
+    def _make_directory(self) -> None:
+        """``bodies/`` itself, its own name durable in the spool directory before any file."""
+        self.directory.mkdir(exist_ok=True)
+        if self._fsync:
+            _fsync_directory(self.directory.parent)
 
     def committed(self) -> None:
         for path in self._doomed:
@@ -664,8 +667,9 @@ class Spool:
         """
 
         def write(conn: sqlite3.Connection) -> list[int]:
-            used = _used_bytes(conn) + self._files.bytes
-            if self._max_bytes and used + _size(message) > self._max_bytes:
+            if self._max_bytes and (
+                _used_bytes(conn) + self._files.bytes + _size(message) > self._max_bytes
+            ):
                 raise SpoolError("database or disk is full (spool.max_bytes)")
             self._insert(conn, message)
             self._added += sum(c.state in LIVE for c in message.copies)
@@ -913,6 +917,14 @@ def _in_use(exc: sqlite3.DatabaseError) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and any(
         word in text for word in ("locked", "busy", "unable to open", "disk i/o", "readonly")
     )
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _sort_time(value: object) -> float:

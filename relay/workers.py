@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from relay import __version__
-from relay.config import SHUTDOWN_GRACE, Config
+from relay.config import LISTEN_BACKLOG, SHUTDOWN_GRACE, Config, Mode
 from relay.health import HealthServer, read_status
 from relay.logs import flush as flush_logs
 from relay.logs import flush_periodically
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 RESTART_DELAY = 1.0  # seconds before a worker that exited is started again
 STOP_MARGIN = 15.0  # beyond the workers' own grace and drain times, then SIGKILL
-LISTEN_BACKLOG = 1024
 WORKER_DIR = "worker-{}"
 
 
@@ -63,11 +62,15 @@ def spool_dirs(config: Config) -> list[Path]:
     base = Path(config.spool.dir)
     found = [base]
     if base.is_dir():
-        found += sorted(
-            (p for p in base.glob(WORKER_DIR.format("*")) if p.name[7:].isdigit()),
-            key=lambda p: int(p.name[7:]),
-        )
+        numbered = ((_worker_index(p), p) for p in base.glob(WORKER_DIR.format("*")))
+        found += [p for _, p in sorted((i, p) for i, p in numbered if i is not None)]
     return found
+
+
+def _worker_index(path: Path) -> int | None:
+    """K for a directory named ``worker-K``, else None."""
+    number = path.name.removeprefix(WORKER_DIR.format(""))
+    return int(number) if number.isdigit() else None
 
 
 def share(config: Config, index: int, count: int) -> Config:
@@ -101,7 +104,7 @@ def orphaned_spools(config: Config) -> list[Path]:
     return [
         path
         for path in spool_dirs(config)[1:]
-        if int(path.name[7:]) >= config.workers and (path / "spool.db").exists()
+        if (_worker_index(path) or 0) >= config.workers and (path / "spool.db").exists()
     ]
 
 
@@ -246,7 +249,7 @@ class Supervisor:
                 process.send_signal(signal.SIGTERM)
         delivery = self.config.delivery
         limit = SHUTDOWN_GRACE + delivery.drain_grace + STOP_MARGIN
-        if self.config.mode.value == "direct":
+        if self.config.mode is Mode.DIRECT:
             limit += delivery.direct_deadline
         waits = [asyncio.ensure_future(p.wait()) for p in running]
         if waits:
