@@ -9,7 +9,12 @@ never repairs an address.
 Refused (SPEC 4): control characters, quoted local parts holding
 ``@ , < > " \\``, source routes, address literals, comments, a local part over
 64 octets (RFC 5321 4.5.3.1.1), a domain over 255 octets, and non-ASCII
-without SMTPUTF8 (RFC 6531). Pure: no I/O.
+without SMTPUTF8 (RFC 6531).
+Rule 3: a single-label domain (``root@localhost``, the default of cron,
+msmtp and swaks) is accepted for the sender, whose provider decides about
+it, and refused for a recipient, with a reply that says the domain must be
+fully qualified, unless the deployment names it as a local domain.
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -66,11 +71,15 @@ def domain_key(domain: str) -> str:
         return lowered
 
 
-def parse_address(text: str, *, smtputf8: bool, allow_null: bool = False) -> Address | None:
+def parse_address(
+    text: str, *, smtputf8: bool, allow_null: bool = False, single_label: bool = False
+) -> Address | None:
     """Validate an envelope address given without its angle brackets.
 
     Returns ``None`` for the null path ``<>`` when ``allow_null`` (MAIL FROM).
-    Raises ``BadAddress`` for anything else SPEC 4 refuses.
+    ``single_label`` accepts a domain of one label (rule 3: the sender, and a
+    recipient already judged by ``parse_recipient``). Raises ``BadAddress`` for
+    anything else SPEC 4 refuses.
     """
     if text == "":
         if allow_null:
@@ -87,8 +96,28 @@ def parse_address(text: str, *, smtputf8: bool, allow_null: bool = False) -> Add
         raise BadAddress("no domain")
     local, domain = text[:at], text[at + 1 :]
     _check_local(local)
-    _check_domain(domain)
+    _check_domain(domain, single_label=single_label)
     return Address(local, domain)
+
+
+def parse_recipient(text: str, *, smtputf8: bool, local_domains: frozenset[str]) -> Address:
+    """Validate a RCPT TO address: ``parse_address``, and rule 3 for its domain.
+
+    ``local_domains`` are the single-label domains (lower case) the deployment
+    accepts for recipients. Raises ``BadAddress``.
+    """
+    address = parse_address(text, smtputf8=smtputf8, single_label=True)
+    if address is None:  # pragma: no cover - not allow_null: "" is refused above
+        raise BadAddress("empty address")
+    if "." not in address.domain.rstrip(".") and address.domain.lower() not in local_domains:
+        raise BadAddress("single-label recipient domain", text=UNQUALIFIED_TEXT)
+    return address
+
+
+UNQUALIFIED_TEXT = (
+    "Recipient domain must be fully qualified (user@example.com); "
+    "single-label domains need smtp.local_domains"
+)
 
 
 def _check_local(local: str) -> None:
@@ -102,14 +131,14 @@ def _check_local(local: str) -> None:
         raise BadAddress("local part is not a dot-atom")
 
 
-def _check_domain(domain: str) -> None:
+def _check_domain(domain: str, *, single_label: bool) -> None:
     if domain.startswith("["):
         raise BadAddress("address literal")
     if len(domain.encode("utf-8")) > MAX_DOMAIN_OCTETS:
         raise BadAddress("domain over 255 octets")
     if domain.isascii():
         labels = domain.split(".")
-        if len(labels) < 2 or not all(
+        if len(labels) < (1 if single_label else 2) or not all(
             len(label) <= MAX_LABEL_OCTETS and _LDH_LABEL.fullmatch(label) for label in labels
         ):
             raise BadAddress("domain is not a host name")
@@ -123,5 +152,5 @@ def _check_domain(domain: str) -> None:
         ascii_form = idna.encode(domain, uts46=True).decode("ascii")
     except idna.IDNAError as exc:
         raise BadAddress("invalid internationalised domain") from exc
-    if "." not in ascii_form:
+    if "." not in ascii_form and not single_label:
         raise BadAddress("domain is not a host name")

@@ -96,6 +96,8 @@ class SmtpConfig:
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the whole DATA phase
     allow_networks: tuple[str, ...] = LOOPBACK
+    # Single-label recipient domains to accept (``user@intranet``); lower case.
+    local_domains: tuple[str, ...] = ()
     starttls: StartTLS = StartTLS.OFF
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -122,6 +124,7 @@ class UpstreamConfig:
 class IsolationConfig:
     remove_headers: tuple[str, ...] = ()
     body_check: BodyCheck = BodyCheck.WARN
+    embedded_check: BodyCheck = BodyCheck.REJECT
     normalize_line_endings: bool = False
     max_header_size: int = MAX_HEADER_OCTETS
     max_hops: int = MAX_HOPS
@@ -132,6 +135,7 @@ class IsolationConfig:
         return IsolationOptions(
             removed_headers=frozenset(self.remove_headers),
             body_check=self.body_check,
+            embedded_check=self.embedded_check,
             normalize=self.normalize_line_endings,
             max_header_octets=self.max_header_size,
             max_hops=self.max_hops,

@@ -411,7 +411,7 @@ class Deliverer:
         if body is None:
             return Outcome(Status.PERMANENT, Stage.WRITE, 0, "", "message body lost (quarantined)")
         try:
-            rcpt = job.address or parse_address(job.rcpt, smtputf8=True)
+            rcpt = job.address or parse_address(job.rcpt, smtputf8=True, single_label=True)
         except BadAddress:
             rcpt = None
         if rcpt is None:

@@ -82,11 +82,13 @@ class TooBig(Rejected):
 class BadAddress(Rejected):
     """An envelope address the relay will not carry: 553 5.1.3 (or 5.6.7)."""
 
-    def __init__(self, reason: str, *, needs_smtputf8: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, needs_smtputf8: bool = False, text: str = "Bad address syntax"
+    ) -> None:
         if needs_smtputf8:
             reply = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
         else:
-            reply = Reply(553, "5.1.3", "Bad address syntax")
+            reply = Reply(553, "5.1.3", text)
         super().__init__(reply, reason)
 
 

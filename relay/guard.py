@@ -3,59 +3,81 @@
 Rule 1: a copy never contains another recipient's address. "Another
 recipient" is any envelope recipient or any address in the original's
 recipient-bearing fields (``To``, and every field on the removal list),
-other than the copy's own and the sender's (MAIL FROM and the mailboxes of
+other than the copy's own and the sender's (MAIL FROM and every mailbox of
 ``From:`` and ``Sender:``): a copy may show who sent it.
 Rule 2: the guard trusts nothing the splitter did. It re-parses each copy's
-header section, requires exactly one ``To:`` naming only the copy's
-recipient and no removed field, and searches every field raw, RFC 2047
-decoded and percent-decoded, case-insensitively, with domains compared as
-A-labels (so a U-label spelling matches too), and addresses spelled in VERP
-form (``bounce+bob=example.com@...``).
-Rule 3: it fails closed: any hit, and any copy it cannot read, rejects the
+header section with the 998-octet line limit, requires exactly one ``To:``
+naming only the copy's recipient and no removed field, and searches every
+field in every spelling ``relay.spellings`` reads (folds anywhere, RFC 2047
+and 2231, URL lists, percent and entity forms, Unicode normal forms without
+invisible characters, every IDNA form of a domain, VERP), case-insensitively.
+Rule 3: a copy's own address is matched as a whole address: a reading of
+another recipient's address that lies inside the copy's own (``brien@x``
+inside ``o'brien@x``) or inside the sender's is no disclosure; the same
+reading anywhere else is.
+Rule 4: it fails closed: any hit, and any copy it cannot read, rejects the
 whole message with ``550 5.7.1``; nothing of it is delivered.
-Rule 4: body checks read the shared body once per message (text parts and
-nested message headers), with the configured action: off, warn or reject.
+Rule 5: the shared body is read once per message: the header sections of
+embedded messages (``message/rfc822``, ``message/global``,
+``text/rfc822-headers``) with the ``embedded_check`` action (default
+reject), text parts with the ``body_check`` action (default warn).
+Every field's spellings are computed once per message, not once per copy.
 
-Pure: no I/O; reasons name header fields, never addresses.
+Pure: no I/O; reasons name header fields and MIME parts, never addresses.
 """
 
 from __future__ import annotations
 
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from relay.addresses import Address
 from relay.errors import BadData, HeaderDefect, LeakDetected
 from relay.headers import Field, ParsedMessage, check_line_endings, parse_fields
 from relay.mime import Piece, walk
 from relay.model import BodyCheck, Copy, Envelope, IsolationOptions
-from relay.spellings import address_key, addresses_in, key
+from relay.spellings import Spellings, address_key, key, primaries, spellings
 
 # Entities that can spell an "@" or a dot in HTML text: only then is an unescaped view made.
 _ENTITY_HINT = re.compile(r"&(?:#|commat;|period;)", re.IGNORECASE)
+# An address with no URL break, "=" or "%" in it: its only reading is the address itself.
+_PLAIN = re.compile(r"[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+")
+# Where one field of an embedded header section ends: a line break not followed by a blank.
+_FIELD_END = re.compile(rb"\r?\n(?![ \t])")
+
+# A field's readings of watched addresses: each key, and the whole addresses it was read in.
+Hits = dict[str, frozenset[str]]
 
 
-def _field_text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape").replace("\r\n", "")
+def _field_spellings(raw: bytes) -> Spellings:
+    """Every spelling in one field's value, folds and all (``spellings`` field views)."""
+    value = raw[raw.find(b":") + 1 :].rstrip(b"\r\n")
+    return spellings(value.decode("utf-8", "surrogateescape"), field=True)
 
 
 def _senders(message: ParsedMessage, envelope: Envelope) -> set[str]:
-    """MAIL FROM, and the mailbox of a From: or Sender: that names exactly one.
+    """MAIL FROM, and every mailbox of From: and Sender: (RFC 5322 3.6.2: the authors).
 
-    A From: listing several mailboxes exempts none of them: otherwise it would
-    carry the very list of customers this relay exists to hide.
+    A From: with several mailboxes is accepted only with a Sender: (``split``
+    refuses it otherwise), so a list pasted into From: by mistake does not pass
+    as the message's authors.
     """
     keys = set()
     if envelope.sender is not None:
         keys.add(address_key(envelope.sender))
     for f in message.fields:
         if f.name in ("from", "sender"):
-            mailboxes = f.mailboxes()
-            if len(mailboxes) == 1:
-                local, _, domain = mailboxes[0][1].rpartition("@")
+            for _, addr_spec in f.mailboxes():
+                local, _, domain = addr_spec.rpartition("@")
                 keys.add(key(local, domain))
     keys.discard("")
     return keys
+
+
+def _leaks(hits: Hits, own: str, exempt: frozenset[str]) -> bool:
+    """Whether ``hits`` read another recipient anywhere but inside ``exempt`` addresses."""
+    return any(form != own and not parents <= exempt for form, parents in hits.items())
 
 
 class LeakGuard:
@@ -67,13 +89,14 @@ class LeakGuard:
         self._message = message
         self._options = options
         self._smtputf8 = envelope.smtputf8
-        self._cache: dict[bytes, frozenset[str]] = {}
+        self._hits: dict[bytes, Hits] = {}
         visible: set[str] = set()
         for f in message.fields:
             if f.name == "to" or f.name in options.removed_headers:
-                visible |= self._addresses(f.raw)
+                visible |= set(_field_spellings(f.raw))
         recipients = {address_key(r) for r in envelope.recipients}
-        self._watched = frozenset((recipients | visible) - _senders(message, envelope))
+        self._senders = frozenset(_senders(message, envelope))
+        self._watched = frozenset((recipients | visible) - self._senders)
 
     def check(self, copies: Sequence[Copy]) -> tuple[str, ...]:
         """Raise ``LeakDetected`` if any copy discloses another recipient; return warnings."""
@@ -82,33 +105,58 @@ class LeakGuard:
             others |= self._check_copy(number, copy)
         return self._check_body(copies, scan=others)
 
-    def _addresses(self, raw: bytes) -> frozenset[str]:
-        found = self._cache.get(raw)
-        if found is None:
-            found = frozenset(addresses_in(_field_text(raw)))
-            self._cache[raw] = found
-        return found
+    def _own(self, recipient: Address) -> tuple[str, frozenset[str]]:
+        """The copy's own key, and the whole addresses its own address reads as (rule 3).
+
+        A whole address the own address also reads as (a VERP form of it) counts
+        as its own only if it is nobody else's.
+        """
+        own = address_key(recipient)
+        if _PLAIN.fullmatch(recipient.text):
+            return own, frozenset((own,))  # no break, no "=", no "%": it reads as itself only
+        readings = {p for p in primaries(spellings(recipient.text)) if p not in self._watched}
+        return own, frozenset((*readings, own))
+
+    def _exempt(self, recipient: Address) -> tuple[str, frozenset[str]]:
+        """The copy's own key, and the whole addresses whose readings it may show."""
+        own, readings = self._own(recipient)
+        return own, readings | self._senders
+
+    def _field_hits(self, raw: bytes) -> Hits:
+        """The watched readings of one field, kept: each distinct field is read once."""
+        found = _field_spellings(raw)
+        hits = {form: frozenset(found[form]) for form in found.keys() & self._watched}
+        self._hits[raw] = hits
+        return hits
 
     def _check_copy(self, number: int, copy: Copy) -> bool:
         """Raise ``LeakDetected`` for a copy that shows anyone else; True if anyone else exists.
 
-        When every watched address is one of the copy's own (a message to one recipient
+        When every watched address is the copy's own (a message to one recipient
         whose To: names just that one), no field can name another: the search is skipped.
         """
-        own = address_key(copy.recipient)
-        # Every way the scanner reads the copy's own address ("o'brien@x" also reads as
-        # "brien@x"): none of them is "another recipient" in this copy.
-        own_forms = addresses_in(copy.recipient.text) | {own}
+        own, readings = self._own(copy.recipient)
+        exempt = readings | self._senders
         fields = self._reparse(number, copy.headers)
         to_fields = [f for f in fields if f.name == "to"]
-        named = self._addresses(to_fields[0].raw) if len(to_fields) == 1 else frozenset()
-        if own not in named or named - own_forms:
+        if len(to_fields) != 1:
             raise LeakDetected(f"copy {number}: To: is not exactly the copy's recipient")
-        others = bool(self._watched - own_forms)
+        raw = to_fields[0].raw
+        # A bare "To: addr" whose address reads as itself only names exactly that one.
+        bare = readings == {own} and raw == b"To: " + copy.recipient.text.encode() + b"\r\n"
+        named = {own: {own}} if bare else _field_spellings(raw)
+        if own not in named or not primaries(named) <= readings:
+            raise LeakDetected(f"copy {number}: To: is not exactly the copy's recipient")
+        others = len(self._watched) > (own in self._watched)  # anyone but ``own``
         for f in fields:
             if f.name in self._options.removed_headers:
                 raise LeakDetected(f"copy {number}: removed field {f.name} is still present")
-            if others and (self._addresses(f.raw) & self._watched) - own_forms:
+            if not others or f.name == "to":
+                continue
+            hits = self._hits.get(f.raw)
+            if hits is None:
+                hits = self._field_hits(f.raw)
+            if hits and _leaks(hits, own, exempt):
                 raise LeakDetected(f"copy {number}: {f.display_name} names another recipient")
         return others
 
@@ -122,44 +170,83 @@ class LeakGuard:
             raise LeakDetected(f"copy {number}: header section unreadable ({exc.reason})") from exc
 
     def _check_body(self, copies: Sequence[Copy], *, scan: bool) -> tuple[str, ...]:
-        """The body is shared, so one reading serves every copy (SPEC 3, body checks).
+        """The body is shared, so one reading serves every copy (rule 5).
 
         ``scan`` False: no copy has anyone else to hide, so the body is not read (its
         MIME structure still is, for the nesting limit).
         """
-        mode = self._options.body_check
-        found = self._body_addresses(scan=scan and mode is not BodyCheck.OFF) & self._watched
-        if not found:
-            return ()
-        exposed = sum(
-            1 for c in copies if found - addresses_in(c.recipient.text) - {address_key(c.recipient)}
+        body_mode = self._options.body_check
+        embedded_mode = self._options.embedded_check
+        text, embedded = self._body_hits(
+            text=scan and body_mode is not BodyCheck.OFF,
+            headers=scan and embedded_mode is not BodyCheck.OFF,
         )
-        if not exposed:
-            return ()
-        reason = f"the body names other recipients in {exposed} of {len(copies)} copies"
-        if mode is BodyCheck.REJECT:
-            raise LeakDetected(reason)
-        return (reason,)
+        warnings = []
+        for place, hits in embedded:
+            exposed = self._exposed(copies, hits)
+            if exposed:
+                reason = (
+                    f"{place}: an embedded message's header section names other recipients "
+                    f"in {exposed} of {len(copies)} copies"
+                )
+                if embedded_mode is BodyCheck.REJECT:
+                    raise LeakDetected(reason)
+                warnings.append(reason)
+        exposed = self._exposed(copies, text)
+        if exposed:
+            reason = f"the body names other recipients in {exposed} of {len(copies)} copies"
+            if body_mode is BodyCheck.REJECT:
+                raise LeakDetected(reason)
+            warnings.append(reason)
+        return tuple(warnings)
 
-    def _body_addresses(self, *, scan: bool) -> set[str]:
-        """Walk the MIME tree (always: the nesting limit holds even with checks off)."""
+    def _exposed(self, copies: Sequence[Copy], hits: Hits) -> int:
+        """How many copies would see another recipient in ``hits``."""
+        if not hits:
+            return 0
+        return sum(1 for c in copies if _leaks(hits, *self._exempt(c.recipient)))
+
+    def _body_hits(self, *, text: bool, headers: bool) -> tuple[Hits, list[tuple[str, Hits]]]:
+        """Walk the MIME tree (always: the nesting limit holds even with checks off).
+
+        Returns the watched readings of the text parts, and those of each embedded
+        header section with its place.
+        """
         top = {f.name: f.text() for f in reversed(self._message.fields)}
-        found: set[str] = set()
+        found: Spellings = {}
+        embedded: list[tuple[str, Hits]] = []
         pieces = walk(
             self._message.data,
             self._message.body_offset,
             top.get("content-type"),
             top.get("content-transfer-encoding"),
             limit=self._options.mime_nesting_limit,
-            read=scan,
+            read=text,
+            headers=headers,
         )
-        for kind, content in pieces:
-            text = content.decode("utf-8", "surrogateescape")
+        for kind, content, place in pieces:
             if kind is Piece.HEADERS:
-                text = text.replace("\r\n ", " ").replace("\r\n\t", " ")
+                section: Spellings = {}
+                for raw in _FIELD_END.split(content):
+                    _merge(section, [_field_spellings(raw)] if b":" in raw else [])
+                hits = self._watched_in(section)
+                if hits:
+                    embedded.append((place, hits))
+                continue
+            decoded = content.decode("utf-8", "surrogateescape")
             # Comments belong to header fields (RFC 5322 3.2.2); body text is read without
             # that view, which would cost a pass over every "(" of a large HTML part.
-            found |= addresses_in(text, comments=kind is Piece.HEADERS)
-            if kind is Piece.TEXT and _ENTITY_HINT.search(text):
-                found |= addresses_in(html.unescape(text), comments=False)
-        return found
+            views = [spellings(decoded, comments=False)]
+            if _ENTITY_HINT.search(decoded):
+                views.append(spellings(html.unescape(decoded), comments=False))
+            _merge(found, views)
+        return self._watched_in(found), embedded
+
+    def _watched_in(self, found: Spellings) -> Hits:
+        return {form: frozenset(found[form]) for form in found.keys() & self._watched}
+
+
+def _merge(into: Spellings, more: Iterable[Spellings]) -> None:
+    for found in more:
+        for form, parents in found.items():
+            into.setdefault(form, set()).update(parents)

@@ -8,6 +8,10 @@ Rule 2: a header section the grammar of RFC 5322 2.2 and 3.6 does not allow
 is refused (``554 5.6.0``); nothing is guessed or repaired.
 Rule 3: each field keeps its exact bytes (name, value, folding, CRLFs); the
 body is never copied, only viewed.
+Rule 4: a line's length is no defect on the way in (a ``To:`` of thousands of
+addresses on one line is the mistake the relay exists for, and the split
+drops it); on the way out no line is over 998 octets: ``fold`` folds a kept
+field at its own whitespace, and refuses one it cannot fold.
 
 Not here: what the relay does with the fields (``split``), or address
 searches (``guard``). Pure: bytes in, values or ``Rejected`` out.
@@ -15,6 +19,7 @@ searches (``guard``). Pure: bytes in, values or ``Rejected`` out.
 
 from __future__ import annotations
 
+import bisect
 import email.errors
 import email.policy
 import re
@@ -23,12 +28,15 @@ from dataclasses import dataclass
 from relay.errors import BadData, HeaderDefect
 
 MAX_LINE_OCTETS = 998  # RFC 5322 2.1.1, RFC 5321 4.5.3.1.6 (without the CRLF)
+FOLD_OCTETS = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 CRLF = b"\r\n"
 
 _STRAY_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 # RFC 5322 3.6.8: ftext is printable US-ASCII except the colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+# A place to fold: the first of a run of blanks with more than blanks after it.
+_FOLD_POINT = re.compile(rb"(?<![ \t])[ \t]+(?=[^ \t])")
 
 
 # One mailbox in its plainest forms: ``Name <addr>``, ``"Name" <addr>``, or a bare
@@ -109,6 +117,27 @@ class ParsedMessage:
     data: bytes  # the whole message, after normalisation if that was asked for
     fields: tuple[Field, ...]
     body_offset: int  # index in ``data`` where the body starts (after the blank line)
+    # Offsets in ``data`` where ``normalize`` replaced a bare LF or a stray CR: an
+    # application's DKIM signature over those bytes no longer verifies.
+    normalized_at: tuple[int, ...] = ()
+
+    @property
+    def body_normalized(self) -> bool:
+        """Whether normalisation changed a byte of the body."""
+        return bool(self.normalized_at) and self.normalized_at[-1] >= self.body_offset
+
+    def normalized_fields(self) -> frozenset[str]:
+        """Names of the fields in which normalisation changed a byte."""
+        if not self.normalized_at:
+            return frozenset()
+        names = set()
+        start = 0
+        for f in self.fields:
+            end = start + len(f.raw)
+            if any(start <= at < end for at in self.normalized_at):
+                names.add(f.name)
+            start = end
+        return frozenset(names)
 
     @property
     def body(self) -> memoryview:
@@ -124,15 +153,28 @@ def check_line_endings(data: bytes, *, normalize: bool) -> bytes:
     With ``normalize``, a bare LF becomes CRLF and a stray CR a space; the
     three counts below are one C-speed pass each, so clean data costs no copy.
     """
+    return normalize_line_endings(data, normalize=normalize)[0]
+
+
+def normalize_line_endings(data: bytes, *, normalize: bool) -> tuple[bytes, tuple[int, ...]]:
+    """``check_line_endings``, and the offsets in the result where a byte was replaced."""
     if b"\x00" in data:
         raise BadData("NUL in message data")
     crlf = data.count(CRLF)
     if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
-        return data
+        return data, ()
     if not normalize:
         raise BadData("bare CR or LF in message data")
+    # A stray CR becomes a space in place; each bare LF gains a CR before it, which
+    # moves everything after it one byte on: offsets are given in the result.
+    strays = [m.start() for m in _STRAY_CR.finditer(data)]
     data = _STRAY_CR.sub(b" ", data)
-    return _BARE_LF.sub(CRLF, data)
+    lfs = [m.start() for m in _BARE_LF.finditer(data)]
+    changed = sorted(
+        [at + bisect.bisect_left(lfs, at) for at in strays]
+        + [at + shift for shift, at in enumerate(lfs)]
+    )
+    return _BARE_LF.sub(CRLF, data), tuple(changed)
 
 
 def parse_message(
@@ -140,11 +182,12 @@ def parse_message(
 ) -> ParsedMessage:
     """Check and split ``data`` (DATA content, dot-unstuffed) into fields and body.
 
-    Raises ``BadData`` (550 5.5.2) or ``HeaderDefect`` (554 5.6.0).
+    Lines of any length are accepted here (rule 4): the split decides what a long
+    line means. Raises ``BadData`` (550 5.5.2) or ``HeaderDefect`` (554 5.6.0).
     """
-    data = check_line_endings(data, normalize=normalize)
+    data, normalized_at = normalize_line_endings(data, normalize=normalize)
     if data.startswith(CRLF):
-        return ParsedMessage(data, (), 2)
+        return ParsedMessage(data, (), 2, normalized_at)
     end = data.find(b"\r\n\r\n")
     if end < 0:
         # No blank line: the data is all header section and the body is empty.
@@ -157,11 +200,18 @@ def parse_message(
         body_offset = end + 4
     if len(section) > max_header_octets:
         raise HeaderDefect(f"header section over {max_header_octets} octets")
-    return ParsedMessage(data, parse_fields(section, smtputf8=smtputf8), body_offset)
+    fields = parse_fields(section, smtputf8=smtputf8, max_line=None)
+    return ParsedMessage(data, fields, body_offset, normalized_at)
 
 
-def parse_fields(section: bytes, *, smtputf8: bool) -> tuple[Field, ...]:
-    """Split a CRLF-terminated header section into fields, refusing any defect."""
+def parse_fields(
+    section: bytes, *, smtputf8: bool, max_line: int | None = MAX_LINE_OCTETS
+) -> tuple[Field, ...]:
+    """Split a CRLF-terminated header section into fields, refusing any defect.
+
+    ``max_line`` (None: no limit) refuses a longer line: the leak guard reads a
+    copy's final section with the 998-octet limit of RFC 5322 2.1.1.
+    """
     if not section.isascii():
         if not smtputf8:
             raise HeaderDefect("8-bit header without SMTPUTF8")
@@ -176,8 +226,8 @@ def parse_fields(section: bytes, *, smtputf8: bool) -> tuple[Field, ...]:
     start = 0  # byte offset of the current field in ``section``
     offset = 0
     for number, line in enumerate(lines, start=1):
-        if len(line) > MAX_LINE_OCTETS:
-            raise HeaderDefect(f"header line {number} over {MAX_LINE_OCTETS} octets")
+        if max_line is not None and len(line) > max_line:
+            raise HeaderDefect(f"header line {number} over {max_line} octets")
         if line[:1] in (b" ", b"\t"):
             if not fields and not name:
                 raise HeaderDefect("header section starts with a continuation line")
@@ -206,3 +256,49 @@ def _field_name(line: bytes, number: int) -> str:
     if not _FIELD_NAME.fullmatch(name):
         raise HeaderDefect(f"header line {number} has a forbidden character in its name")
     return name.decode("ascii").lower()
+
+
+def fold(f: Field) -> Field:
+    """``f`` with no line over 998 octets: long lines folded at their own whitespace.
+
+    Folding inserts a CRLF before a space or tab the field already has (RFC
+    5322 2.2.3), so unfolding gives the same value back; lines are cut at 78
+    octets where the words allow it, at 998 where they do not. A field with no
+    long line is returned as it is, byte for byte. Raises ``HeaderDefect``
+    (554 5.6.0, naming the field) when a run of 998 octets has no whitespace.
+    """
+    lines = f.raw[:-2].split(CRLF)
+    if all(len(line) <= MAX_LINE_OCTETS for line in lines):
+        return f
+    out: list[bytes] = []
+    for number, line in enumerate(lines):
+        if len(line) <= MAX_LINE_OCTETS:
+            out.append(line)
+            continue
+        # The first line's field name and colon are no place to fold.
+        floor = line.index(b":") + 1 if number == 0 else 0
+        out.extend(_fold_line(line, floor, f.display_name))
+    return Field(f.name, CRLF.join(out) + CRLF)
+
+
+def _fold_line(line: bytes, floor: int, name: str) -> list[bytes]:
+    """Cut one long line before its whitespace into pieces of 78 octets, 998 at most."""
+    # A place to fold starts a run of blanks with a word after it (a continuation of
+    # blanks only is no line, RFC 5322 3.2.2), past the field name and its colon.
+    breaks = [m.start() for m in _FOLD_POINT.finditer(line, floor) if m.start() > floor]
+    pieces: list[bytes] = []
+    start = 0
+    while len(line) - start > FOLD_OCTETS:
+        after = bisect.bisect_right(breaks, start)
+        if after == len(breaks):
+            break
+        within = bisect.bisect_right(breaks, start + FOLD_OCTETS)
+        cut = breaks[within - 1] if within > after else breaks[after]
+        if cut - start > MAX_LINE_OCTETS:
+            break
+        pieces.append(line[start:cut])
+        start = cut
+    if len(line) - start > MAX_LINE_OCTETS:
+        raise HeaderDefect(f"{name}: a line over {MAX_LINE_OCTETS} octets has no place to fold")
+    pieces.append(line[start:])
+    return pieces

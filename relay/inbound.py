@@ -29,7 +29,7 @@ from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay.addresses import Address, parse_address
+from relay.addresses import Address, parse_address, parse_recipient
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
 from relay.errors import BadAddress, Reply
@@ -309,6 +309,7 @@ class InboundHandler:
         self._accept = accept
         self._admit = admit
         self._auth = config.smtp.auth is not AuthMode.OFF
+        self._local_domains = frozenset(d.lower() for d in config.smtp.local_domains)
         self._users = (
             _read_users(config.smtp.users_file) if config.smtp.auth is AuthMode.USERS else {}
         )
@@ -355,6 +356,7 @@ class InboundHandler:
                 "" if address == NULL_SENDER else address,
                 smtputf8=envelope.smtp_utf8,
                 allow_null=True,
+                single_label=True,
             )
         except BadAddress as exc:
             return str(exc.reply)
@@ -368,7 +370,7 @@ class InboundHandler:
         if options:
             return "555 5.5.4 RCPT TO parameters not supported"
         try:
-            parse_address(address, smtputf8=envelope.smtp_utf8)
+            parse_recipient(address, smtputf8=envelope.smtp_utf8, local_domains=self._local_domains)
         except BadAddress as exc:
             return str(exc.reply)
         if len(envelope.rcpt_tos) >= self._config.smtp.max_recipients:
@@ -380,11 +382,14 @@ class InboundHandler:
         smtputf8 = envelope.smtp_utf8
         mail_from = envelope.mail_from or NULL_SENDER
         sender = parse_address(
-            "" if mail_from == NULL_SENDER else mail_from, smtputf8=smtputf8, allow_null=True
+            "" if mail_from == NULL_SENDER else mail_from,
+            smtputf8=smtputf8,
+            allow_null=True,
+            single_label=True,
         )
         recipients = []
         for text in envelope.rcpt_tos:
-            rcpt = parse_address(text, smtputf8=smtputf8)
+            rcpt = parse_address(text, smtputf8=smtputf8, single_label=True)
             assert rcpt is not None
             recipients.append(rcpt)
         assert isinstance(envelope.original_content, bytes)

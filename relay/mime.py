@@ -2,7 +2,10 @@
 
 Rule 1: the body is never copied whole; entities are offsets into the
 message data, and only text parts (decoded from base64 or quoted-printable)
-and the header sections of nested ``message/*`` parts come out.
+and embedded header sections come out: those of ``message/rfc822`` and
+``message/global`` parts (decoded first when a ``message/global`` is
+base64 or quoted-printable, RFC 6532 3.5) and ``text/rfc822-headers`` parts
+(RFC 6522 4), each named by its place in the tree.
 Rule 2: nesting past the limit (Postfix's ``mime_nesting_limit``) is refused
 with ``554 5.6.0``: a structure that deep exists only to hide things.
 Rule 3: the walk is a loop with an explicit stack, never recursion, so no
@@ -26,7 +29,11 @@ from relay.errors import HeaderDefect
 
 class Piece(enum.Enum):
     TEXT = "text"  # decoded content of a text part
-    HEADERS = "headers"  # the header section of a nested message
+    HEADERS = "headers"  # the header section of an embedded message
+
+
+# Parts whose content is a header section of another message (RFC 6522 4).
+_HEADER_PARTS = frozenset({"text/rfc822-headers"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +54,24 @@ def walk(
     *,
     limit: int,
     read: bool = True,
-) -> Iterator[tuple[Piece, bytes]]:
-    """Yield the text parts and nested header sections of the body at ``body_offset``.
+    headers: bool | None = None,
+) -> Iterator[tuple[Piece, bytes, str]]:
+    """Yield each text part and embedded header section of the body at ``body_offset``.
 
+    Each comes with its place, for reasons: ``part 3 (message/rfc822)``.
     ``content_type`` and ``encoding`` are the top-level header values (``None``
     when absent: RFC 2045 5.2 makes that ``text/plain``). Raises
-    ``HeaderDefect`` when containers nest deeper than ``limit``. With
-    ``read=False`` nothing is yielded or decoded: only the structure is checked.
+    ``HeaderDefect`` when containers nest deeper than ``limit``. ``read``
+    False yields no text part, ``headers`` False no header section (``None``:
+    as ``read``); with neither, only the structure is checked.
     """
+    headers = read if headers is None else headers
     stack = [_entity(body_offset, len(data), _headers(content_type, encoding), 0)]
+    number = 0
     while stack:
         entity = stack.pop()
+        place = f"part {number} ({entity.content_type})"
+        number += 1
         maintype = entity.content_type.partition("/")[0]
         if maintype in ("multipart", "message") and entity.depth + 1 > limit:
             raise HeaderDefect(f"MIME nesting deeper than {limit}")
@@ -70,12 +84,23 @@ def walk(
         elif maintype == "message" and entity.encoding not in ("base64", "quoted-printable"):
             split = data.find(b"\r\n\r\n", entity.start, entity.end)
             header_end = entity.end if split < 0 else split + 2
-            if read:
-                yield Piece.HEADERS, data[entity.start : header_end]
+            if headers:
+                yield Piece.HEADERS, data[entity.start : header_end], place
             if split >= 0:
                 stack.append(_part(data, entity.start, entity.end, entity.depth + 1))
+        elif maintype == "message" or entity.content_type in _HEADER_PARTS:
+            # An encoded message/global (RFC 6532 3.5) is read decoded, its own structure
+            # as text; a text/rfc822-headers part is all header section.
+            if not (headers or read):
+                continue
+            content = _decode(data[entity.start : entity.end], entity.encoding)
+            split = content.find(b"\r\n\r\n") if maintype == "message" else -1
+            if headers:
+                yield Piece.HEADERS, content if split < 0 else content[: split + 2], place
+            if read and split >= 0:
+                yield Piece.TEXT, content[split + 4 :], place
         elif read and maintype in ("text", "multipart"):  # multipart, no boundary: as text
-            yield Piece.TEXT, _decode(data[entity.start : entity.end], entity.encoding)
+            yield Piece.TEXT, _decode(data[entity.start : entity.end], entity.encoding), place
 
 
 def _headers(content_type: str | None, encoding: str | None) -> email.message.Message:

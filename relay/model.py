@@ -12,9 +12,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from relay.addresses import Address, parse_address
+from relay.addresses import Address, parse_address, parse_recipient
 from relay.dkimsign import DkimAction, Signer
-from relay.errors import BadAddress
 
 # SPEC 3: removed from every copy. Configuration may add names, never remove these.
 REMOVED_HEADERS: frozenset[str] = frozenset(
@@ -54,7 +53,7 @@ def new_queue_id() -> str:
 
 
 class BodyCheck(enum.Enum):
-    """What a recipient address in the body of another copy does (SPEC 3)."""
+    """What another recipient's address in the body of a copy does (SPEC 3)."""
 
     OFF = "off"
     WARN = "warn"
@@ -65,6 +64,7 @@ class ChangeKind(enum.Enum):
     REMOVED = "removed"
     REBUILT = "rebuilt"
     ADDED = "added"
+    FOLDED = "folded"  # a kept field had a line over 998 octets (RFC 5322 2.1.1)
     DKIM_STRIPPED = "dkim-stripped"
     DKIM_KEPT = "dkim-kept"
     DKIM_SIGNED = "dkim-signed"
@@ -85,6 +85,8 @@ class IsolationOptions:
 
     removed_headers: frozenset[str] = REMOVED_HEADERS
     body_check: BodyCheck = BodyCheck.WARN
+    # Another recipient in the header section of an embedded message (a forwarded mail).
+    embedded_check: BodyCheck = BodyCheck.REJECT
     normalize: bool = False
     max_header_octets: int = MAX_HEADER_OCTETS
     max_hops: int = MAX_HOPS
@@ -109,16 +111,21 @@ class Envelope:
     smtputf8: bool = False
 
     @classmethod
-    def parse(cls, sender: str, recipients: Iterable[str], *, smtputf8: bool = False) -> Envelope:
-        """Validate every address (``BadAddress`` on the first bad one)."""
-        rcpts = []
-        for text in recipients:
-            address = parse_address(text, smtputf8=smtputf8)
-            if address is None:  # pragma: no cover - parse_address refuses "" here
-                raise BadAddress("empty recipient")
-            rcpts.append(address)
-        mail_from = parse_address(sender, smtputf8=smtputf8, allow_null=True)
-        return cls(mail_from, tuple(rcpts), smtputf8)
+    def parse(
+        cls,
+        sender: str,
+        recipients: Iterable[str],
+        *,
+        smtputf8: bool = False,
+        local_domains: frozenset[str] = frozenset(),
+    ) -> Envelope:
+        """Validate every address as RCPT and MAIL would (``BadAddress`` on the first bad one)."""
+        rcpts = tuple(
+            parse_recipient(text, smtputf8=smtputf8, local_domains=local_domains)
+            for text in recipients
+        )
+        mail_from = parse_address(sender, smtputf8=smtputf8, allow_null=True, single_label=True)
+        return cls(mail_from, rcpts, smtputf8)
 
 
 @dataclass(frozen=True, slots=True)

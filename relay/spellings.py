@@ -3,7 +3,13 @@
 Rule 1: a spelling is found raw, after RFC 2047 decoding, after percent
 decoding (up to three rounds: ``%2540`` is ``%40`` is ``@``), in URL and
 template syntax (``?who=bob@x``), and in VERP form (``bounce+bob=x@list``);
-case never matters and a domain matches in U-label and A-label form alike.
+in a header field also unfolded wherever a fold falls (inside an address
+too), with RFC 2231 parameters reassembled and decoded, with the blanks of
+an RFC 2369 URL list (``<mailto:bob@exa mple.org>``) removed, and with HTML
+entities decoded; in any text NFC- and NFKC-normalised with every
+Default_Ignorable_Code_Point removed (from the Unicode data, via ``regex``);
+case never matters and a domain matches in every UTS 46 form (U-label,
+A-label, fullwidth, decomposed) alike.
 Rule 2: an address is the longest run of local-part characters before its
 ``@``: ``sal@x`` never reads as ``al@x`` and ``x.bob@x`` never as ``bob@x``
 (both may be customers); ``.bob@x`` does read as ``bob@x``.
@@ -11,6 +17,10 @@ Rule 3: the scan is linear in the text: it jumps from one ``@`` (or ``=``)
 to the next and walks back at most ``MAX_RUN`` characters, so no input, not
 even a megabyte of ``a``, makes it slow; no view of a large text is made
 unless the text holds a marker for it.
+Rule 4: each spelling found is tied to the whole address it was read from
+(its *primary*): ``o'brien@x`` also reads as ``brien@x`` (a URL break), and
+the guard must know that such a reading came from inside another address,
+so that a copy's own address never hides a different one that is its tail.
 
 Used by the leak guard (``guard``); returns comparison keys, never prints them.
 """
@@ -19,11 +29,20 @@ from __future__ import annotations
 
 import email.errors
 import email.header
+import email.message
+import email.utils
+import html
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Iterator
 
+import regex
+
 from relay.addresses import Address, domain_key
+
+# What a spelling was read from: each key, and the whole addresses it was read in (rule 4).
+Spellings = dict[str, set[str]]
 
 MAX_RUN = 256  # a local part is at most 64 octets (RFC 5321 4.5.3.1.1); a longer run is no address
 MAX_DOMAIN = 300  # a domain is at most 255 octets (RFC 5321 4.5.3.1.2)
@@ -40,11 +59,24 @@ _VERP_LOCAL = _LOCAL - frozenset("=&")
 # "-", "+", "_" and "." are not among them (rule 2).
 _URL_BREAKS = frozenset("?=/&#'`{}|*!^~$")
 _VERP_BREAKS = frozenset("-.+")
+_VERP_TAIL_BREAKS = _VERP_BREAKS | _URL_BREAKS
 _DOMAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 # UTS 46 maps these to ".": "bob@example。org" is bob@example.org.
 _IDEOGRAPHIC_DOTS = {"\u3002": ".", "\uff0e": ".", "\uff61": "."}
-# Invisible format characters (zero-width space, joiners, BOM) vanish on screen.
-_INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")
+# Characters that render as nothing (zero-width ones, joiners, variation selectors, bidi
+# controls, tags, the soft hyphen, fillers): Unicode's own list, not a hand-picked one.
+_INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}+")
+# A header's fold: CRLF and the blank after it. Unfolding (RFC 5322 2.2.3) keeps the
+# blank; a fold placed inside an address ("bob@exa<CRLF> mple.org") is read without it.
+_FOLD = re.compile(r"\r\n[ \t]")
+# A fold that may fall inside an address: the word on either side of it holds "@", or
+# the "%40", "=" (VERP, RFC 2047) or "&#64;" forms of it.
+_SPLIT_WORD = re.compile(r"[@%=&]\S*\r\n[ \t]|\r\n[ \t]+\S*[@%=&]")
+# RFC 2369 2: whitespace inside the angle brackets of a URL list is to be ignored.
+_BRACKETED = re.compile(r"<[^<>]*\s[^<>]*>")
+_BLANKS = re.compile(r"\s+")
+# RFC 2231 3 and 4: "name*0=", "name*1*=", "name*=charset'lang'value".
+_RFC2231 = re.compile(r"\*(?:\d+\*?)?\s*=")
 # Comments and folding whitespace around "@" and "." are allowed inside an address
 # (RFC 5322 3.4.1): "bob (sales) @ example.org" is bob@example.org.
 _COMMENT = re.compile(r"\([^()]*\)")
@@ -70,24 +102,73 @@ def address_key(address: Address) -> str:
 
 def addresses_in(text: str, *, comments: bool = True) -> set[str]:
     """Every address key ``text`` spells, in any of its views (rule 1)."""
-    found: set[str] = set()
-    for view in _views(text, comments=comments):
+    return set(spellings(text, comments=comments))
+
+
+def spellings(text: str, *, comments: bool = True, field: bool = False) -> Spellings:
+    """Every address key ``text`` spells, each with the primaries it was read in (rule 4).
+
+    ``field``: ``text`` is one header field's value with its folds (CRLF and a
+    blank) still in it, read in the header views of rule 1 too.
+    """
+    found: Spellings = {}
+    bases = _field_views(text) if field else [text]
+    for view in _views(bases, comments=comments):
         if "@" in view:
-            found.update(_at_forms(view))
+            _at_forms(view, found)
         if "=" in view:
-            found.update(_verp_forms(view))
-    found.discard("")
+            _verp_forms(view, found)
+    found.pop("", None)
     return found
 
 
-def _views(text: str, *, comments: bool) -> Iterator[str]:
-    seen = {text}
-    yield text
-    decoded = _decode_words(text) if "=?" in text else text
-    if decoded not in seen:
-        seen.add(decoded)
-        yield decoded
-    for view in (text, decoded):
+def primaries(found: Spellings) -> set[str]:
+    """The whole addresses of ``found``: those read in nothing longer than themselves."""
+    return {p for parents in found.values() for p in parents}
+
+
+def _field_views(text: str) -> list[str]:
+    """A header field's value unfolded, and in each header-only view that it calls for."""
+    views = [text.replace("\r\n", "")]
+    if "\r\n" in text and _SPLIT_WORD.search(text):
+        views.append(_FOLD.sub("", text))
+    for view in list(views):
+        if "<" in view and _BRACKETED.search(view):
+            views.append(_BRACKETED.sub(_without_blanks, view))
+        if "&" in view:
+            views.append(html.unescape(view))
+        if "=" in view and _RFC2231.search(view):
+            views.append(_parameters(view))
+    return views
+
+
+def _without_blanks(match: re.Match[str]) -> str:
+    return _BLANKS.sub("", match.group())
+
+
+def _parameters(value: str) -> str:
+    """The field's parameters (RFC 2045 5.1 syntax) with RFC 2231 continuations joined."""
+    holder = email.message.Message()
+    holder["X"] = value
+    try:
+        params = holder.get_params(header="x", failobj=[])
+        return " ".join(f"{name}={email.utils.collapse_rfc2231_value(v)}" for name, v in params[1:])
+    except (LookupError, ValueError, TypeError, IndexError, UnicodeError):
+        return value
+
+
+def _views(bases: list[str], *, comments: bool) -> Iterator[str]:
+    seen: set[str] = set()
+    for text in bases:
+        if text not in seen:
+            seen.add(text)
+            yield text
+    for text in bases:
+        decoded = _decode_words(text) if "=?" in text else text
+        if decoded not in seen:
+            seen.add(decoded)
+            yield decoded
+    for view in list(seen):
         current = view
         for _ in range(_MAX_UNQUOTE_ROUNDS):
             if not _PERCENT.search(current):
@@ -97,18 +178,26 @@ def _views(text: str, *, comments: bool) -> Iterator[str]:
                 seen.add(current)
                 yield current
     for view in list(seen):
-        # What a reader sees: no invisible characters, no comments or spaces in an address.
-        invisible = not view.isascii() and _INVISIBLE.search(view) is not None
-        plain = _INVISIBLE.sub("", view) if invisible else view
-        for _ in range(3 if comments else 0):  # comments nest; three levels is plenty
-            if "(" not in plain:
-                break
-            plain = _COMMENT.sub("", plain)
-        if _spaced_at(plain):
-            plain = _SPACE_AROUND.sub(_mark_only, plain)
-        if plain not in seen:
-            seen.add(plain)
-            yield plain
+        # What a reader sees: no invisible characters; composed (NFC) and compatibility
+        # (NFKC: fullwidth letters, the fullwidth at sign) forms; no comments or spaces
+        # in an address.
+        if view.isascii():
+            forms = [view]
+        else:
+            visible = _INVISIBLE.sub("", view)
+            forms = [unicodedata.normalize("NFC", visible), unicodedata.normalize("NFKC", visible)]
+        for form in forms:
+            plain = form
+            for _ in range(3 if comments else 0):  # comments nest; three levels is plenty
+                if "(" not in plain:
+                    break
+                plain = _COMMENT.sub("", plain)
+            if _spaced_at(plain):
+                plain = _SPACE_AROUND.sub(_mark_only, plain)
+            for out in (form, plain):
+                if out not in seen:
+                    seen.add(out)
+                    yield out
 
 
 def _spaced_at(text: str) -> bool:
@@ -126,7 +215,12 @@ def _mark_only(match: re.Match[str]) -> str:
 
 
 def _is_local(c: str, chars: frozenset[str]) -> bool:
-    return c in chars or (c >= "\x80" and c.isalnum())
+    return c in chars or (c >= "\x80" and _is_word(c))
+
+
+def _is_word(c: str) -> bool:
+    """A non-ASCII letter, digit or combining mark (a decomposed "ü" is "u" and a mark)."""
+    return c.isalnum() or unicodedata.category(c)[0] == "M"
 
 
 def _run_before(text: str, at: int, floor: int, chars: frozenset[str]) -> str:
@@ -144,7 +238,7 @@ def _domain_after(text: str, start: int) -> tuple[str, int]:
     limit = min(len(text), start + MAX_DOMAIN)
     while end < limit:
         c = text[end]
-        if not (c in _DOMAIN or c in _IDEOGRAPHIC_DOTS or (c >= "\x80" and c.isalnum())):
+        if not (c in _DOMAIN or c in _IDEOGRAPHIC_DOTS or (c >= "\x80" and _is_word(c))):
             break
         end += 1
     domain = text[start:end]
@@ -153,7 +247,20 @@ def _domain_after(text: str, start: int) -> tuple[str, int]:
     return domain, end
 
 
-def _at_forms(text: str) -> Iterator[str]:
+def _found(found: Spellings, local: str, domain: str, breaks: frozenset[str]) -> None:
+    """Record the address ``local@domain`` and each tail of it after a break (rule 4)."""
+    primary = key(local, domain)
+    if not primary:
+        return
+    found.setdefault(primary, set()).add(primary)
+    for i, c in enumerate(local):
+        if c in breaks:
+            tail = key(local[i + 1 :], domain)
+            if tail:
+                found.setdefault(tail, set()).add(primary)
+
+
+def _at_forms(text: str, found: Spellings) -> None:
     floor = 0
     at = text.find("@")
     while at >= 0:
@@ -164,15 +271,12 @@ def _at_forms(text: str) -> Iterator[str]:
                 local = text[opening:at] if opening >= 0 else ""
             else:
                 local = _run_before(text, at, floor, _LOCAL)
-            yield key(local, domain)
-            for i, c in enumerate(local):
-                if c in _URL_BREAKS:
-                    yield key(local[i + 1 :], domain)
+            _found(found, local, domain, _URL_BREAKS)
             floor = end
         at = text.find("@", at + 1)
 
 
-def _verp_forms(text: str) -> Iterator[str]:
+def _verp_forms(text: str, found: Spellings) -> None:
     floor = 0
     for m in _VERP_AT.finditer(text):
         at = m.start()
@@ -181,11 +285,8 @@ def _verp_forms(text: str) -> Iterator[str]:
         domain, end = _domain_after(text, at + 1)
         if "." not in domain.strip("."):
             continue
-        local = _run_before(text, at, floor, _VERP_LOCAL)
-        yield key(local, domain)
-        for i, c in enumerate(local):  # "bounces-bob=example.com": bob after the separator
-            if c in _VERP_BREAKS or c in _URL_BREAKS:
-                yield key(local[i + 1 :], domain)
+        # "bounces-bob=example.com": bob after the separator.
+        _found(found, _run_before(text, at, floor, _VERP_LOCAL), domain, _VERP_TAIL_BREAKS)
         floor = end
 
 

@@ -8,8 +8,12 @@ removal list is dropped whole; every other field is kept byte for byte and in
 order; nothing is ever filtered in place.
 Rule 3: body bytes pass through unchanged and are shared by every copy.
 Rule 4: an application ``DKIM-Signature`` whose ``h=`` covers a field that
-changed is stripped (the configurable actions come later); one that covers
-nothing that changed is kept.
+changed, or bytes that line-ending normalisation replaced (in a covered field,
+or anywhere in the body), gets the configured action (strip, resign, reject);
+one that covers nothing that changed is kept.
+Rule 5: the length of a field the split rebuilds or removes does not matter; a
+kept field with a line over 998 octets is folded at its whitespace, or the
+message is refused (554 5.6.0, naming the field) where it cannot be.
 
 Not here: the leak guard (``guard``), which checks the result on its own.
 Pure: no I/O.
@@ -22,11 +26,12 @@ import email.header
 import email.utils
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from relay.addresses import Address, parse_address
 from relay.dkimsign import DkimAction
-from relay.errors import BadAddress, DkimRejected, TooBig, TooManyHops
-from relay.headers import CRLF, Field, ParsedMessage, plain_mailbox
+from relay.errors import BadAddress, DkimRejected, HeaderDefect, TooBig, TooManyHops
+from relay.headers import CRLF, Field, ParsedMessage, fold, plain_mailbox
 from relay.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Trace
 from relay.signatures import Signature, changed_names, parse_signature
 
@@ -56,14 +61,17 @@ def split_message(
     hops = sum(1 for f in message.fields if f.name == "received")
     if hops > options.max_hops:
         raise TooManyHops(f"{hops} Received fields, limit {options.max_hops}")
+    _check_authors(message)
     unique = _unique(envelope.recipients)
     names = _display_names(message.fields, envelope.smtputf8)
     kept, to_at = _kept_fields(message.fields, options.removed_headers)
+    kept, folded = _fold_long(kept)
     fanout = (sum(len(f.raw) for f in kept) + PER_COPY_OCTETS) * len(unique)
     if fanout > options.max_fanout_octets:
         raise TooBig(f"{fanout} octets of header sections for {len(unique)} copies")
-    shared = _shared_changes(message.fields, options.removed_headers)
+    shared = _shared_changes(message.fields, options.removed_headers) + folded
     signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
+    normalized = Normalized(message.normalized_fields(), message.body_normalized)
     body = message.body
     copies = []
     for rcpt in unique:
@@ -81,7 +89,9 @@ def split_message(
         ]
         sign = options.sign_all
         if signatures:
-            fields, dkim, broken = _settle_signatures(signatures, message.fields, fields)
+            fields, dkim, broken = _settle_signatures(
+                signatures, message.fields, fields, normalized
+            )
             if broken and options.dkim_action is DkimAction.REJECT:
                 raise DkimRejected(dkim[0].reason)
             sign = sign or (broken and options.dkim_action is DkimAction.RESIGN)
@@ -99,6 +109,22 @@ def split_message(
             )
         copies.append(Copy(rcpt, headers, body, tuple(changes)))
     return tuple(copies), len(envelope.recipients) - len(unique)
+
+
+def _check_authors(message: ParsedMessage) -> None:
+    """RFC 5322 3.6.2: a From: with several mailboxes needs a Sender: naming one.
+
+    Every mailbox of From: and Sender: is the sender's, which every copy may
+    show (the guard exempts them); a From: listing many mailboxes with no
+    Sender: is more likely a recipient list pasted into the wrong field, and
+    is refused (554 5.6.0) rather than shown to everyone.
+    """
+    authors = [len(f.mailboxes()) for f in message.fields if f.name == "from" and "," in f.text()]
+    if not authors or max(authors) < 2:
+        return
+    senders = [f for f in message.fields if f.name == "sender"]
+    if len(senders) != 1 or len(senders[0].mailboxes()) != 1:
+        raise HeaderDefect("From: names several mailboxes and no single Sender: (RFC 5322 3.6.2)")
 
 
 def _unique(recipients: Sequence[Address]) -> list[Address]:
@@ -122,6 +148,17 @@ def _kept_fields(fields: Sequence[Field], removed: frozenset[str]) -> tuple[list
         elif f.name not in removed:
             kept.append(f)
     return kept, (to_at if to_at >= 0 else len(kept))
+
+
+def _fold_long(kept: list[Field]) -> tuple[list[Field], list[Change]]:
+    """Kept fields with no line over 998 octets, and a change for each one folded."""
+    folded = [fold(f) for f in kept]
+    changes = [
+        Change(ChangeKind.FOLDED, f.display_name, "a line over 998 octets, folded at its spaces")
+        for f, new in zip(kept, folded, strict=True)
+        if new is not f
+    ]
+    return folded, changes
 
 
 def _shared_changes(fields: Sequence[Field], removed: frozenset[str]) -> list[Change]:
@@ -255,18 +292,51 @@ def _received_line(trace: Trace, rcpt: Address) -> bytes:
     return line.encode("utf-8")
 
 
+@dataclass(frozen=True, slots=True)
+class Normalized:
+    """What line-ending normalisation replaced: bytes of these fields, and of the body."""
+
+    fields: frozenset[str]
+    body: bool
+
+    def covered(self, sig: Signature) -> tuple[str, ...]:
+        """The parts of ``sig``'s input that normalisation changed, for its reason."""
+        names = (
+            sorted(self.fields) if "*" in sig.covered else sorted(self.fields & set(sig.covered))
+        )
+        return (*names, *(("body",) if self.body else ()))
+
+
 def _settle_signatures(
-    signatures: Sequence[Signature], originals: Sequence[Field], fields: list[Field]
+    signatures: Sequence[Signature],
+    originals: Sequence[Field],
+    fields: list[Field],
+    normalized: Normalized,
 ) -> tuple[list[Field], list[Change], bool]:
     """Strip each signature the copy breaks; repeat, since a strip is itself a change.
 
-    Returns the fields, the changes (stripped ones first) and whether any was broken.
+    A signature is broken by a change to a field its ``h=`` picks, and by any
+    byte that normalisation replaced in such a field or in the body (its body
+    hash covers the body as the application sent it). Returns the fields, the
+    changes (stripped ones first) and whether any was broken.
     """
     changes: list[Change] = []
     live = list(signatures)
     while True:
         broken = []
         for sig in live:
+            renormalized = normalized.covered(sig)
+            if renormalized:
+                broken.append(sig)
+                changes.append(
+                    Change(
+                        ChangeKind.DKIM_STRIPPED,
+                        "DKIM-Signature",
+                        f"d={sig.domain} s={sig.selector}: line-ending normalisation changed "
+                        f"{', '.join(renormalized)}",
+                    )
+                )
+                continue
             changed = changed_names(sig, originals, fields)
             if changed:
                 broken.append(sig)

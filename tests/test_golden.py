@@ -57,14 +57,16 @@ def test_concatenated_to_of_hundreds_gives_each_their_own_copy() -> None:
         assert headers == copy_headers(rcpt, FROM, f"To: {rcpt}", SUBJECT, MSGID)
 
 
-def test_concatenated_to_on_one_5000_octet_line_is_a_header_defect() -> None:
-    """An unfolded To: over 998 octets is refused with 554 5.6.0, not guessed at."""
+def test_concatenated_to_on_one_5000_octet_line_is_isolated() -> None:
+    """An unfolded To: of 250 customers (over 5,000 octets on one line) is the mistake itself:
+    it is replaced, so each copy's To: names one customer and no line is long."""
     rcpts = [f"customer{i:03d}@example.com" for i in range(250)]
     to = "To: " + ", ".join(rcpts)
     assert len(to) > 5000
-    err = rejected(rcpts, message(FROM, to, SUBJECT))
-    assert (err.reply.code, err.reply.enhanced) == (554, "5.6.0")
-    assert "over 998 octets" in err.reason
+    plan = run(rcpts, message(FROM, to, SUBJECT))
+    assert [c.recipient.text for c in plan.copies] == rcpts
+    for rcpt, headers in headers_of(plan).items():
+        assert headers == copy_headers(rcpt, FROM, f"To: {rcpt}", SUBJECT)
 
 
 def test_folded_to_with_tabs_and_spaces() -> None:
@@ -613,11 +615,6 @@ def crlf(data: bytes) -> bytes:
 
 
 def body_cases() -> dict[str, bytes]:
-    nested = (
-        b"From: news@example.org\r\n"
-        b"To: alice@example.com, bob@example.com, carol@example.net\r\n"
-        b"Subject: fwd\r\n\r\nhi\r\n"
-    )
     return {
         "plain": message(FROM, "To: alice@example.com", body=b"Thanks, bob@example.com!\r\n"),
         "quoted-printable": multipart(
@@ -633,10 +630,72 @@ def body_cases() -> dict[str, bytes]:
             ),
         ),
         "html-entity": multipart(("Content-Type: text/html", b"bob&#64;example.com")),
+        "message/rfc822 body": multipart(
+            ("Content-Type: text/plain", b"see attached"),
+            ("Content-Type: message/rfc822", b"From: news@example.org\r\n\r\nbob@example.com\r\n"),
+        ),
+    }
+
+
+def embedded_cases() -> dict[str, bytes]:
+    """A forwarded mail whose own header section names the other recipients."""
+    nested = (
+        b"From: news@example.org\r\n"
+        b"To: alice@example.com, bob@example.com, carol@example.net\r\n"
+        b"Subject: fwd\r\n\r\nhi\r\n"
+    )
+    return {
         "message/rfc822": multipart(
             ("Content-Type: text/plain", b"see attached"), ("Content-Type: message/rfc822", nested)
         ),
+        "message/global": multipart(("Content-Type: message/global", nested)),
+        "message/global base64": multipart(
+            (
+                "Content-Type: message/global\r\nContent-Transfer-Encoding: base64",
+                crlf(base64.encodebytes(nested)),
+            ),
+        ),
+        "text/rfc822-headers": multipart(
+            ("Content-Type: text/rfc822-headers", nested.partition(b"\r\n\r\n")[0] + b"\r\n")
+        ),
+        "folded inside nested": multipart(
+            (
+                "Content-Type: message/rfc822",
+                b"From: news@example.org\r\nReply-To: bob@exa\r\n mple.com\r\n\r\nhi\r\n",
+            ),
+        ),
     }
+
+
+@pytest.mark.parametrize("case", list(embedded_cases()))
+def test_embedded_headers_naming_other_recipients_are_refused_by_default(case: str) -> None:
+    """A forwarded message's header section naming other recipients: 550 5.7.1, naming the part."""
+    err = rejected(RCPTS, embedded_cases()[case])
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+    assert "part " in err.reason and "embedded message" in err.reason
+    assert "@" not in err.reason
+
+
+@pytest.mark.parametrize("case", list(embedded_cases()))
+def test_embedded_check_can_be_relaxed_to_a_warning(case: str) -> None:
+    """embedded_check=warn: the copies are made, with a warning naming the part."""
+    plan = run(RCPTS, embedded_cases()[case], embedded_check=BodyCheck.WARN)
+    assert len(plan.copies) == 3
+    assert plan.warnings and "embedded message" in plan.warnings[0]
+
+
+@pytest.mark.parametrize("case", list(embedded_cases()))
+def test_embedded_check_off_ignores_embedded_headers(case: str) -> None:
+    """embedded_check=off (and body_check=off): nothing is read, nothing is said."""
+    options = {"embedded_check": BodyCheck.OFF, "body_check": BodyCheck.OFF}
+    assert run(RCPTS, embedded_cases()[case], **options).warnings == ()
+
+
+def test_embedded_headers_naming_only_the_own_recipient_pass() -> None:
+    """A forwarded mail to alice, attached to alice's only copy, discloses nobody."""
+    nested = b"From: news@example.org\r\nTo: alice@example.com\r\n\r\nhi\r\n"
+    data = multipart(("Content-Type: message/rfc822", nested))
+    assert run(["alice@example.com"], data).warnings == ()
 
 
 @pytest.mark.parametrize("case", list(body_cases()))
@@ -773,13 +832,25 @@ def test_recipients_with_url_like_characters_are_not_false_leaks(local: str) -> 
     assert [c.recipient.text for c in plan.copies] == rcpts
 
 
-def test_from_listing_several_mailboxes_exempts_none() -> None:
-    """From: with recipients among several mailboxes is the customer list again: 550 5.7.1."""
+def test_from_listing_several_mailboxes_without_sender_is_refused() -> None:
+    """From: with several mailboxes and no Sender: (RFC 5322 3.6.2) is refused 554 5.6.0:
+    more likely a pasted customer list than the message's authors."""
     data = message(
         "From: news@example.org, bob@example.com, carol@example.net", "To: alice@example.com"
     )
     err = rejected(["alice@example.com", "bob@example.com", "carol@example.net"], data)
-    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+    assert (err.reply.code, err.reply.enhanced) == (554, "5.6.0")
+    assert "Sender" in err.reason
+
+
+def test_from_with_several_authors_and_a_sender_is_shown_to_every_copy() -> None:
+    """From: naming two authors, with Sender: naming one: the authors are the sender's,
+    kept byte for byte in every copy, even the copy of an author who also receives it."""
+    authors = "From: Ann <ann@example.org>, Ben <ben@example.org>"
+    data = message(authors, "Sender: ann@example.org", "To: alice@example.com")
+    plan = run(["alice@example.com", "ben@example.org"], data)
+    for rcpt, headers in headers_of(plan).items():
+        assert headers == copy_headers(rcpt, authors, "Sender: ann@example.org", f"To: {rcpt}")
 
 
 def test_idna_charset_in_an_encoded_word_does_not_crash() -> None:
