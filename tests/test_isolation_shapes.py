@@ -17,7 +17,7 @@ from relay.dkimsign import DkimAction
 from relay.errors import BadAddress, Rejected
 from relay.headers import MAX_LINE_OCTETS
 from relay.isolation import isolate
-from relay.model import ChangeKind, Envelope, IsolationOptions, Plan
+from relay.model import BodyCheck, ChangeKind, Envelope, IsolationOptions, Plan
 from tests.conftest import copy_headers, dkim_keypair, message
 
 FROM = "From: Example News <news@example.org>"
@@ -329,3 +329,39 @@ def test_a_signature_over_nothing_normalisation_changed_is_kept() -> None:
     copy = run(["alice@example.com"], data, normalize=True).copies[0]
     assert b"DKIM-Signature" in copy.headers
     assert dkim.verify(copy.headers + bytes(copy.body), dnsfunc=lambda *_, **__: public)
+
+
+# --- 8. False positives: legitimate mail is delivered ----------------------------------
+
+
+def test_a_legitimate_newsletter_is_delivered_to_everyone_unchanged() -> None:
+    """List headers, a long folded Subject:, Unicode names, an address-shaped Message-ID,
+    several authors with a Sender:, and a forwarded mail from the sender: all delivered."""
+    fields = [
+        "From: =?utf-8?q?Z=C3=BCrich_News?= <news@example.org>, Ann <ann@example.org>",
+        "Sender: news@example.org",
+        "Reply-To: Help Desk <help@example.org>",
+        "To: undisclosed-recipients:;",
+        "Subject: Your weekly digest: " + " ".join(f"topic{i}" for i in range(150)),
+        "Message-ID: <20261202.digest@mail.example.org>",
+        "References: <20261125.digest@mail.example.org>",
+        "List-Id: Weekly digest <digest.example.org>",
+        "List-Unsubscribe: <mailto:unsubscribe@example.org?subject=unsubscribe>,\r\n"
+        " <https://example.org/unsubscribe?list=digest&amp;week=48>",
+        "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+        "Content-Type: multipart/mixed; boundary=b1",
+        "MIME-Version: 1.0",
+    ]
+    body = (
+        b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nWrite to help@example.org.\r\n"
+        b"--b1\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"From: news@example.org\r\nTo: news@example.org\r\nSubject: last week\r\n\r\nhi\r\n"
+        b"--b1--\r\n"
+    )
+    rcpts = [f"reader{i}@example.com" for i in range(20)]
+    plan = run(rcpts, message(*fields, body=body), body_check=BodyCheck.REJECT)
+    assert len(plan.copies) == 20 and plan.warnings == ()
+    for copy in plan.copies:
+        for line in [*fields[:3], *fields[5:]]:  # To: rebuilt, Subject: folded
+            assert line.encode() + b"\r\n" in copy.headers
+        assert f"\r\nTo: {copy.recipient.text}\r\n".encode() in copy.headers
