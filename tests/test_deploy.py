@@ -729,3 +729,39 @@ async def test_every_metric_in_the_rules_and_dashboard_is_exported(
                         assert not missing, f"{source}: {name}{{{label}}} has no {missing}"
     assert "solo_relay_build_info" in used
     assert any(name.endswith("_bucket") for name in used), "latency quantiles come from buckets"
+
+
+def relay_containers() -> list[dict[str, Any]]:
+    containers = []
+    for workload in of_kind(kubernetes_documents(), "StatefulSet"):
+        pod = workload["spec"]["template"]["spec"]
+        containers += [
+            c
+            for c in pod.get("initContainers", []) + pod["containers"]
+            if "solo-relay" in c["image"]
+        ]
+    assert containers
+    return containers
+
+
+def test_kubernetes_pods_get_no_service_links() -> None:
+    """enableServiceLinks: false, so no RELAY_PORT=tcp://... from a Service named relay."""
+    for workload in of_kind(kubernetes_documents(), "StatefulSet"):
+        assert workload["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+def test_kubernetes_log_hash_key_is_a_file_from_the_secret() -> None:
+    """RELAY_LOG_HASH_KEY_FILE names a file mounted from the Secret; no key in a variable."""
+    documents = kubernetes_documents()
+    secrets = {s["metadata"]["name"]: s for s in of_kind(documents, "Secret")}
+    (workload,) = of_kind(documents, "StatefulSet")
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    for relay in relay_containers():
+        names = {e["name"] for e in relay["env"]}
+        assert "RELAY_LOG_HASH_KEY" not in names
+        env = {e["name"]: e["value"] for e in relay["env"] if "value" in e}
+        key_file = Path(env["RELAY_LOG_HASH_KEY_FILE"])
+        mounts = {m["mountPath"]: m["name"] for m in relay["volumeMounts"]}
+        secret = volumes[mounts[str(key_file.parent)]]["secret"]
+        (item,) = [i for i in secret["items"] if i["path"] == key_file.name]
+        assert item["key"] in secrets[secret["secretName"]]["stringData"]
