@@ -47,7 +47,9 @@ each copy's final header section and every header removed, rebuilt, added or
 stripped, with the reason. Nothing is sent or stored. Exit status 0: the
 relay would accept the message; 1: it would refuse it (the SMTP reply and the
 reason are printed); 2: usage error. Line endings in the file are made CRLF
-as an SMTP client would, unless --raw.
+as an SMTP client would, unless --raw. A recipient the relay would refuse at
+RCPT (553) is listed and left out, as in a real session. --summary prints
+counts only, for a campaign; --out DIR also writes each copy as a .eml file.
 """
 
 
@@ -103,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
         + ")",
     )
     p.add_argument("--raw", action="store_true", help="send the file's bytes exactly as they are")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="counts only, no address: copies, recipients refused, header changes, warnings",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="also write each copy as DIR/copy-NNNN.eml (header section and body)",
+    )
     p.add_argument(
         "--dkim",
         choices=[a.value for a in DkimAction],
@@ -258,6 +271,56 @@ def _check(path: str | None, upstream: bool) -> int:
         return _runtime_error("upstream check failed", exc)
 
 
+def _preview(args: argparse.Namespace) -> int:
+    options = IsolationOptions(
+        removed_headers=frozenset(args.remove_header),
+        body_check=BodyCheck(args.body_check),
+        normalize=args.normalize,
+    )
+    if args.config:
+        config = _load(args.config)
+        if config is None:
+            return EXIT_CONFIG
+        try:
+            options = config.isolation_options()
+        except ConfigError as exc:
+            return _config_error(exc)
+        options = replace(
+            options,
+            removed_headers=options.removed_headers | frozenset(args.remove_header),
+            normalize=options.normalize or args.normalize,
+        )
+    if args.dkim:
+        options = replace(options, dkim_action=DkimAction(args.dkim))
+    if (options.dkim_action is DkimAction.RESIGN or options.sign_all) and options.signer is None:
+        # Without the key, resign would only strip: the preview would show copies unsigned.
+        print(
+            "solo-relay preview: --dkim resign needs the relay's signing key: pass --config"
+            " with [dkim] domain, selector and key_file",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    request = preview.PreviewRequest(
+        args.message,
+        tuple(args.rcpt),
+        args.sender,
+        args.smtputf8,
+        args.raw,
+        options,
+        summary=args.summary,
+        out_dir=args.out,
+    )
+    try:
+        status, text = preview.run(request)
+    except OSError as exc:
+        print(
+            f"solo-relay preview: {exc.strerror}: {exc.filename or args.message}", file=sys.stderr
+        )
+        return EXIT_CONFIG
+    (sys.stdout if status == 0 else sys.stderr).write(text)
+    return status
+
+
 def _commands(parser: argparse.ArgumentParser) -> str:
     """What a bare ``solo-relay`` prints: each command and its one-line help."""
     lines = [f"usage: {parser.prog} COMMAND [options]   (--help after a command for more)", ""]
@@ -276,37 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(_commands(parser))
         return 0
     if args.command == "preview":
-        options = IsolationOptions(
-            removed_headers=frozenset(args.remove_header),
-            body_check=BodyCheck(args.body_check),
-            normalize=args.normalize,
-        )
-        if args.config:
-            config = _load(args.config)
-            if config is None:
-                return 2
-            try:
-                options = config.isolation_options()
-            except ConfigError as exc:
-                print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
-                return 2
-            options = replace(
-                options,
-                removed_headers=options.removed_headers | frozenset(args.remove_header),
-                normalize=options.normalize or args.normalize,
-            )
-        if args.dkim:
-            options = replace(options, dkim_action=DkimAction(args.dkim))
-        request = preview.PreviewRequest(
-            args.message, tuple(args.rcpt), args.sender, args.smtputf8, args.raw, options
-        )
-        try:
-            status, text = preview.run(request)
-        except OSError as exc:
-            print(f"solo-relay preview: {exc.strerror}: {args.message}", file=sys.stderr)
-            return 2
-        (sys.stdout if status == 0 else sys.stderr).write(text)
-        return status
+        return _preview(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "check":
