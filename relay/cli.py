@@ -36,9 +36,12 @@ processes that share the listener, each with its own spool.
 """
 
 _CHECK_HELP = """\
-Validate the configuration and print what the relay would use. With
---upstream, also connect to the upstream, do TLS and AUTH, and report each
-step. Exit status 0: all good; 1: an upstream step failed; 2: bad configuration.
+Validate the configuration exactly as serve does before it listens (files
+named by the settings included: certificate, users, DKIM key, password, CA),
+creating nothing, and print what the relay would use. With --upstream, also
+connect to the upstream, do TLS and AUTH, and report each step. Exit status
+0: all good; 1: an upstream step failed; 2: bad configuration (one line names
+the key). Unknown RELAY_* variables are named as warnings.
 """
 
 _PREVIEW_HELP = """\
