@@ -421,3 +421,70 @@ def test_serve_flags_set_listen_and_upstream(tmp_path: Path) -> None:
         process.wait(timeout=10)
     assert line["event"] == "listening", line
     assert line["smtp"].startswith("127.0.0.1:") and line["upstream"] == f"outbox:{tmp_path}/box"
+
+
+def test_serve_starts_beside_kubernetes_service_links(tmp_path: Path) -> None:
+    """A pod's RELAY_PORT=tcp://... no longer stops serve: a debug line, a warning for a typo."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+        "RELAY_LISTEN": "127.0.0.1:0",
+        "RELAY_METRICS_LISTEN": "127.0.0.1:0",
+        "RELAY_LOG_LEVEL": "debug",
+        "RELAY_PORT": "tcp://10.96.0.12:2525",
+        "RELAY_SERVICE_HOST": "10.96.0.12",
+        "RELAY_SMTP_MAX_RECIPIENT": "5",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    try:
+        assert process.stderr is not None
+        for raw in process.stderr:
+            lines.append(json.loads(raw))
+            if lines[-1]["event"] == "listening":
+                break
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    assert lines and lines[-1]["event"] == "listening", lines
+    noticed = {line["variable"]: line["level"] for line in lines if "variable" in line}
+    assert noticed == {
+        "RELAY_PORT": "debug",
+        "RELAY_SERVICE_HOST": "debug",
+        "RELAY_SMTP_MAX_RECIPIENT": "warning",
+    }
+    (warning,) = [line for line in lines if line.get("variable") == "RELAY_SMTP_MAX_RECIPIENT"]
+    assert "did you mean RELAY_SMTP_MAX_RECIPIENTS?" in warning["event"]
+
+
+def test_a_spool_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A second relay on a spool a first one holds: exit 1, one line naming it, no traceback."""
+    env = {
+        **os.environ,
+        "RELAY_LISTEN": "127.0.0.1:0",
+        "RELAY_METRICS_LISTEN": "127.0.0.1:0",
+        "RELAY_SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stderr is not None
+        assert json.loads(first.stderr.readline())["event"] == "listening"
+        second = run_cli("serve", env={k: v for k, v in env.items() if k.startswith("RELAY_")})
+    finally:
+        first.kill()
+        first.wait(timeout=10)
+    assert second.returncode == 1, second.stderr
+    assert "Traceback" not in second.stderr
+    (line,) = [x for x in second.stderr.splitlines() if not x.startswith("{")]
+    assert line.startswith(f"solo-relay: cannot start: {tmp_path / 'spool'} is in use"), line
