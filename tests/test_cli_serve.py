@@ -141,9 +141,10 @@ def test_bad_configuration_stops_the_start_with_one_line() -> None:
 # ---- start-up failures: one line, the key named, exit 2 (configuration) or 1 -------------
 
 # Each start-up configuration error: the environment ("{tmp}" is the test's directory),
-# the files to make first, the key the line names and a piece of text it must hold.
+# the files to make first (None: a directory), the key the line names and a piece of
+# text it must hold. Every ConfigError the start-up can raise has a case here.
 NOT_A_PEM = "this is not a PEM file\n"
-CONFIG_ERRORS: list[tuple[str, dict[str, str], dict[str, str], str, str]] = [
+CONFIG_ERRORS: list[tuple[str, dict[str, str], dict[str, str | None], str, str]] = [
     ("number", {"RELAY_SMTP_MAX_RECIPIENTS": "lots"}, {}, "RELAY_SMTP_MAX_RECIPIENTS", "'lots'"),
     ("toml key", {"RELAY_CONFIG": "{tmp}/r.toml"}, {"r.toml": "[smtp]\nmax_rcpt = 3\n"},
      "smtp.max_rcpt", "unknown key"),
@@ -205,6 +206,48 @@ CONFIG_ERRORS: list[tuple[str, dict[str, str], dict[str, str], str, str]] = [
     ("spool", {"RELAY_SPOOL_DIR": "{tmp}/file/spool"}, {"file": "x"}, "spool.dir",
      "not a directory"),
     ("jitter", {"RELAY_DELIVERY_RETRY_JITTER": "1.5"}, {}, "delivery.retry_jitter", "less than"),
+    ("bool", {"RELAY_SPOOL_FSYNC": "maybe"}, {}, "RELAY_SPOOL_FSYNC", "'maybe'"),
+    ("table", {"RELAY_CONFIG": "{tmp}/r.toml"}, {"r.toml": "smtp = 3\n"}, "smtp", "table"),
+    ("toml bool", {"RELAY_CONFIG": "{tmp}/r.toml"}, {"r.toml": "[spool]\nfsync = 1\n"},
+     "spool.fsync", "true or false"),
+    ("toml int", {"RELAY_CONFIG": "{tmp}/r.toml"}, {"r.toml": "workers = 1.5\n"}, "workers",
+     "whole number"),
+    ("toml float", {"RELAY_CONFIG": "{tmp}/r.toml"},
+     {"r.toml": '[delivery]\nlifetime = "2d"\n'}, "delivery.lifetime", "'2d'"),
+    ("toml list", {"RELAY_CONFIG": "{tmp}/r.toml"},
+     {"r.toml": '[smtp]\nallow_networks = "10.0.0.0/8"\n'}, "smtp.allow_networks", "list"),
+    ("toml string", {"RELAY_CONFIG": "{tmp}/r.toml"}, {"r.toml": "listen = 2525\n"}, "listen",
+     "string"),
+    ("workers max", {"RELAY_WORKERS": "65"}, {}, "workers", "at most 64"),
+    ("seconds", {"RELAY_SMTP_IDLE_TIMEOUT": "0"}, {}, "smtp.idle_timeout", "more than 0"),
+    ("negative", {"RELAY_SPOOL_MAX_BYTES": "-1"}, {}, "spool.max_bytes", "negative"),
+    ("every network", {"RELAY_LISTEN": "0.0.0.0:0", "RELAY_SMTP_ALLOW_NETWORKS": "0.0.0.0/0"},
+     {}, "smtp.allow_networks", "open relay"),
+    ("outbox empty", {"RELAY_UPSTREAM": "outbox:"}, {}, "upstream.url", "needs a directory"),
+    ("url space", {"RELAY_UPSTREAM": "smtps://smtp.example .net"}, {}, "upstream.url", "space"),
+    ("url path", {"RELAY_UPSTREAM": "smtps://smtp.example.net/x"}, {}, "upstream.url",
+     "nothing after the port"),
+    ("url port", {"RELAY_UPSTREAM": "smtps://smtp.example.net:99999"}, {}, "upstream.url",
+     "1 to 65535"),
+    ("url host", {"RELAY_UPSTREAM": "smtps://smtp_1.example.net"}, {}, "upstream.url",
+     "DNS name"),
+    ("url no host", {"RELAY_UPSTREAM": "smtps://app@:465"}, {}, "upstream.url", "no host"),
+    ("plain off loopback", {"RELAY_UPSTREAM": "smtp+plain://smtp.example.net"}, {},
+     "upstream.url", "upstream.insecure"),
+    ("plain password", {"RELAY_UPSTREAM": "smtp+plain://app:x@smtp.example.net",
+     "RELAY_UPSTREAM_INSECURE": "true"}, {}, "upstream.url", "in clear"),
+    ("oauth no user", {"RELAY_UPSTREAM": "smtps://smtp.example.net",
+     "RELAY_UPSTREAM_OAUTH_TOKEN_FILE": "{tmp}/token"}, {"token": "t"},
+     "upstream.oauth_token_file", "needs the user"),
+    ("dkim selector", {"RELAY_DKIM_ACTION": "resign", "RELAY_DKIM_DOMAIN": "example.org",
+     "RELAY_DKIM_SELECTOR": "a b"}, {}, "dkim.selector", "'a b'"),
+    ("dkim no key", {"RELAY_DKIM_SIGN_ALL": "true", "RELAY_DKIM_DOMAIN": "example.org",
+     "RELAY_DKIM_SELECTOR": "s1"}, {}, "dkim.key_file", "needed"),
+    ("dkim not a key", {"RELAY_DKIM_ACTION": "resign", "RELAY_DKIM_DOMAIN": "example.org",
+     "RELAY_DKIM_SELECTOR": "s1", "RELAY_DKIM_KEY_FILE": "{tmp}/dkim.pem"},
+     {"dkim.pem": NOT_A_PEM}, "dkim.key_file", "not a usable RSA private key"),
+    ("stored key", {"RELAY_SPOOL_DIR": "{tmp}/spool"}, {"spool": None, "spool/log-hash.key": "x"},
+     "log.hash_key", "no usable key"),
 ]  # fmt: skip
 
 
@@ -240,12 +283,15 @@ def in_process(
 def test_every_configuration_error_is_one_line_from_check_and_serve_alike(
     tmp_path: Path,
     in_process: Callable[..., tuple[int, str, str]],
-    case: tuple[str, dict[str, str], dict[str, str], str, str],
+    case: tuple[str, dict[str, str], dict[str, str | None], str, str],
 ) -> None:
     """serve and check refuse the same start with the same line: key, path or value; exit 2."""
     _, env, files, key, text = case
     for name, content in files.items():
-        (tmp_path / name).write_text(content)
+        if content is None:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_text(content)
     env = {name: value.replace("{tmp}", str(tmp_path)) for name, value in env.items()}
     text = text.replace("{tmp}", str(tmp_path))
     lines = {}
@@ -258,7 +304,8 @@ def test_every_configuration_error_is_one_line_from_check_and_serve_alike(
         assert text in err, err
         lines[command] = err
     assert lines["check"] == lines["serve"]
-    assert not (tmp_path / "spool").exists(), "a refused start leaves nothing behind"
+    if "spool" not in files:
+        assert not (tmp_path / "spool").exists(), "a refused start leaves nothing behind"
 
 
 def test_check_says_ok_exactly_where_serve_starts(
