@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         "--upstream",
         metavar="URL",
         help="where copies go (smtps://user@host:465, smtp://user@host:587, outbox:DIR);"
-        " sets RELAY_UPSTREAM for this run",
+        " sets RELAY_UPSTREAM for this run (no password here: ps shows it; use"
+        " RELAY_UPSTREAM_PASSWORD_FILE)",
     )
     # Given by the supervisor to its workers (relay.workers), never by hand.
     serve.add_argument("--worker", help=argparse.SUPPRESS)
@@ -162,9 +163,9 @@ def _config_error(exc: ConfigError) -> int:
     return EXIT_CONFIG
 
 
-def _load(path: str | None, environ: Mapping[str, str] | None = None) -> Config | None:
+def _load(path: str | None) -> Config | None:
     try:
-        return load(environ=environ, path=path)
+        return load(path=path)
     except ConfigError as exc:
         _config_error(exc)
         return None
