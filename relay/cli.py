@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from relay import __version__, eventloop, preview, queuectl, workers
-from relay.config import Config, load
+from relay import __version__, eventloop, preview, queuectl, startup, workers
+from relay.config import Config, env_notices, load
 from relay.dkimsign import DkimAction
-from relay.errors import ConfigError
+from relay.errors import ConfigError, RelayError
 from relay.logs import load_key, setup_logging
 from relay.model import REMOVED_HEADERS, BodyCheck, IsolationOptions
 from relay.server import Relay
-from relay.target import parse_upstream_url
 from relay.upstream import open_upstream
 from relay.workers import WorkerArgs
+
+log = logging.getLogger("relay.cli")
+
+EXIT_RUNTIME = 1  # the relay could not start or run: a port taken, a disk failing
+EXIT_CONFIG = 2  # the configuration is wrong: one line names the key
 
 _SERVE_HELP = """\
 Run the relay: listen for SMTP (default 127.0.0.1:2525), make one isolated
@@ -30,9 +36,12 @@ processes that share the listener, each with its own spool.
 """
 
 _CHECK_HELP = """\
-Validate the configuration and print what the relay would use. With
---upstream, also connect to the upstream, do TLS and AUTH, and report each
-step. Exit status 0: all good; 1: an upstream step failed; 2: bad configuration.
+Validate the configuration exactly as serve does before it listens (files
+named by the settings included: certificate, users, DKIM key, password, CA),
+creating nothing, and print what the relay would use. With --upstream, also
+connect to the upstream, do TLS and AUTH, and report each step. Exit status
+0: all good; 1: an upstream step failed; 2: bad configuration (one line names
+the key). Unknown RELAY_* variables are named as warnings.
 """
 
 _PREVIEW_HELP = """\
@@ -41,7 +50,9 @@ each copy's final header section and every header removed, rebuilt, added or
 stripped, with the reason. Nothing is sent or stored. Exit status 0: the
 relay would accept the message; 1: it would refuse it (the SMTP reply and the
 reason are printed); 2: usage error. Line endings in the file are made CRLF
-as an SMTP client would, unless --raw.
+as an SMTP client would, unless --raw. A recipient the relay would refuse at
+RCPT (553) is listed and left out, as in a real session. --summary prints
+counts only, for a campaign; --out DIR also writes each copy as a .eml file.
 """
 
 
@@ -50,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="solo-relay",
         description="SMTP relay that delivers one isolated copy per recipient.",
     )
-    parser.add_argument("--version", action="version", version=f"solo-relay {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("-V", "--version", action="version", version=f"solo-relay {__version__}")
+    # Not required: a bare `solo-relay` prints the commands (``_commands``), no error.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = commands.add_parser(
         "preview", help="show the copies a message would become", description=_PREVIEW_HELP
     )
@@ -97,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--raw", action="store_true", help="send the file's bytes exactly as they are")
     p.add_argument(
+        "--summary",
+        action="store_true",
+        help="counts only, no address: copies, recipients refused, header changes, warnings",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="also write each copy as DIR/copy-NNNN.eml (header section and body)",
+    )
+    p.add_argument(
         "--dkim",
         choices=[a.value for a in DkimAction],
         help="what an application DKIM signature over a changed header becomes"
@@ -109,6 +132,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve = commands.add_parser("serve", help="run the relay", description=_SERVE_HELP)
     serve.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="where applications connect; sets RELAY_LISTEN for this run (default 127.0.0.1:2525)",
+    )
+    serve.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="where copies go (smtps://user@host:465, smtp://user@host:587, outbox:DIR);"
+        " sets RELAY_UPSTREAM for this run (no password here: ps shows it; use"
+        " RELAY_UPSTREAM_PASSWORD_FILE)",
+    )
     # Given by the supervisor to its workers (relay.workers), never by hand.
     serve.add_argument("--worker", help=argparse.SUPPRESS)
     serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
@@ -123,22 +158,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_error(exc: ConfigError) -> int:
+    print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
 def _load(path: str | None) -> Config | None:
     try:
         return load(path=path)
     except ConfigError as exc:
-        print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
+        _config_error(exc)
         return None
+
+
+def _log_env_notices(environ: Mapping[str, str]) -> None:
+    """Unknown RELAY_* variables, once logging is set up (``load`` ignored them)."""
+    for notice in env_notices(environ):
+        level = logging.DEBUG if notice.service_link else logging.WARNING
+        log.log(level, str(notice), extra={"fields": {"variable": notice.name}})
 
 
 def _serve(args: argparse.Namespace) -> int:
     path: str | None = args.config
+    # The flags stand for their variables, for this process and the workers it starts.
+    for flag, name in ((args.listen, "RELAY_LISTEN"), (args.upstream, "RELAY_UPSTREAM")):
+        if flag is not None:
+            os.environ[name] = flag
     config = _load(path)
     if config is None:
-        return 2
+        return EXIT_CONFIG
+    running: Relay | workers.Supervisor | None = None
     try:
+        startup.prepare(config)  # what `check` runs: one line and exit 2 on any failure
         # One key for every worker: the one kept in spool.dir itself.
         tokens = setup_logging(config.log, key=load_key(config.log, Path(config.spool.dir)))
+        if not args.worker:  # the supervisor has said it already
+            _log_env_notices(os.environ)
         if args.worker:
             index, count = (int(n) for n in args.worker.split("/"))
             worker = WorkerArgs(
@@ -146,39 +201,57 @@ def _serve(args: argparse.Namespace) -> int:
             )
             # The first worker also delivers the spools of workers beyond the count.
             orphans = workers.orphaned_spools(config) if index == 0 else []
-            relay = Relay(
+            running = Relay(
                 workers.share(config, index, count), tokens=tokens, worker=worker, orphans=orphans
             )
-            eventloop.run(relay.run())
+            eventloop.run(running.run())
         elif config.workers > 1:
-            eventloop.run(workers.Supervisor(config, path).run())
+            running = workers.Supervisor(config, path)
+            eventloop.run(running.run())
         else:
-            relay = Relay(config, tokens=tokens, orphans=workers.orphaned_spools(config))
-            eventloop.run(relay.run())
+            running = Relay(config, tokens=tokens, orphans=workers.orphaned_spools(config))
+            eventloop.run(running.run())
     except ConfigError as exc:
-        print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"solo-relay: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return _config_error(exc)
+    except Exception as exc:
+        started = running is not None and running.smtp_port != 0
+        return _runtime_error("failed" if started else "cannot start", exc)
     return 0
+
+
+def _runtime_error(what: str, exc: BaseException) -> int:
+    """One line for a failure that is not the configuration's (exit 1), no traceback.
+
+    The traceback goes to the log at debug level (``RELAY_LOG_LEVEL=debug``).
+    """
+    log.debug("start-up failure", exc_info=exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    elif isinstance(exc, RelayError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    print(f"solo-relay: {what}: {text}", file=sys.stderr)
+    return EXIT_RUNTIME
 
 
 def _check(path: str | None, upstream: bool) -> int:
     config = _load(path)
     if config is None:
-        return 2
+        return EXIT_CONFIG
+    for notice in env_notices(os.environ):
+        if not notice.service_link:
+            print(f"solo-relay: warning: {notice}", file=sys.stderr)
     try:
-        target = parse_upstream_url(config.upstream.url, insecure=config.upstream.insecure)
-        options = config.isolation_options()
+        prepared = startup.prepare(config)  # exactly what `serve` checks before it listens
     except ConfigError as exc:
-        print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _config_error(exc)
     print("configuration OK")
     print(f"  listen    {config.listen_address}  (mode {config.mode.value})")
-    print(f"  upstream  {target.redacted()}")
+    print(f"  upstream  {prepared.target.redacted()}")
     print(f"  metrics   {config.metrics_address}")
-    signer = options.signer
+    signer = prepared.options.signer
     signing = f"signs as d={signer.domain} s={signer.selector}" if signer else "no relay key"
     print(f"  dkim      {config.dkim.action.value} ({signing})")
     if not upstream:
@@ -194,43 +267,86 @@ def _check(path: str | None, upstream: bool) -> int:
             print(f"  {'ok ' if step.ok else 'FAIL'} {step.name:<8} {step.detail}")
         return all(step.ok for step in results)
 
-    return 0 if eventloop.run(steps()) else 1
+    try:
+        return 0 if eventloop.run(steps()) else EXIT_RUNTIME
+    except ConfigError as exc:
+        return _config_error(exc)
+    except Exception as exc:
+        return _runtime_error("upstream check failed", exc)
+
+
+def _preview(args: argparse.Namespace) -> int:
+    options = IsolationOptions(
+        removed_headers=frozenset(args.remove_header),
+        body_check=BodyCheck(args.body_check),
+        normalize=args.normalize,
+    )
+    local_domains: frozenset[str] = frozenset()
+    if args.config:
+        config = _load(args.config)
+        if config is None:
+            return EXIT_CONFIG
+        local_domains = frozenset(d.lower() for d in config.smtp.local_domains)
+        try:
+            options = config.isolation_options()
+        except ConfigError as exc:
+            return _config_error(exc)
+        options = replace(
+            options,
+            removed_headers=options.removed_headers | frozenset(args.remove_header),
+            normalize=options.normalize or args.normalize,
+        )
+    if args.dkim:
+        options = replace(options, dkim_action=DkimAction(args.dkim))
+    if (options.dkim_action is DkimAction.RESIGN or options.sign_all) and options.signer is None:
+        # Without the key, resign would only strip: the preview would show copies unsigned.
+        print(
+            "solo-relay preview: --dkim resign needs the relay's signing key: pass --config"
+            " with [dkim] domain, selector and key_file",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    request = preview.PreviewRequest(
+        args.message,
+        tuple(args.rcpt),
+        args.sender,
+        args.smtputf8,
+        args.raw,
+        options,
+        summary=args.summary,
+        out_dir=args.out,
+        local_domains=local_domains,
+    )
+    try:
+        status, text = preview.run(request)
+    except OSError as exc:
+        print(
+            f"solo-relay preview: {exc.strerror}: {exc.filename or args.message}", file=sys.stderr
+        )
+        return EXIT_CONFIG
+    (sys.stdout if status == 0 else sys.stderr).write(text)
+    return status
+
+
+def _commands(parser: argparse.ArgumentParser) -> str:
+    """What a bare ``solo-relay`` prints: each command and its one-line help."""
+    lines = [f"usage: {parser.prog} COMMAND [options]   (--help after a command for more)", ""]
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for choice in getattr(action, "_choices_actions", ()):
+            lines.append(f"  {choice.dest:<9} {choice.help}")
+    lines.append("")
+    lines.append(f"{parser.prog} -V prints the version.")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        sys.stdout.write(_commands(parser))
+        return 0
     if args.command == "preview":
-        options = IsolationOptions(
-            removed_headers=frozenset(args.remove_header),
-            body_check=BodyCheck(args.body_check),
-            normalize=args.normalize,
-        )
-        if args.config:
-            config = _load(args.config)
-            if config is None:
-                return 2
-            try:
-                options = config.isolation_options()
-            except ConfigError as exc:
-                print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
-                return 2
-            options = replace(
-                options,
-                removed_headers=options.removed_headers | frozenset(args.remove_header),
-                normalize=options.normalize or args.normalize,
-            )
-        if args.dkim:
-            options = replace(options, dkim_action=DkimAction(args.dkim))
-        request = preview.PreviewRequest(
-            args.message, tuple(args.rcpt), args.sender, args.smtputf8, args.raw, options
-        )
-        try:
-            status, text = preview.run(request)
-        except OSError as exc:
-            print(f"solo-relay preview: {exc.strerror}: {args.message}", file=sys.stderr)
-            return 2
-        (sys.stdout if status == 0 else sys.stderr).write(text)
-        return status
+        return _preview(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "check":

@@ -5,8 +5,12 @@ Rule 1: every key has a default, so no file at all gives a working relay
 Rule 2: the environment name of a key is ``RELAY_`` and its TOML path joined
 with ``_`` in upper case (``[smtp] max_recipients`` is
 ``RELAY_SMTP_MAX_RECIPIENTS``); ``RELAY_UPSTREAM`` is also accepted for
-``[upstream] url``, and ``RELAY_CONFIG`` names the file. An unknown key or
-``RELAY_*`` name is an error, not a silent no-op.
+``[upstream] url``, and ``RELAY_CONFIG`` names the file. An unknown TOML key
+is an error. An unknown ``RELAY_*`` name is not fatal: Kubernetes sets
+``RELAY_PORT=tcp://...`` and friends for a Service named ``relay`` in the
+namespace, so names shaped like service links are ignored (``env_notices``
+says so at debug level), and any other is a warning naming the closest known
+name (``env_notices`` too; the caller logs them once logging is set up).
 Rule 3: bad configuration raises ``ConfigError`` naming the key, once, at
 start; nothing else in the relay re-validates it.
 
@@ -15,9 +19,11 @@ start; nothing else in the relay re-validates it.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -38,9 +44,27 @@ from relay.model import (
 ENV_PREFIX = "RELAY_"
 ENV_ALIASES = {"RELAY_UPSTREAM": ("upstream", "url")}
 ENV_NOT_KEYS = frozenset({"RELAY_CONFIG"})
+# What Kubernetes injects for each Service in the namespace (enableServiceLinks, the
+# Docker links convention): FOO_SERVICE_HOST=10.0.0.1, FOO_SERVICE_PORT[_NAME]=25,
+# FOO_PORT=tcp://10.0.0.1:25, FOO_PORT_25_TCP[_PROTO|_PORT|_ADDR]. Name and value both
+# have to fit, so RELAY_SMTP_PORT=2525 (a mistake) is still a warning.
+_LINK_URL = r"(?:tcp|udp|sctp)://[0-9a-fA-F.:\[\]]+:\d+"
+_SERVICE_LINKS = (
+    (re.compile(r"[A-Z0-9_]+_SERVICE_HOST"), re.compile(r"[0-9a-fA-F.:]+")),
+    (re.compile(r"[A-Z0-9_]+_SERVICE_PORT(?:_[A-Z0-9_]+)?"), re.compile(r"\d+")),
+    (re.compile(r"[A-Z0-9_]+_PORT(?:_\d+_(?:TCP|UDP|SCTP))?"), re.compile(_LINK_URL)),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d+_(?:TCP|UDP|SCTP)_PROTO"), re.compile(r"tcp|udp|sctp")),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d+_(?:TCP|UDP|SCTP)_PORT"), re.compile(r"\d+")),
+    (re.compile(r"[A-Z0-9_]+_PORT_\d+_(?:TCP|UDP|SCTP)_ADDR"), re.compile(r"[0-9a-fA-F.:]+")),
+)
 MAX_WORKERS = 64
 SHUTDOWN_GRACE = 30.0  # seconds for SMTP sessions in progress after SIGTERM
 LISTEN_BACKLOG = 1024  # pending connections the SMTP listener queues
+
+# RFC 5321 4.1.3 and 2.3.5: what EHLO and the greeting may name. LDH labels of 1-63
+# octets (a single label too: a pod's name), or an address literal.
+_HELO_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+MAX_DOMAIN_OCTETS = 253  # RFC 1035 2.3.4, less the root's length octet and final dot
 
 # Loopback addresses: the only networks a relay may serve with no allow-list or AUTH.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
@@ -192,6 +216,7 @@ class LogConfig:
     format: LogFormat = LogFormat.AUTO
     level: str = "info"
     hash_key: str = ""  # key of the address tokens; default: one kept in the spool directory
+    hash_key_file: str = ""  # the same key read from a file (a mounted Secret); wins over hash_key
     show_addresses: bool = False  # log addresses in clear (debugging only)
 
 
@@ -250,6 +275,44 @@ def load(environ: Mapping[str, str] | None = None, path: str | Path | None = Non
     return config
 
 
+@dataclass(frozen=True, slots=True)
+class EnvNotice:
+    """An unknown ``RELAY_*`` variable that ``load`` ignored, and what to tell the operator."""
+
+    name: str
+    service_link: bool  # set by Kubernetes for a Service: worth a debug line only
+    suggestion: str = ""  # the closest known name, when one is close
+
+    def __str__(self) -> str:
+        if self.service_link:
+            return f"{self.name}: ignored, a Kubernetes service link (enableServiceLinks: false)"
+        hint = f"; did you mean {self.suggestion}?" if self.suggestion else ""
+        return f"{self.name}: unknown setting, ignored{hint} (see config/solo-relay.toml)"
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is what Kubernetes injects for a Service (not a setting)."""
+    return any(
+        shape.fullmatch(name) and form.fullmatch(value.strip()) for shape, form in _SERVICE_LINKS
+    )
+
+
+def env_notices(environ: Mapping[str, str] | None = None) -> list[EnvNotice]:
+    """The ``RELAY_*`` variables ``load`` ignores, sorted by name, each with its notice."""
+    env = os.environ if environ is None else environ
+    names = env_names()
+    notices = []
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS or name in names:
+            continue
+        if is_service_link(name, value):
+            notices.append(EnvNotice(name, service_link=True))
+        else:
+            close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+            notices.append(EnvNotice(name, service_link=False, suggestion="".join(close)))
+    return notices
+
+
 def env_names(config: Config | None = None) -> dict[str, tuple[str, ...]]:
     """Every ``RELAY_*`` name and the key path it sets."""
     names: dict[str, tuple[str, ...]] = {}
@@ -291,7 +354,7 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
         if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
             continue
         if name not in names:
-            raise ConfigError(name, "unknown setting (see config/solo-relay.toml)")
+            continue  # env_notices: a service link (debug) or a warning with a suggestion
         path = names[name]
         nested: dict[str, Any] = {path[-1]: _from_env(name, _get(config, path), text)}
         for part in reversed(path[:-1]):
@@ -360,9 +423,28 @@ def parse_host_port(key: str, text: str) -> HostPort:
     return HostPort(host, int(port))
 
 
+def valid_helo_name(name: str) -> bool:
+    """Whether ``name`` may follow EHLO: a DNS name in A-labels or an address literal."""
+    if name.startswith("[") and name.endswith("]"):
+        literal = name[1:-1]  # RFC 5321 4.1.3: IPv4 bare, IPv6 tagged "IPv6:"
+        version = 6 if literal[:5].lower() == "ipv6:" else 4
+        try:
+            return ipaddress.ip_address(literal[5:] if version == 6 else literal).version == version
+        except ValueError:
+            return False
+    labels = name.removesuffix(".").split(".")
+    return len(name) <= MAX_DOMAIN_OCTETS and all(_HELO_LABEL.fullmatch(x) for x in labels)
+
+
 def validate(config: Config) -> None:
     """Checks that involve more than one key, or a value's range."""
     listen = config.listen_address
+    if not valid_helo_name(config.smtp.hostname):
+        raise ConfigError(
+            "smtp.hostname",
+            f"must be a DNS name (A-labels for IDN) or an address literal, "
+            f"not {config.smtp.hostname!r}",
+        )
     config.metrics_address  # noqa: B018 - parses, raising ConfigError when malformed
     for key, value in (
         ("smtp.max_message_size", config.smtp.max_message_size),

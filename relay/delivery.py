@@ -348,6 +348,7 @@ class Deliverer:
         # Records quarantined since the last look (at open, or found while running).
         self._metrics.quarantined(self._spool.quarantined - self._quarantined_seen)
         self._quarantined_seen = self._spool.quarantined
+        self._metrics.quarantine_present(await self._spool.quarantine_present())
 
     async def _deliver(self, job: Job) -> None:
         started = self._clock()

@@ -83,11 +83,12 @@ class Field:
         """The unfolded value as text (UTF-8; undecodable bytes kept as escapes)."""
         return self.value.decode("utf-8", "surrogateescape")
 
-    def mailboxes(self) -> list[tuple[str, str]]:
+    def mailboxes(self, *, utf8: bool = False) -> list[tuple[str, str]]:
         """(display name, addr-spec) pairs of an address-list field, RFC 2047 decoded.
 
         Empty when the list does not parse cleanly: a caller that would trust
         a name or an address from a malformed list gets nothing to trust.
+        ``utf8``: a UTF-8 local part (RFC 6532, SMTPUTF8) is not a defect.
         """
         text = self.text()
         plain = plain_mailbox(text)
@@ -105,7 +106,10 @@ class Field:
             RecursionError,  # deeply nested comments
         ):
             return []
-        if any(not isinstance(d, email.errors.ObsoleteHeaderDefect) for d in header.defects):
+        allowed: tuple[type[email.errors.MessageDefect], ...] = (email.errors.ObsoleteHeaderDefect,)
+        if utf8:
+            allowed += (email.errors.NonASCIILocalPartDefect,)
+        if any(not isinstance(d, allowed) for d in header.defects):
             return []
         return found
 

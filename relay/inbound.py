@@ -35,6 +35,7 @@ from relay.dotstream import DataCollector
 from relay.errors import BadAddress, Reply
 from relay.metrics import ConnectionResult, Metrics
 from relay.model import Credentials
+from relay.startup import read_users
 
 log = logging.getLogger("relay.inbound")
 
@@ -426,14 +427,7 @@ class InboundHandler:
 
 
 def _read_users(path: str) -> dict[str, str]:
-    users = {}
-    with open(path, encoding="utf-8") as handle:
-        for raw in handle:
-            line = raw.rstrip("\r\n")
-            if line and not line.startswith("#"):
-                name, _, secret = line.partition(":")
-                users[name] = secret
-    return users
+    return read_users(path)  # relay.startup validated it at start (line and key named)
 
 
 def with_enhanced_code(status: str) -> str:

@@ -8,6 +8,8 @@ correlated) and nobody without the key can test a guess.
 Rule 2: as a last line of defence, a filter on the relay's handler replaces
 anything that looks like an address in each record's message, fields and
 traceback with its token, whichever logger wrote it.
+A value the code has already made safe (the upstream URL, whose user name
+looks like an address to the filter) is passed as ``Verbatim`` and left as it is.
 Rule 3: aiosmtpd's ``mail.log`` (which logs every ``RCPT TO`` and the peer)
 and its ``mail.debug``, and aiosmtplib's logger, are held at WARNING.
 
@@ -68,6 +70,17 @@ FLUSH_SECONDS = 0.2
 _PLAIN = frozenset({int, float, bool})  # field values with nothing to redact
 
 
+class Verbatim(str):
+    """A field value that names no one and is logged as it is (Rule 2's one exception).
+
+    Only for values the relay builds itself from its configuration, such as
+    ``Target.redacted()``: an upstream login ``apikey@smtp.example.net`` is not
+    an address, and a token in its place would hide which account is in use.
+    """
+
+    __slots__ = ()
+
+
 class AddressTokens:
     """Turns addresses into stable, keyed tokens (or leaves them, when asked).
 
@@ -109,6 +122,8 @@ class AddressTokens:
     def redact_value(self, value: Any) -> Any:
         """A field value with every string in it redacted (dicts, lists, tuples, sets)."""
         kind = type(value)
+        if kind is Verbatim:
+            return value
         if kind is str:
             return self.redact(value)
         if kind in _PLAIN or value is None:
@@ -339,19 +354,18 @@ atexit.register(flush)
 
 
 def load_key(config: LogConfig, spool_dir: Path) -> bytes:
-    """The deployment's token key: ``[log] hash_key``, else the one kept in the spool.
+    """The deployment's token key: ``[log] hash_key_file``, else ``hash_key``, else the
+    one kept in the spool.
 
     The stored key is 32 random bytes at ``spool_dir / "log-hash.key"``, created
     once with mode 0600 (written to a temporary file, then linked into place, so
     two starting relays agree on one key and a crash leaves no half key).
-    Raises ``ConfigError`` (key ``log.hash_key``) when the key is too short or
-    the file cannot be read or created.
+    Raises ``ConfigError`` (key ``log.hash_key_file`` or ``log.hash_key``) when
+    the key is too short or the file cannot be read or created.
     """
-    if config.hash_key:
-        key = config.hash_key.encode("utf-8")
-        if len(key) < MIN_KEY_BYTES:
-            raise ConfigError("log.hash_key", f"must be at least {MIN_KEY_BYTES} bytes long")
-        return key
+    configured = configured_key(config)
+    if configured is not None:
+        return configured
     path = spool_dir / KEY_FILE
     try:
         return _read_key(path)
@@ -363,6 +377,33 @@ def load_key(config: LogConfig, spool_dir: Path) -> bytes:
         return _read_key(path)
     except OSError as exc:
         raise ConfigError("log.hash_key", f"cannot create {path}: {exc.strerror}") from exc
+
+
+def check_key(config: LogConfig, spool_dir: Path) -> None:
+    """What ``load_key`` checks, creating nothing: ``solo-relay check`` runs this."""
+    if configured_key(config) is None:
+        with contextlib.suppress(FileNotFoundError):  # made at the first start
+            _read_key(spool_dir / KEY_FILE)
+
+
+def configured_key(config: LogConfig) -> bytes | None:
+    """The key from ``hash_key_file`` or ``hash_key``; None when neither is set."""
+    if config.hash_key_file:
+        key_name = "log.hash_key_file"
+        try:
+            with open(config.hash_key_file, "rb") as handle:
+                key = handle.read().rstrip(b"\r\n")
+        except OSError as exc:
+            raise ConfigError(
+                key_name, f"cannot read {config.hash_key_file}: {exc.strerror}"
+            ) from exc
+    elif config.hash_key:
+        key_name, key = "log.hash_key", config.hash_key.encode("utf-8")
+    else:
+        return None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(key_name, f"must be at least {MIN_KEY_BYTES} bytes long")
+    return key
 
 
 def _read_key(path: Path) -> bytes:

@@ -4,7 +4,7 @@ Rule 1: every label value comes from a closed set defined here or in
 ``relay.model`` (an enum or a frozen set). Nothing a peer sends (an address, a
 domain, a Message-ID, reply text, a header name outside the fixed list) can
 become a label value, so the series count is bounded whatever the traffic.
-Rule 2: every labelled child is created at construction, so the set of
+Rule 2: every possible labelled child is created at construction, so the set of
 series exported is the same after one message as after a million; a
 dashboard never sees a series appear, and a rate over a fresh series is
 never missing its zero.
@@ -20,7 +20,10 @@ Closed label sets:
 - ``header`` that was changed: ``HEADER_LABELS`` (``REMOVED_HEADERS``, plus
   ``to``, ``received``, ``dkim-signature``, and ``other`` for the names a
   deployment adds to the removal list).
-- ``change`` made to a header: the values of ``relay.model.ChangeKind``.
+- ``change`` made to a header: the values of ``relay.model.ChangeKind``, and
+  only in the pairs ``HEADER_CHANGES`` lists (a removed field is never rebuilt,
+  ``To`` is only rebuilt, ``Received`` only added, a signature only stripped,
+  kept or signed), so no series is exported that can never move.
 - ``result`` of an inbound connection: the values of ``ConnectionResult``.
 - ``version`` of ``solo_relay_build_info``: the one running version.
 
@@ -31,7 +34,9 @@ histograms add up, and each gauge says how (``multiprocess_mode``: copies and
 connections add up over the live workers, ages and flags take the largest).
 
 This module holds counters only: it does not serve them (``relay.health``
-does), log, or decide anything; readiness is not a metric.
+does), log, or decide anything; readiness is not a metric. No counter has a
+``_created`` series (``disable_created_metrics``): a timestamp series per
+counter and label set doubled the exposition and no rule or panel reads it.
 """
 
 from __future__ import annotations
@@ -39,12 +44,21 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from relay import __version__
 from relay.model import REMOVED_HEADERS, Change, ChangeKind, Outcome, Stage, Status
 
 PREFIX = "solo_relay"
+
+# Process-wide in prometheus-client: every registry, the relay's and a test's, loses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class MessageResult(enum.Enum):
@@ -91,6 +105,19 @@ HEADER_LABELS: frozenset[str] = REMOVED_HEADERS | {
     "dkim-signature",
     OTHER_HEADER,
 }
+
+# The (header, change) pairs the isolation core can produce (relay/split.py): removal
+# of a listed or configured field; the rebuilt To; the added Received; a signature's fate;
+# a kept field folded (never a removed one, nor the rebuilt To).
+HEADER_CHANGES: frozenset[tuple[str, str]] = frozenset(
+    {(header, ChangeKind.REMOVED.value) for header in REMOVED_HEADERS | {OTHER_HEADER}}
+    | {("to", ChangeKind.REBUILT.value), ("received", ChangeKind.ADDED.value)}
+    | {(header, ChangeKind.FOLDED.value) for header in ("received", "dkim-signature", OTHER_HEADER)}
+    | {
+        ("dkim-signature", kind.value)
+        for kind in (ChangeKind.DKIM_STRIPPED, ChangeKind.DKIM_KEPT, ChangeKind.DKIM_SIGNED)
+    }
+)
 
 # 1 to smtp.max_recipients' default (1000), roughly 1-2-5 per decade.
 RECIPIENT_BUCKETS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -241,6 +268,12 @@ class Metrics:
             "Spool records (or whole databases) set aside as unreadable.",
             registry=registry,
         )
+        self._quarantine_present = Gauge(
+            f"{p}_spool_quarantine_present",
+            "Spool records and whole databases in quarantine now (set aside at start too).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self._build = Gauge(
             f"{p}_build_info",
             "Always 1; the label names the running version.",
@@ -262,9 +295,8 @@ class Metrics:
                 self._replies.labels(cls, stage.value)
         for state in SpoolState:
             self._spool.labels(state.value).set(0)
-        for header in HEADER_LABELS:
-            for kind in ChangeKind:
-                self._headers.labels(header, kind.value)
+        for header, change in HEADER_CHANGES:
+            self._headers.labels(header, change)
         for connection in ConnectionResult:
             self._connections.labels(connection.value)
 
@@ -300,9 +332,15 @@ class Metrics:
             self._auth_failures.inc()
 
     def header_changes(self, changes: Iterable[Change]) -> None:
-        """Count each change to one copy's header section by field name and kind."""
+        """Count each change to one copy's header section by field name and kind.
+
+        A pair outside ``HEADER_CHANGES`` is not counted: it would be a series that
+        appears with traffic (Rule 2); tests/test_metrics.py keeps the table whole.
+        """
         for change in changes:
-            self._headers.labels(header_label(change.header), change.kind.value).inc()
+            pair = (header_label(change.header), change.kind.value)
+            if pair in HEADER_CHANGES:
+                self._headers.labels(*pair).inc()
 
     def leak_rejected(self) -> None:
         """Count one message the leak guard refused."""
@@ -351,3 +389,7 @@ class Metrics:
         """Count spool records set aside as unreadable."""
         if count > 0:
             self._quarantined.inc(count)
+
+    def quarantine_present(self, count: int) -> None:
+        """Set how many records and databases lie in the spool's quarantine now."""
+        self._quarantine_present.set(max(count, 0))

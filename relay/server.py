@@ -29,7 +29,7 @@ from relay.errors import ConfigError, Reply
 from relay.health import STATUS_SECONDS, HealthServer, write_status
 from relay.inbound import Gate, make_protocol_factory
 from relay.intake import Intake
-from relay.logs import AddressTokens, flush_periodically, load_key
+from relay.logs import AddressTokens, Verbatim, flush_periodically, load_key
 from relay.logs import flush as flush_logs
 from relay.metrics import Metrics
 from relay.spool import Spool, SpoolError
@@ -150,7 +150,7 @@ class Relay:
                 "fields": {
                     "smtp": f"{listen.host}:{self.smtp_port}",
                     "metrics": f"{metrics.host}:{self.metrics_port}",
-                    "upstream": self._upstream_name(),
+                    "upstream": Verbatim(self._upstream_name()),  # user shown, password not
                     "version": __version__,
                     "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                     **(

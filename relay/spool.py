@@ -882,6 +882,17 @@ class Spool:
         """Copies by state, and the ``received`` time of the oldest live copy's message."""
         return await self._submit(read_stats)
 
+    async def quarantine_present(self) -> int:
+        """Records in the quarantine table plus databases set aside in ``quarantine/`` now."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            (records,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
+            return int(records)
+
+        aside = self.directory / "quarantine"
+        databases = sum(1 for _ in aside.glob("spool-*.db")) if aside.is_dir() else 0
+        return await self._submit(read) + databases
+
     async def next_due(self) -> float | None:
         def read(conn: sqlite3.Connection) -> float | None:
             times = [

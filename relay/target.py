@@ -16,7 +16,7 @@ import ipaddress
 import re
 import ssl
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from relay.config import HostPort, UpstreamConfig
 from relay.errors import ConfigError
@@ -25,6 +25,7 @@ from relay.model import Credentials
 DEFAULT_PORTS = {"smtps": 465, "smtp": 587, "smtp+plain": 25}  # RFC 8314 3.3, RFC 6409, RFC 5321
 URL_FORMS = "smtps://user@host:465, smtp://user@host:587, smtp+plain://host:25 or outbox:DIR"
 _HOST = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.?")
+REDACTED = "***"  # what a password in the URL becomes wherever the URL is shown
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
 
 
@@ -44,10 +45,13 @@ class Target:
         return HostPort(self.host, self.port).is_loopback
 
     def redacted(self) -> str:
+        """The URL with only a password in it replaced (``***``); the user stays, encoded."""
         if self.scheme == "outbox":
             return f"outbox:{self.outbox_dir}"
-        user = f"{self.username}@" if self.username else ""
-        return f"{self.scheme}://{user}{HostPort(self.host, self.port)}"
+        user = quote(self.username, safe="")
+        if self.password_in_url:
+            user += ":" + REDACTED
+        return f"{self.scheme}://{user + '@' if user else ''}{HostPort(self.host, self.port)}"
 
 
 def parse_upstream_url(url: str, *, insecure: bool) -> Target:

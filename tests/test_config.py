@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import AuthMode, Config, env_names, load
+from relay.config import AuthMode, Config, env_names, env_notices, load, valid_helo_name
 from relay.errors import ConfigError
+from relay.logs import load_key
 
 DOCUMENTED = Path(__file__).resolve().parent.parent / "config" / "solo-relay.toml"
 
@@ -78,7 +79,9 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
     ("environ", "toml", "key"),
     [
         ({"RELAY_SMTP_MAX_RECIPIENTS": "many"}, "", "RELAY_SMTP_MAX_RECIPIENTS"),
-        ({"RELAY_NO_SUCH_THING": "1"}, "", "RELAY_NO_SUCH_THING"),
+        ({"RELAY_SMTP_HOSTNAME": "relay_1.example.com"}, "", "smtp.hostname"),
+        ({"RELAY_SMTP_HOSTNAME": "[not-an-ip]"}, "", "smtp.hostname"),
+        ({"RELAY_SMTP_HOSTNAME": "bad..example.com"}, "", "smtp.hostname"),
         ({}, "[smtp]\nmax_recipientz = 3\n", "smtp.max_recipientz"),
         ({}, '[isolation]\nbody_check = "sometimes"\n', "isolation.body_check"),
         ({}, "[smtp]\nmax_recipients = 0\n", "smtp.max_recipients"),
@@ -116,3 +119,84 @@ def test_non_loopback_listener_with_networks_or_auth_is_allowed() -> None:
     assert not with_networks.listen_address.is_loopback
     with_auth = load(environ={"RELAY_LISTEN": "0.0.0.0:2525", "RELAY_SMTP_AUTH": "passthrough"})
     assert with_auth.smtp.auth is AuthMode.PASSTHROUGH
+
+
+# What Kubernetes sets in a pod for a Service named "relay" (and one named "relay-metrics").
+SERVICE_LINKS = {
+    "RELAY_SERVICE_HOST": "10.96.0.12",
+    "RELAY_SERVICE_PORT": "2525",
+    "RELAY_SERVICE_PORT_SMTP": "2525",
+    "RELAY_PORT": "tcp://10.96.0.12:2525",
+    "RELAY_PORT_2525_TCP": "tcp://10.96.0.12:2525",
+    "RELAY_PORT_2525_TCP_PROTO": "tcp",
+    "RELAY_PORT_2525_TCP_PORT": "2525",
+    "RELAY_PORT_2525_TCP_ADDR": "10.96.0.12",
+    "RELAY_METRICS_SERVICE_HOST": "fd00::12",
+    "RELAY_METRICS_PORT": "tcp://[fd00::12]:9925",
+}
+
+
+def test_kubernetes_service_links_are_ignored_as_such() -> None:
+    """RELAY_PORT=tcp://... and friends load fine, each noticed as a service link only."""
+    assert load(environ=SERVICE_LINKS) == Config()
+    notices = env_notices(SERVICE_LINKS)
+    assert sorted(n.name for n in notices) == sorted(SERVICE_LINKS)
+    assert all(n.service_link for n in notices)
+    assert "service link" in str(notices[0])
+
+
+def test_an_unknown_relay_variable_is_a_warning_with_the_closest_name() -> None:
+    """A misspelt RELAY_* name does not stop the start: it is named with a suggestion."""
+    environ = {
+        "RELAY_SMTP_MAX_RECIPIENT": "5",
+        "RELAY_NO_SUCH_THING": "1",
+        "RELAY_SMTP_PORT": "2525",  # not a service link's value: a mistake
+        "RELAY_LISTEN": "127.0.0.1:2600",
+    }
+    config = load(environ=environ)
+    assert config.listen == "127.0.0.1:2600" and config.smtp.max_recipients == 1000
+    notices = {n.name: n for n in env_notices(environ)}
+    assert set(notices) == {"RELAY_SMTP_MAX_RECIPIENT", "RELAY_NO_SUCH_THING", "RELAY_SMTP_PORT"}
+    assert not any(n.service_link for n in notices.values())
+    assert notices["RELAY_SMTP_MAX_RECIPIENT"].suggestion == "RELAY_SMTP_MAX_RECIPIENTS"
+    assert "did you mean RELAY_SMTP_MAX_RECIPIENTS?" in str(notices["RELAY_SMTP_MAX_RECIPIENT"])
+    assert notices["RELAY_NO_SUCH_THING"].suggestion == ""
+    assert "RELAY_CONFIG" not in {n.name for n in env_notices({"RELAY_CONFIG": "x.toml"})}
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("solo-relay.localhost", True),
+        ("app-0", True),  # a pod's name (the manifests use metadata.name)
+        ("mail.example.com.", True),
+        ("[192.0.2.1]", True),
+        ("[IPv6:2001:db8::1]", True),
+        ("-bad.example.com", False),
+        ("under_score.example.com", False),
+        ("spaces are.example.com", False),
+        ("ex\u00e4mple.com", False),
+        ("", False),
+        ("a" * 64 + ".example.com", False),
+        ("[2001:db8::1]", False),
+    ],
+)
+def test_helo_hostname_is_validated(name: str, valid: bool) -> None:
+    """smtp.hostname must be what EHLO may carry (RFC 5321 4.1.3): LDH labels or a literal."""
+    assert valid_helo_name(name) is valid
+
+
+def test_log_hash_key_file_is_the_token_key(tmp_path: Path) -> None:
+    """RELAY_LOG_HASH_KEY_FILE (a mounted Secret) gives the key; it wins over hash_key."""
+    key_file = tmp_path / "log-hash-key"
+    key_file.write_text("0123456789abcdef0123456789abcdef\n")
+    config = load(
+        environ={"RELAY_LOG_HASH_KEY_FILE": str(key_file), "RELAY_LOG_HASH_KEY": "x" * 20}
+    )
+    spool = tmp_path / "spool"
+    assert load_key(config.log, spool) == b"0123456789abcdef0123456789abcdef"
+    assert not spool.exists(), "no key is made in the spool when one is configured"
+    key_file.write_text("short\n")
+    with pytest.raises(ConfigError) as info:
+        load_key(config.log, spool)
+    assert info.value.key == "log.hash_key_file"

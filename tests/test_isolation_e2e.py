@@ -174,3 +174,16 @@ def test_preview_normalize_says_a_dkim_signature_was_stripped(tmp_path: Path) ->
     result = preview(tmp_path, data, "--raw", "--normalize", "--rcpt", "alice@example.com")
     assert result.returncode == 0, result.stderr
     assert "dkim-stripped" in result.stdout and "normalisation changed body" in result.stdout
+
+
+def test_preview_follows_the_local_domains_of_its_configuration(tmp_path: Path) -> None:
+    """preview refuses root@localhost as RCPT would, and makes its copy with local_domains."""
+    data = b"From: root@localhost\r\nTo: root@localhost, ops@example.org\r\n\r\nok\r\n"
+    refused = preview(tmp_path, data, "--summary")
+    assert refused.returncode == 0, refused.stderr
+    assert "553 5.1.3 Recipient domain must be fully qualified" in refused.stdout
+    config = tmp_path / "relay.toml"
+    config.write_text('[smtp]\nlocal_domains = ["localhost"]\n')
+    allowed = preview(tmp_path, data, "--config", str(config))
+    assert allowed.returncode == 0, allowed.stderr
+    assert "=== copy 1 of 2: for <root@localhost> ===" in allowed.stdout

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import __version__
+from relay.dkimsign import DkimAction, load_signer
 from relay.isolation import isolate
 from relay.metrics import (
+    HEADER_CHANGES,
     HEADER_LABELS,
     REPLY_CLASSES,
     ConnectionResult,
@@ -27,6 +33,8 @@ from relay.model import (
     Stage,
     Status,
 )
+from tests.conftest import dkim_keypair
+from tests.relay_harness import running_relay
 
 Series = frozenset[tuple[str, frozenset[tuple[str, str]]]]
 
@@ -98,7 +106,10 @@ def traffic(metrics: Metrics, n: int) -> bytes:
     for i, copy in enumerate(plan.copies):
         metrics.header_changes(copy.changes)
         metrics.copy_outcome(OUTCOMES[i % len(OUTCOMES)], latency=0.05 * i)
-    metrics.header_changes([Change(ChangeKind.REBUILT, f"X-Tenant-{n}", "configured")])
+    metrics.header_changes([Change(ChangeKind.REMOVED, f"X-Tenant-{n}", "configured")])
+    metrics.header_changes([Change(ChangeKind.REBUILT, "Cc", "a pair split.py never makes")])
+    metrics.quarantined(n)
+    metrics.quarantine_present(n)
     metrics.upstream_auth_failed()
     metrics.upstream_auth_paused(True)
     metrics.spool_copies({SpoolState.QUEUED: n, SpoolState.DEFERRED: 1})
@@ -273,3 +284,78 @@ def test_auth_paused_gauge_and_build_info(metrics: Metrics, registry: CollectorR
     metrics.upstream_auth_paused(False)
     assert get("solo_relay_upstream_auth_paused") == 0
     assert get("solo_relay_build_info", {"version": __version__}) == 1
+
+
+def test_header_changes_export_only_the_pairs_that_can_happen(registry: CollectorRegistry) -> None:
+    """One series per possible (header, change): removals, To rebuilt, Received added, DKIM,
+    and a kept field folded."""
+    Metrics(registry)
+    exported = {
+        (labels["header"], labels["change"])
+        for name, label_set in series(registry)
+        if name == "solo_relay_header_changes_total"
+        for labels in [dict(label_set)]
+    }
+    assert exported == HEADER_CHANGES
+    assert len(exported) == len(REMOVED_HEADERS) + 1 + 2 + 3 + 3
+    assert ("to", "removed") not in exported and ("cc", "rebuilt") not in exported
+    assert ("cc", "folded") not in exported and ("to", "folded") not in exported
+
+
+@pytest.mark.parametrize("dkim", [DkimAction.STRIP, DkimAction.RESIGN])
+def test_every_change_isolation_makes_is_a_listed_pair(dkim: DkimAction) -> None:
+    """What split.py produces (removals, To, Received, DKIM kept/stripped/signed) is listed."""
+    private, _ = dkim_keypair()
+    key_file = tempfile.NamedTemporaryFile(suffix=".pem", delete=False)  # noqa: SIM115
+    with key_file:
+        key_file.write(private)
+    signer = load_signer("example.org", "s1", key_file.name)
+    Path(key_file.name).unlink()
+    options = replace(OPTIONS, dkim_action=dkim, signer=signer)
+    rcpts = recipients(3)
+    signed = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=app; h=from:to:cc; bh=x; b=y\r\n"
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=keep; h=from:subject; bh=x; b=y\r\n"
+    )
+    long_fields = (
+        b"Received: from a.example.org by b.example.org; " + b"x " * 600 + b"\r\n"
+        b"X-Long: " + b"y " * 600 + b"\r\n"
+    )
+    data = signed + long_fields + message(rcpts)
+    plan = isolate(Envelope.parse("app@example.org", rcpts), data, options)
+    pairs = {
+        (header_label(change.header), change.kind.value)
+        for copy in plan.copies
+        for change in copy.changes
+    }
+    assert pairs <= HEADER_CHANGES, pairs - HEADER_CHANGES
+    assert ("dkim-signature", "dkim-kept") in pairs
+    assert ("dkim-signature", "dkim-stripped") in pairs
+    assert {("received", "folded"), ("other", "folded")} <= pairs
+
+
+def test_no_counter_exports_a_created_series(registry: CollectorRegistry) -> None:
+    """No *_created series: timestamps per label set that no rule or panel reads."""
+    traffic(Metrics(registry), 3)
+    names = {name for name, _ in series(registry)}
+    assert not [name for name in names if name.endswith("_created")]
+    assert "solo_relay_copies_total" in names
+
+
+def test_quarantine_present_gauge(metrics: Metrics, registry: CollectorRegistry) -> None:
+    """The gauge says what lies in quarantine now; it starts at 0."""
+    name = "solo_relay_spool_quarantine_present"
+    assert registry.get_sample_value(name) == 0
+    metrics.quarantine_present(2)
+    assert registry.get_sample_value(name) == 2
+
+
+async def test_a_database_quarantined_at_start_shows_in_the_first_scrape(tmp_path: Path) -> None:
+    """An unreadable spool.db set aside at start: the gauge is 1 before any traffic."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "spool.db").write_bytes(b"this is not a SQLite database" * 100)
+    async with running_relay(tmp_path, f"outbox:{tmp_path / 'outbox'}") as relay:
+        get = relay.registry.get_sample_value
+        assert get("solo_relay_spool_quarantine_present") == 1
+        assert get("solo_relay_spool_quarantined_total") == 1

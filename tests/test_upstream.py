@@ -709,9 +709,11 @@ def test_plain_to_a_remote_host_needs_insecure() -> None:
 
 
 def test_redacted_never_shows_the_password() -> None:
-    """Target.redacted() and repr() leave the password out."""
+    """Target.redacted() replaces only the password (issue 14 item 4); repr() leaves it out."""
     target = parse_upstream_url("smtps://user:hunter2@mail.example.net", insecure=False)
-    assert target.redacted() == "smtps://user@mail.example.net:465"
+    assert target.redacted() == "smtps://user:***@mail.example.net:465"
+    bare = parse_upstream_url("smtps://user%40example.org@mail.example.net", insecure=False)
+    assert bare.redacted() == "smtps://user%40example.org@mail.example.net:465"
     assert "hunter2" not in repr(target)
     v6 = parse_upstream_url("smtp+plain://[::1]:25", insecure=False)
     assert v6.redacted() == "smtp+plain://[::1]:25"

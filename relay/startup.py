@@ -1,0 +1,118 @@
+"""Start-up validation: every check ``serve`` makes before it opens a port.
+
+Rule 1: ``solo-relay serve`` and ``solo-relay check`` both run ``prepare``, so
+``check`` says OK exactly when ``serve`` would start (short of a port being
+taken, which only binding it can tell).
+Rule 2: it changes nothing: no spool, key file or outbox is created here.
+Rule 3: every failure is one ``ConfigError`` naming the key, and the path or
+the value at fault; the command line prints it as one line and exits 2.
+
+Not here: the pure checks of single values (``relay.config.validate`` runs them
+when the configuration is loaded), and the spool itself (opened by the server).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay.config import AuthMode, Config, StartTLS
+from relay.errors import ConfigError
+from relay.logs import check_key
+from relay.model import IsolationOptions
+from relay.target import Target, configured_credentials, parse_upstream_url, tls_context
+from relay.tlsconf import server_context
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What start-up validation produced: the parsed upstream and the isolation options."""
+
+    target: Target
+    options: IsolationOptions
+    tls: ssl.SSLContext | None
+    users: Mapping[str, str]
+
+
+def prepare(config: Config) -> Prepared:
+    """Run every start-up check on ``config``; raise ``ConfigError`` at the first failure."""
+    smtp = config.smtp
+    if smtp.starttls is StartTLS.CERTIFICATE:
+        _readable("smtp.tls_cert_file", smtp.tls_cert_file)
+        _readable("smtp.tls_key_file", smtp.tls_key_file)
+    tls = server_context(smtp)
+    users = read_users(smtp.users_file) if smtp.auth is AuthMode.USERS else {}
+    options = config.isolation_options()  # loads and tries the DKIM key
+    upstream = config.upstream
+    target = parse_upstream_url(upstream.url, insecure=upstream.insecure)
+    if target.scheme == "outbox":
+        _writable_directory("upstream.url", target.outbox_dir)
+    else:
+        if upstream.password_file:
+            _readable("upstream.password_file", upstream.password_file)
+        configured_credentials(upstream, target)
+        if target.scheme != "smtp+plain":
+            if upstream.ca_file:
+                _readable("upstream.ca_file", upstream.ca_file)
+            tls_context(upstream.ca_file)
+    _writable_directory("spool.dir", config.spool.dir)
+    check_key(config.log, Path(config.spool.dir))
+    return Prepared(target, options, tls, users)
+
+
+def read_users(path: str) -> dict[str, str]:
+    """The ``smtp.users_file``: ``user:password`` lines; ``#`` comments and blank lines.
+
+    Raises ``ConfigError("smtp.users_file", ...)`` naming the file and the line
+    (never the line's content, which holds a password).
+    """
+    key = "smtp.users_file"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(key, f"{path} is not UTF-8 text") from exc
+    users: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, colon, secret = line.partition(":")
+        where = f"{path} line {number}"
+        if not colon:
+            raise ConfigError(key, f"{where}: expected user:password, found no ':'")
+        if not name or name != name.strip():
+            raise ConfigError(key, f"{where}: the user name is empty or has spaces around it")
+        if not secret:
+            raise ConfigError(key, f"{where}: user {name!r} has an empty password")
+        if name in users:
+            raise ConfigError(key, f"{where}: user {name!r} is listed twice")
+        users[name] = secret
+    if not users:
+        raise ConfigError(key, f"{path} lists no user:password line")
+    return users
+
+
+def _readable(key: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _writable_directory(key: str, directory: str) -> None:
+    """``directory`` is a writable directory, or can be made in the nearest one that exists."""
+    path = Path(directory).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"{existing} is not a directory (for {directory})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        shown = directory if existing == path else f"{existing} (to create {directory})"
+        raise ConfigError(key, f"cannot write to {shown}: permission denied")
