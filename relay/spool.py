@@ -19,6 +19,17 @@ nothing else.
 Rule 5: at open, copies left ``delivering`` go back to ``queued``; a record
 whose checksum fails, and a database that cannot be read at all, are moved
 to quarantine and counted, never raised to the caller.
+Rule 6: only a positive verdict of damage sets a database aside: SQLite's
+``SQLITE_CORRUPT`` or ``SQLITE_NOTADB``, ``PRAGMA quick_check`` failing, a
+record that cannot be decoded, or a database missing or empty beside body
+files. A full disk (``SQLITE_FULL``, ``ENOSPC``, ``EDQUOT``), an I/O error,
+a lock or a permission is the environment's trouble: ``open`` raises
+``SpoolError`` and changes nothing. The verdict is reached on a read-only
+connection, so a damaged spool is set aside byte for byte.
+Rule 7: the files stay bounded: the WAL is cut back to ``JOURNAL_SIZE_LIMIT``
+after each checkpoint, and when the writer has been idle for
+``MAINTAIN_IDLE_SECONDS`` it checkpoints (truncating the WAL) and gives free
+pages back to the file system (``auto_vacuum = INCREMENTAL``, new spools).
 
 All SQLite work happens on one thread; coroutines wait on futures.
 """
@@ -28,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import fcntl
 import functools
 import heapq
@@ -43,6 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
+from urllib.parse import quote
 
 from relay.addresses import Address
 from relay.errors import RelayError, Reply
@@ -66,6 +79,16 @@ BODY_FILE_OCTETS = 64 * 1024  # bodies this large or larger live in files (Rule 
 BODIES = "bodies"
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # a queue id safe as a file name
 BUSY_TIMEOUT_MS = 10_000  # `solo-relay queue` commands share the file with a running relay
+# Rule 7. SQLite's WAL never shrinks by itself (it is reused from the start after a
+# checkpoint); past a checkpoint it is truncated to this. Its auto-checkpoint runs at
+# 1,000 pages (16 MiB here), so a busy spool's WAL stays about that size.
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+MAINTAIN_IDLE_SECONDS = 2.0  # a writer idle this long checkpoints and vacuums
+VACUUM_MIN_FREE_PAGES = 64  # fewer free pages than this (1 MiB) are not worth a vacuum
+# Rule 6: SQLite's primary result codes that say the file itself is damaged.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+SQLITE_FULL = sqlite3.SQLITE_FULL
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
@@ -126,6 +149,16 @@ class SpoolError(RelayError):
     """The spool could not take or change a record; the application gets ``451 4.3.0``."""
 
     reply = Reply(451, "4.3.0", "Temporary storage failure, try again later")
+
+
+class SpoolFull(SpoolError):
+    """The spool's file system (or ``spool.max_bytes``) is full: ``452 4.3.1`` (RFC 3463)."""
+
+    reply = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+
+class _Damaged(Exception):
+    """Rule 6: a positive verdict that the database is damaged (the reason is the message)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +341,7 @@ class Spool:
         self._delivered: _DeliveredBatch | None = None  # record_delivered's open batch
         self._delivered_lock = threading.Lock()  # shared with the writer thread
         self.commits = 0  # transactions committed (each one fsync): group commit at work
+        self.maintained = 0  # idle checkpoints and vacuums done (Rule 7)
 
     def __repr__(self) -> str:
         return f"<Spool {self.path} live={self.live} commits={self.commits}>"
@@ -318,25 +352,45 @@ class Spool:
         """Open (or create) the database, recover, and start the writer thread.
 
         Raises ``SpoolError`` when another relay holds this spool, or the file is
-        busy or cannot be opened: never quarantine a spool that is merely in use.
+        busy, full or cannot be opened or written: never quarantine a spool that is
+        merely in use or on a full disk (Rule 6). A damaged one is set aside whole.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock = _take_lock(self.directory / "spool.lock")
-        conn = self._connect()
-        counted = self.quarantined
         try:
-            self._recover(conn)
-        except sqlite3.DatabaseError as exc:  # a record that cannot even be read (Rule 5)
-            if _in_use(exc):  # locked or busy: in use, not damaged
-                conn.close()
-                self._lock_release()
-                raise SpoolError(f"cannot open the spool: {exc}") from exc
-            conn.close()  # rolls back what the scan had set aside: the whole file goes
-            self.quarantined = counted
-            conn = self._set_aside(exc)
-            self._recover(conn)
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _environment_error(exc) from exc
+        self._lock = _take_lock(self.directory / "spool.lock")
+        try:
+            conn = self._open_checked()
+        except BaseException:
+            self._lock_release()
+            raise
         self._thread = threading.Thread(target=self._run, args=(conn,), name="spool", daemon=True)
         self._thread.start()
+
+    def _open_checked(self) -> sqlite3.Connection:
+        """The verdict (read-only), then the read-write connection, recovered."""
+        try:
+            self._inspect()
+        except _Damaged as damage:
+            self._set_aside(str(damage))
+        counted = self.quarantined
+        conn = self._connect()
+        try:
+            self._recover(conn)
+        except Exception as exc:
+            conn.close()  # rolls back what the scan had set aside: the whole file goes
+            if not _damage(exc):
+                raise _environment_error(exc) from exc
+            self.quarantined = counted
+            self._set_aside(f"{type(exc).__name__}: {exc}")
+            conn = self._connect()
+            try:
+                self._recover(conn)
+            except Exception as again:
+                conn.close()
+                raise _environment_error(again) from again
+        return conn
 
     def close(self) -> None:
         if self._thread is not None:
@@ -350,39 +404,70 @@ class Spool:
             self._lock.close()  # releases the flock
             self._lock = None
 
-    def _connect(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = None
+    def _inspect(self) -> None:
+        """Rule 6: raise ``_Damaged`` on a positive verdict, ``SpoolError`` on trouble.
+
+        Read-only: nothing is written to the database or its WAL, so a damaged spool
+        is set aside exactly as it was found.
+        """
+        bodies = _entries(self._files.directory)
+        wal = Path(str(self.path) + "-wal")
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size == 0:
+            if bodies or (wal.exists() and wal.stat().st_size > 0):
+                state = "missing" if not self.path.exists() else "empty"
+                raise _Damaged(f"spool.db {state} beside {bodies} body files or a WAL")
+            return  # a new spool
         try:
-            conn = self._open_db()
+            conn = sqlite3.connect(
+                f"file:{quote(str(self.path.resolve()))}?mode=ro",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise _environment_error(exc) from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             row = conn.execute("PRAGMA quick_check").fetchone()
             if row is None or row[0] != "ok":
-                raise sqlite3.DatabaseError(f"quick_check: {row}")
-            return conn
-        except sqlite3.DatabaseError as exc:
-            if conn is not None:
-                conn.close()
-            if _in_use(exc):
-                # Locked, busy, cannot open, I/O: the file may be fine; stop, never set it aside.
-                self._lock_release()
-                raise SpoolError(f"cannot open the spool: {exc}") from exc
-            return self._set_aside(exc)
+                raise _Damaged(f"quick_check: {row[0] if row else None}")
+            conn.execute("SELECT name, sql FROM sqlite_master").fetchall()
+        except _Damaged:
+            raise
+        except Exception as exc:
+            if _damage(exc):
+                raise _Damaged(f"{type(exc).__name__}: {exc}") from exc
+            raise _environment_error(exc) from exc
+        finally:
+            conn.close()
 
-    def _set_aside(self, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
-        """Rule 5: a database that cannot be read is moved aside whole; a fresh one opens."""
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = self._open_db()
+        except sqlite3.Error as exc:
+            raise _environment_error(exc) from exc
+        return conn
+
+    def _set_aside(self, reason: str) -> None:
+        """Rule 5: a damaged database is moved aside whole, with its body files."""
         aside = _unused(self.directory / "quarantine" / f"spool-{int(time.time())}.db")
-        aside.parent.mkdir(exist_ok=True)
+        try:
+            aside.parent.mkdir(exist_ok=True)
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(str(self.path) + suffix)
+                if source.exists():
+                    source.rename(Path(str(aside) + suffix))
+            if self._files.directory.is_dir():  # its large bodies go with it, for recovery
+                self._files.directory.rename(Path(str(aside) + "." + BODIES))
+        except OSError as exc:
+            raise _environment_error(exc) from exc
         log.error(
-            "spool database unreadable, quarantined",
-            extra={"fields": {"error": str(exc), "moved_to": str(aside)}},
+            "spool database damaged, quarantined: solo-relay queue recover brings back"
+            " what is readable",
+            extra={"fields": {"error": reason, "moved_to": str(aside)}},
         )
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(str(self.path) + suffix)
-            if source.exists():
-                source.rename(Path(str(aside) + suffix))
-        if self._files.directory.is_dir():  # its large bodies go with it, for whoever salvages
-            self._files.directory.rename(Path(str(aside) + "." + BODIES))
         self.quarantined += 1
-        return self._open_db()
 
     def _open_db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -399,7 +484,9 @@ class Spool:
         # body spans 64 overflow pages instead of 256, which roughly halves the CPU
         # of writing and freeing it (``tests/benchmarks/bench_spool.py``).
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # a new database only (Rule 7)
         conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'OFF'}")
         conn.executescript(SCHEMA)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
@@ -524,7 +611,8 @@ class Spool:
             try:
                 self._files.write(message.id, body)
             except OSError as exc:  # a full or failing disk: this message fails alone
-                raise SpoolError(f"cannot write the body file: {exc.strerror}") from exc
+                kind = SpoolFull if _full(exc) else SpoolError
+                raise kind(f"cannot write the body file: {exc.strerror}") from exc
         conn.executemany(
             "INSERT INTO copies (message, rcpt, headers, crc, state, attempts, next_try, last_code,"
             " last_enhanced, last_text, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -573,8 +661,14 @@ class Spool:
 
     def _run(self, conn: sqlite3.Connection) -> None:
         stopping = False
+        dirty = False  # written since the last maintenance (Rule 7)
         while not stopping:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=MAINTAIN_IDLE_SECONDS if dirty else None)
+            except queue.Empty:
+                self._maintain(conn)
+                dirty = False
+                continue
             if item is None:
                 break
             batch = [item]
@@ -593,7 +687,23 @@ class Spool:
                 log.exception("spool writer error")
                 failure = SpoolError(f"spool writer error: {exc}")
                 _answer([(future, None, failure) for _, future in batch])
+            dirty = True
         conn.close()
+
+    def _maintain(self, conn: sqlite3.Connection) -> None:
+        """Rule 7, on an idle writer: free pages back to the file system, the WAL cut to 0.
+
+        Failures (a full disk, a ``solo-relay queue`` reader holding the WAL) are left
+        for the next idle moment: nothing here is needed for custody.
+        """
+        try:
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free >= VACUUM_MIN_FREE_PAGES and conn.execute("PRAGMA auto_vacuum").fetchone()[0]:
+                conn.execute("PRAGMA incremental_vacuum").fetchall()  # every step, every page
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self.maintained += 1
+        except sqlite3.Error as exc:
+            log.info("spool maintenance postponed", extra={"fields": {"error": str(exc)}})
 
     def _commit(
         self,
@@ -638,7 +748,7 @@ class Spool:
                     conn.execute("ROLLBACK")
             self._files.rolled_back()
             log.error("spool write failed", extra={"fields": {"error": str(exc)}})
-            failure = SpoolError(str(exc))
+            failure = SpoolFull(str(exc)) if _full(exc) else SpoolError(str(exc))
             results = [(future, None, failure) for _, future in batch]
         else:
             self.commits += 1
@@ -911,12 +1021,44 @@ def read_stats(conn: sqlite3.Connection) -> tuple[dict[CopyState, int], float | 
     return counts, (float(row[0]) if row is not None and _numbers(row[0]) else None)
 
 
-def _in_use(exc: sqlite3.DatabaseError) -> bool:
-    """A lock, a busy file, an I/O or permission error: trouble to report, not corruption."""
-    text = str(exc).lower()
-    return isinstance(exc, sqlite3.OperationalError) and any(
-        word in text for word in ("locked", "busy", "unable to open", "disk i/o", "readonly")
+def _damage(exc: BaseException) -> bool:
+    """Rule 6: whether an error reading the spool is a verdict that the file is damaged."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None:  # the module's own: text that a column's type cannot hold
+            return "could not decode" in str(exc).lower()
+        return code & 0xFF in _DAMAGE_CODES
+    # A value no healthy spool holds: text that is not UTF-8, a number out of range.
+    return isinstance(exc, ValueError | TypeError | OverflowError)
+
+
+def _full(exc: BaseException) -> bool:
+    """A full file system or quota (or SQLite's own limit, ``spool.max_bytes``)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _FULL_ERRNOS
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL
     )
+
+
+def _environment_error(exc: BaseException) -> SpoolError:
+    """Rule 6: trouble that is not damage, as the one line an operator needs."""
+    if isinstance(exc, SpoolError):
+        return exc
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if _full(exc):
+        return SpoolFull(f"cannot open the spool: {text} (free space, then start again)")
+    return SpoolError(f"cannot open the spool: {text}")
+
+
+def _entries(directory: Path) -> int:
+    """How many entries ``directory`` holds (0 when it does not exist)."""
+    try:
+        with os.scandir(directory) as entries:
+            return sum(1 for _ in entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
 
 
 def _fsync_directory(path: Path) -> None:
@@ -938,13 +1080,26 @@ def _numbers(*values: object) -> bool:
 
 
 def _take_lock(path: Path) -> IO[bytes]:
-    """An exclusive lock on the spool directory for this process's life: one relay per spool."""
-    handle = open(path, "ab")  # noqa: SIM115 - held open until close()
+    """An exclusive lock on the spool directory for this process's life: one relay per spool.
+
+    The lock file holds the holder's process id, so a second relay can name it.
+    """
+    try:
+        handle = open(path, "a+b")  # noqa: SIM115 - held open until close()
+    except OSError as exc:
+        raise _environment_error(exc) from exc
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
+        handle.seek(0)
+        holder = handle.read(32).decode("ascii", "replace").strip()
         handle.close()
-        raise SpoolError(f"{path.parent} is in use by another relay ({exc.strerror})") from exc
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise SpoolError(f"{path.parent} is in use by another relay ({who} holds {path})") from exc
+    with contextlib.suppress(OSError):  # the name is a courtesy: a full disk still locks
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n".encode())
+        handle.flush()
     return handle
 
 
