@@ -15,6 +15,7 @@ from relay.errors import ConfigError
 from relay.logs import load_key, setup_logging
 from relay.model import REMOVED_HEADERS, BodyCheck, IsolationOptions
 from relay.server import Relay
+from relay.spool import SpoolError
 from relay.target import parse_upstream_url
 from relay.upstream import open_upstream
 from relay.workers import WorkerArgs
@@ -159,6 +160,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"solo-relay: configuration error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
+        print(f"solo-relay: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except SpoolError as exc:  # in use by another relay, full disk, unreadable: one line
         print(f"solo-relay: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
