@@ -85,6 +85,7 @@ BUSY_TIMEOUT_MS = 10_000  # `solo-relay queue` commands share the file with a ru
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 MAINTAIN_IDLE_SECONDS = 2.0  # a writer idle this long checkpoints and vacuums
 VACUUM_MIN_FREE_PAGES = 64  # fewer free pages than this (1 MiB) are not worth a vacuum
+VACUUM_MAX_PAGES = 4096  # pages given back per idle moment (64 MiB), so a write never waits long
 # Rule 6: SQLite's primary result codes that say the file itself is damaged.
 _DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -699,7 +700,18 @@ class Spool:
         try:
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             if free >= VACUUM_MIN_FREE_PAGES and conn.execute("PRAGMA auto_vacuum").fetchone()[0]:
-                conn.execute("PRAGMA incremental_vacuum").fetchall()  # every step, every page
+                # Python's sqlite3 steps a statement that returns no row once, and each
+                # step of incremental_vacuum frees one page: one statement a page, all in
+                # one transaction (one fsync).
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for _ in range(min(free, VACUUM_MAX_PAGES)):
+                        conn.execute("PRAGMA incremental_vacuum")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             self.maintained += 1
         except sqlite3.Error as exc:
@@ -1204,3 +1216,45 @@ def jobs_for(
         )
         for copy_id, copy, address in zip(copy_ids, message.copies, addresses, strict=True)
     ]
+
+
+def add_recovered(directory: Path, messages: Sequence[NewMessage], *, fsync: bool = True) -> int:
+    """Insert recovered messages into the existing spool in ``directory``; how many were added.
+
+    For ``solo-relay queue recover``: one short write transaction beside a running relay
+    (as the other ``queue`` commands), body files written and fsynced before it commits.
+    A message whose id the spool already holds is left alone. Raises ``sqlite3.Error``
+    and ``SpoolError``; on failure nothing is added.
+    """
+    spool = Spool(directory, fsync=fsync)
+    path = spool.path
+    if not path.is_file():
+        raise SpoolError(f"no spool database at {path} (start the relay once to make one)")
+    conn = sqlite3.connect(
+        path.resolve().as_uri() + "?mode=rw",
+        uri=True,
+        isolation_level=None,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+    )
+    added = 0
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'OFF'}")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for message in messages:
+                if conn.execute("SELECT 1 FROM messages WHERE id = ?", (message.id,)).fetchone():
+                    continue
+                spool._insert(conn, message)
+                added += 1
+            spool._files.before_commit()
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            spool._files.rolled_back()
+            raise
+        spool._files.committed()
+    finally:
+        conn.close()
+    return added
