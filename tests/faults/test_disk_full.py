@@ -8,7 +8,6 @@ arrives, and that nothing was quarantined.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from pathlib import Path
 
@@ -105,23 +104,24 @@ async def test_mail_on_a_full_disk_gets_4xx_never_a_lost_250(
 async def test_delivering_on_a_full_disk_sends_each_copy_once_and_records_it_later(
     tmp_path: Path, relays: list[RelayProcess]
 ) -> None:
-    """Disk full while copies are sent and recorded: no resend in the process, all recorded."""
+    """Disk full as the upstream answers 250: the records fail and are retried; no resend."""
     with tmpfs(tmp_path / "fs") as fs:
         spool = fs / "spool"
         async with RestartableUpstream() as upstream:
-            port = upstream.port
-            await upstream.stop()  # down: the copies wait deferred
-            env = relay_env(spool, port, RELAY_DELIVERY_RETRY_INITIAL="0.3")
+            upstream.script("DOT", [Delay(0.5, 250)] * 8)  # the copies wait at the upstream
+            env = relay_env(spool, upstream.port)
             relay = await start_relay(relays, tmp_path, "relay", env)
             names = [f"deliver-{n}@example.org" for n in range(4)]
             for name in names:
                 assert (await send(relay.smtp_port, name)).startswith("250 2.0.0")
-            filler = fill(fs)
-            await upstream.start()
-            await until(lambda: len(upstream.transactions) >= 2, "copies at the upstream")
-            await asyncio.sleep(1.0)  # deliveries and failing records go on (and must not repeat)
+            await until(lambda: upstream.transactions, "copies at the upstream")
+            filler = fill(fs)  # before their 250s arrive: the delivered records cannot be written
+            await until(
+                lambda: "recording a delivery failed" in relay.log.read_text(),
+                "a delivered record to fail",
+            )
+            await until(lambda: set(upstream.counts()) >= expected(names), "every copy sent")
             free(filler)
-            await until(lambda: set(upstream.counts()) >= expected(names), "every copy")
             await until(lambda: live(spool) == 0, "every copy recorded")
             relay.process.send_signal(signal.SIGTERM)
             assert await relay.exit_code() == 0, relay.log.read_text()
