@@ -45,7 +45,7 @@ from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
 from relay.policy import RateLimiter, backoff
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, jobs_for
+from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, jobs_for
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -241,8 +241,16 @@ class Deliverer:
                 if self.reports_gauges and now - self._stats_at >= STATS_SECONDS:
                     await self.refresh_gauges(now)
                 next_due = None if started else await self._spool.next_due()
+            except SpoolError as exc:  # a full disk, a busy lock: one line, not a traceback
+                log.error(
+                    "delivery loop: spool unavailable; retrying",
+                    extra={"fields": {"error": str(exc)}},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
+                continue
             except Exception:
-                # A full disk, a busy lock, a damaged row: the workers must outlive them all.
+                # A damaged row, a bug: the workers must outlive them all.
                 log.exception("delivery loop error; retrying")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
