@@ -12,6 +12,8 @@ import os
 import random
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -777,3 +779,35 @@ async def test_wal_and_database_shrink_back_when_idle(
                 await asyncio.sleep(0.02)
         assert (tmp_path / "spool.db-wal").stat().st_size == 0
         assert (tmp_path / "spool.db").stat().st_size < 1_000_000
+
+
+async def test_a_damaged_spool_is_set_aside_with_its_wal_byte_for_byte(tmp_path: Path) -> None:
+    """Damage beside a WAL a killed relay left: database and WAL are kept exactly as found.
+
+    (Before, the verdict was reached on a read-write connection whose close checkpointed
+    and deleted the WAL: its transactions, mail acknowledged, were gone from the evidence.)
+    """
+    rng = random.Random(11)
+    with opened(tmp_path) as spool:
+        for n in range(60):
+            await spool.store(new_message(f"M{n}", (ALICE,), body=rng.randbytes(3000)))
+    # A process that dies with its last transaction only in the WAL (no checkpoint).
+    script = (
+        "import os, sqlite3, sys\n"
+        "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "conn.execute('PRAGMA wal_autocheckpoint = 0')\n"
+        'conn.execute("UPDATE copies SET attempts = 1 WHERE id = 1")\n'
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "spool.db")], check=True)
+    wal = tmp_path / "spool.db-wal"
+    assert wal.stat().st_size > 0
+    database = tmp_path / "spool.db"
+    with database.open("r+b") as file:
+        file.seek((database.stat().st_size // spool_module.PAGE_SIZE // 2) * spool_module.PAGE_SIZE)
+        file.write(rng.randbytes(spool_module.PAGE_SIZE))
+    found = (database.read_bytes(), wal.read_bytes())
+    with opened(tmp_path) as spool:
+        assert spool.quarantined == 1
+    (aside,) = (tmp_path / "quarantine").glob("spool-*.db")
+    assert (aside.read_bytes(), Path(f"{aside}-wal").read_bytes()) == found
