@@ -65,8 +65,12 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def free(filler: Path) -> None:
-    filler.unlink(missing_ok=True)
+def free(filler: Path, room: int | None = None) -> None:
+    """Give the space back: all of it, or only ``room`` bytes (space that comes back partly)."""
+    if room is None:
+        filler.unlink(missing_ok=True)
+    else:
+        os.truncate(filler, max(filler.stat().st_size - room, 0))
 
 
 class RestartableUpstream(UpstreamServer):

@@ -69,6 +69,36 @@ async def test_restart_on_a_full_disk_stays_down_in_one_line_then_delivers_every
             assert quarantined(spool) == []
 
 
+async def test_first_start_on_a_full_disk_stays_down_in_one_line(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    """A new spool on a full disk: exit 1 with one line and no traceback; then it starts."""
+    with tmpfs(tmp_path / "fs") as fs:
+        spool = fs / "spool"
+        env = relay_env(spool, 9)
+        filler = fill(fs)
+        # With nothing at all in spool.dir, the log hash key cannot be made (exit 2).
+        refused = run_to_exit(env, tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.count("\n") == 1 and "No space left" in refused.stderr
+        free(filler)
+        first = await start_relay(relays, tmp_path, "first", env)  # makes the key
+        first.process.send_signal(signal.SIGTERM)
+        assert await first.exit_code() == 0
+        for name in ("spool.db", "spool.db-wal", "spool.db-shm"):
+            (spool / name).unlink(missing_ok=True)
+        filler = fill(fs)
+        refused = run_to_exit(env, tmp_path)  # the key is there: the new database is not
+        assert refused.returncode == 1, refused.stderr
+        assert "Traceback" not in refused.stderr, refused.stderr
+        (line,) = [x for x in refused.stderr.splitlines() if "cannot start" in x]
+        assert "full" in line, line
+        free(filler)
+        second = await start_relay(relays, tmp_path, "second", env)
+        second.process.send_signal(signal.SIGTERM)
+        assert await second.exit_code() == 0
+
+
 async def test_mail_on_a_full_disk_gets_4xx_never_a_lost_250(
     tmp_path: Path, relays: list[RelayProcess]
 ) -> None:
@@ -122,7 +152,7 @@ async def test_delivering_on_a_full_disk_sends_each_copy_once_and_records_it_lat
                 "a delivered record to fail",
             )
             await until(lambda: set(upstream.counts()) >= expected(names), "every copy sent")
-            free(filler)
+            free(filler, room=512 * 1024)  # space comes back only partly
             await until(lambda: live(spool) == 0, "every copy recorded")
             relay.process.send_signal(signal.SIGTERM)
             assert await relay.exit_code() == 0, relay.log.read_text()
