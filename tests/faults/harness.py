@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import os
 import re
 import subprocess
@@ -105,6 +106,28 @@ class RestartableUpstream(UpstreamServer):
             for rcpt in t.rcpt_tos:
                 seen[(name, rcpt)] += 1
         return seen
+
+
+def check_repeats(upstream: UpstreamServer, marks: list[int]) -> int:
+    """How many copies arrived more than once; fails unless each repeat has a fault between.
+
+    ``marks`` are ``len(upstream.transactions)`` at each fault (a relay killed, the
+    upstream gone): a copy may arrive again only after a fault that came after it
+    arrived, the one window SPEC 5 allows (the relay never saw, or never wrote down,
+    the upstream's 250).
+    """
+    arrivals: dict[tuple[str, str], list[int]] = {}
+    for index, t in enumerate(upstream.transactions):
+        found = _MESSAGE_ID.search(t.content.split(b"\r\n\r\n", 1)[0])
+        name = found.group(1).decode() if found else "?"
+        for rcpt in t.rcpt_tos:
+            arrivals.setdefault((name, rcpt), []).append(index)
+    repeats = 0
+    for key, indices in arrivals.items():
+        for before, after in itertools.pairwise(indices):
+            assert any(before < mark <= after for mark in marks), (key, indices, marks)
+            repeats += 1
+    return repeats
 
 
 def message(name: str, recipients: tuple[str, ...] = RECIPIENTS, size: int = 2000) -> bytes:
