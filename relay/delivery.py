@@ -58,6 +58,9 @@ POLL_SECONDS = 1.0  # the longest the workers sleep without a wake-up (queue CLI
 # some room back sees the record within seconds, and no slot waits for it meanwhile.
 RECORD_RETRY_FIRST = 0.25
 RECORD_RETRY_MAX = 5.0
+# At a stop, outcomes still being written get at least this long even when the drain's
+# grace is spent: a delivered copy not written down is sent again after the restart.
+RECORD_GRACE = 2.0
 # Bodies of handed-over copies held in memory at most; past this, new mail waits in the
 # spool as ``queued`` and its body is read back when its copies are claimed.
 HANDOVER_BYTES = 64 * 1024 * 1024
@@ -364,7 +367,7 @@ class Deliverer:
         settling = dict(self._settling)
         if settling:
             _, pending = await asyncio.wait(
-                settling.values(), timeout=max(deadline - loop.time(), 0.0)
+                settling.values(), timeout=max(deadline - loop.time(), RECORD_GRACE)
             )
             for task in pending:
                 task.cancel()

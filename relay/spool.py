@@ -89,7 +89,6 @@ VACUUM_MAX_PAGES = 4096  # pages given back per idle moment (64 MiB), so a write
 # Rule 6: SQLite's primary result codes that say the file itself is damaged.
 _DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-SQLITE_FULL = sqlite3.SQLITE_FULL
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
