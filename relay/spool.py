@@ -1090,7 +1090,7 @@ def _numbers(*values: object) -> bool:
     return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
 
 
-def _take_lock(path: Path) -> IO[bytes]:
+def _take_lock(path: Path, *, write_pid: bool = True) -> IO[bytes]:
     """An exclusive lock on the spool directory for this process's life: one relay per spool.
 
     The lock file holds the holder's process id, so a second relay can name it.
@@ -1107,11 +1107,23 @@ def _take_lock(path: Path) -> IO[bytes]:
         handle.close()
         who = f"process {holder}" if holder.isdigit() else "another process"
         raise SpoolError(f"{path.parent} is in use by another relay ({who} holds {path})") from exc
+    if not write_pid:
+        return handle
     with contextlib.suppress(OSError):  # the name is a courtesy: a full disk still locks
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n".encode())
         handle.flush()
     return handle
+
+
+def check_unlocked(directory: Path) -> None:
+    """Raise ``SpoolError`` (naming the holder) when a relay holds the spool in ``directory``.
+
+    For a supervisor before it starts workers on spools another relay may hold: each
+    worker would be refused and started again without end. A spool not made yet is free.
+    """
+    if (directory / "spool.lock").exists():
+        _take_lock(directory / "spool.lock", write_pid=False).close()
 
 
 def _copy_crc(rcpt: object, headers: object) -> int | None:

@@ -139,6 +139,23 @@ async def test_a_second_relay_on_the_same_spool_is_refused_in_one_line(
         assert await first.exit_code() == 0
 
 
+async def test_a_supervisor_on_a_spool_another_relay_holds_is_refused_in_one_line(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    """workers = 2 on a spool a relay holds: exit 1, one line naming it (no restart loop)."""
+    spool = tmp_path / "spool"
+    async with RestartableUpstream() as upstream:
+        env = relay_env(spool, upstream.port)
+        first = await start_relay(relays, tmp_path, "first", env)
+        second = run_to_exit({**env, "RELAY_WORKERS": "2"}, tmp_path)
+        assert second.returncode == 1, second.stderr
+        assert "Traceback" not in second.stderr, second.stderr
+        (line,) = [line for line in second.stderr.splitlines() if "cannot start" in line]
+        assert f"process {first.process.pid}" in line, line
+        first.process.send_signal(signal.SIGTERM)
+        assert await first.exit_code() == 0
+
+
 def _damage(spool: Path, how: str) -> None:
     db = spool / "spool.db"
     if how == "truncated":
