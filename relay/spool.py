@@ -20,7 +20,7 @@ Rule 5: at open, copies left ``delivering`` go back to ``queued``; a record
 whose checksum fails, and a database that cannot be read at all, are moved
 to quarantine and counted, never raised to the caller.
 Rule 6: only a positive verdict of damage sets a database aside: SQLite's
-``SQLITE_CORRUPT`` or ``SQLITE_NOTADB``, ``PRAGMA quick_check`` failing, a
+``SQLITE_CORRUPT`` or ``SQLITE_NOTADB``, ``PRAGMA integrity_check`` failing, a
 record that cannot be decoded, or a database missing or empty beside body
 files. A full disk (``SQLITE_FULL``, ``ENOSPC``, ``EDQUOT``), an I/O error,
 a lock or a permission is the environment's trouble: ``open`` raises
@@ -429,10 +429,12 @@ class Spool:
             raise _environment_error(exc) from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            row = conn.execute("PRAGMA quick_check").fetchone()
+            # integrity_check, not quick_check: it also compares each index with its
+            # table, and claims read the indexes (a damaged index passed quick_check and
+            # then failed every claim with SQLITE_CORRUPT). 100,000 copies: 0.3 s, not 0.2.
+            row = conn.execute("PRAGMA integrity_check(1)").fetchone()
             if row is None or row[0] != "ok":
-                raise _Damaged(f"quick_check: {row[0] if row else None}")
-            conn.execute("SELECT name, sql FROM sqlite_master").fetchall()
+                raise _Damaged(f"integrity_check: {row[0] if row else None}")
         except _Damaged:
             raise
         except Exception as exc:
@@ -510,13 +512,18 @@ class Spool:
         # One row at a time (a backlog can be larger than memory); act once the scan is done.
         bad_messages = []
         in_files = set()
-        for message_id, body, crc, received, expires, in_file in conn.execute(
-            "SELECT id, body, body_crc, received, expires, body_file FROM messages"
+        # Texts read later by every claim (sender, auth_user) are checked here as bytes: one
+        # that is not UTF-8 would fail each claim that meets it, and stall all delivery.
+        for message_id, body, crc, received, expires, in_file, *texts in conn.execute(
+            "SELECT id, body, body_crc, received, expires, body_file,"
+            " CAST(sender AS BLOB), CAST(auth_user AS BLOB) FROM messages"
         ):
             if in_file == 1:
                 in_files.add(message_id)
             stored = self._read_body(message_id, body, in_file)
-            if stored is None and in_file == 1:
+            if not _utf8(*texts):
+                bad_messages.append((message_id, "message text damaged"))
+            elif stored is None and in_file == 1:
                 bad_messages.append((message_id, "body file missing"))
             elif _body_crc(stored) != crc:
                 bad_messages.append((message_id, "body checksum mismatch"))
@@ -527,15 +534,26 @@ class Spool:
         # rcpt and state are read as bytes: a corrupt byte is a mismatch, not a decode error.
         states = {s.value.encode() for s in CopyState}
         bad_copies = []
-        for copy_id, message_id, rcpt, headers, crc, state, attempts, next_try in conn.execute(
+        for (
+            copy_id,
+            message_id,
+            rcpt,
+            headers,
+            crc,
+            state,
+            attempts,
+            next_try,
+            *texts,
+        ) in conn.execute(
             "SELECT id, message, CAST(rcpt AS BLOB), headers, crc, CAST(state AS BLOB),"
-            " attempts, next_try FROM copies"
+            " attempts, next_try, CAST(last_enhanced AS BLOB), CAST(last_text AS BLOB)"
+            " FROM copies"
         ):
             if _copy_crc(rcpt, headers) != crc:
                 bad_copies.append((copy_id, message_id, "copy checksum mismatch"))
             elif state not in states:
                 bad_copies.append((copy_id, message_id, "copy state unknown"))
-            elif not isinstance(attempts, int) or not _numbers(next_try):
+            elif not isinstance(attempts, int) or not _numbers(next_try) or not _utf8(*texts):
                 bad_copies.append((copy_id, message_id, "copy record damaged"))
         for copy_id, message_id, reason in bad_copies:
             self._quarantine_copy(conn, copy_id, message_id, reason, now)
@@ -1061,6 +1079,19 @@ def _environment_error(exc: BaseException) -> SpoolError:
     if _full(exc):
         return SpoolFull(f"cannot open the spool: {text} (free space, then start again)")
     return SpoolError(f"cannot open the spool: {text}")
+
+
+def _utf8(*values: object) -> bool:
+    """Every value is stored text that decodes (a column read ``CAST(... AS BLOB)``)."""
+    try:
+        for value in values:
+            if isinstance(value, bytes):
+                value.decode("utf-8")
+            elif value is not None:
+                return False
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _entries(directory: Path) -> int:
