@@ -29,7 +29,8 @@ connection, so a damaged spool is set aside byte for byte.
 Rule 7: the files stay bounded: the WAL is cut back to ``JOURNAL_SIZE_LIMIT``
 after each checkpoint, and when the writer has been idle for
 ``MAINTAIN_IDLE_SECONDS`` it checkpoints (truncating the WAL) and gives free
-pages back to the file system (``auto_vacuum = INCREMENTAL``, new spools).
+pages back to the file system (``auto_vacuum = INCREMENTAL``; a spool made
+before that is converted by one ``VACUUM`` once it is small and mostly free).
 
 All SQLite work happens on one thread; coroutines wait on futures.
 """
@@ -85,6 +86,7 @@ BUSY_TIMEOUT_MS = 10_000  # `solo-relay queue` commands share the file with a ru
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 MAINTAIN_IDLE_SECONDS = 2.0  # a writer idle this long checkpoints and vacuums
 VACUUM_MIN_FREE_PAGES = 64  # fewer free pages than this (1 MiB) are not worth a vacuum
+CONVERT_MAX_BYTES = 64 * 1024 * 1024  # live data a one-time VACUUM may rewrite (Rule 7)
 VACUUM_MAX_PAGES = 4096  # pages given back per idle moment (64 MiB), so a write never waits long
 # Rule 6: SQLite's primary result codes that say the file itself is damaged.
 _DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
@@ -716,7 +718,21 @@ class Spool:
         """
         try:
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            if free >= VACUUM_MIN_FREE_PAGES and conn.execute("PRAGMA auto_vacuum").fetchone()[0]:
+            mode = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            # A spool made before Rule 7 (auto_vacuum off): one VACUUM, when it is mostly
+            # free pages and small, turns incremental vacuum on from then on.
+            used = (pages - free) * PAGE_SIZE
+            if (
+                not mode
+                and free >= VACUUM_MIN_FREE_PAGES
+                and free * 2 >= pages
+                and (used <= CONVERT_MAX_BYTES)
+            ):
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("VACUUM")
+                free, mode = 0, 2
+            if free >= VACUUM_MIN_FREE_PAGES and mode:
                 # Python's sqlite3 steps a statement that returns no row once, and each
                 # step of incremental_vacuum frees one page: one statement a page, all in
                 # one transaction (one fsync).

@@ -847,3 +847,26 @@ async def test_undecodable_text_is_quarantined_at_open_and_never_stalls_claims(
     with opened(tmp_path) as spool:
         assert spool.quarantined == 1
         assert [job.rcpt for job in await spool.claim_due(T0, 10)] == [BOB]
+
+
+async def test_a_spool_made_without_auto_vacuum_is_converted_when_idle_and_shrinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older spool (auto_vacuum off) gets one VACUUM when idle and mostly free, then shrinks."""
+    monkeypatch.setattr(spool_module, "MAINTAIN_IDLE_SECONDS", 0.05)
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db", isolation_level=None)) as conn:
+        conn.execute(f"PRAGMA page_size = {spool_module.PAGE_SIZE}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(spool_module.SCHEMA)
+    with opened(tmp_path) as spool:
+        for n in range(60):
+            await spool.store(new_message(f"M{n}", (ALICE,), body=b"x" * 60_000))
+        for job in await spool.claim_due(T0, 1000):
+            await spool.record_delivered(job.copy_id, now=T0, attempts=1, outcome=DELIVERED)
+        done = spool.maintained
+        async with asyncio.timeout(10):
+            while spool.maintained == done:
+                await asyncio.sleep(0.02)
+        assert (tmp_path / "spool.db").stat().st_size < 1_000_000
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn:
+        assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
