@@ -226,7 +226,10 @@ def _recover(source: Path, directory: Path, out: TextIO, err: TextIO, fsync: boo
     try:
         found = recovery.salvage(source)
     except (OSError, sqlite3.Error) as exc:
-        print(f"solo-relay queue: cannot read {source}: {exc}", file=err)
+        print(
+            f"solo-relay queue: cannot read {source}: {exc} (try: sqlite3 {source} .recover)",
+            file=err,
+        )
         return EXIT_NOT_FOUND
     try:
         added = add_recovered(directory, found.messages, fsync=fsync)

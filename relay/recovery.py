@@ -61,6 +61,9 @@ def salvage(source: Path, *, now: float | None = None) -> Salvage:
         conn = sqlite3.connect(copy, isolation_level=None)
         conn.text_factory = bytes  # Rule 2: a damaged text is a checksum miss, not a crash
         try:
+            # Without its schema (page 1) nothing here can be read: raise, for the caller
+            # to say so (SQLite's own ``.recover`` may still find rows).
+            conn.execute("SELECT name FROM sqlite_master").fetchall()
             return _read(conn, Path(str(source) + "." + BODIES), now)
         finally:
             conn.close()

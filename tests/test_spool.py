@@ -870,3 +870,18 @@ async def test_a_spool_made_without_auto_vacuum_is_converted_when_idle_and_shrin
         assert (tmp_path / "spool.db").stat().st_size < 1_000_000
     with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn:
         assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+
+def test_queue_recover_of_a_file_that_is_no_database_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a database (or no schema left): exit 1, one line naming the file, nothing added."""
+    with opened(tmp_path / "live"):
+        pass
+    junk = tmp_path / "spool-1.db"
+    junk.write_bytes(b"not a database at all" * 1000)
+    monkeypatch.setenv("RELAY_SPOOL_DIR", str(tmp_path / "live"))
+    assert cli.main(["queue", "recover", str(junk)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(junk) in err
+    assert cli.main(["queue", "recover", str(tmp_path / "missing.db")]) == 1
