@@ -160,6 +160,41 @@ async def test_delivering_on_a_full_disk_sends_each_copy_once_and_records_it_lat
             assert quarantined(spool) == []
 
 
+async def test_claims_on_a_full_disk_wait_for_space_then_everything_is_sent_once(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    """Copies due while the disk is full cannot be claimed: they wait, then go, once each."""
+    with tmpfs(tmp_path / "fs") as fs:
+        spool = fs / "spool"
+        async with RestartableUpstream() as upstream:
+            port = upstream.port
+            await upstream.stop()  # down: the copies are deferred
+            env = relay_env(spool, port, RELAY_DELIVERY_RETRY_INITIAL="0.1")
+            relay = await start_relay(relays, tmp_path, "relay", env)
+            names = [f"claim-{n}@example.org" for n in range(3)]
+            for name in names:
+                assert (await send(relay.smtp_port, name)).startswith("250 2.0.0")
+            await until(lambda: "copy deferred" in relay.log.read_text(), "a deferral")
+            filler = fill(fs)
+            await upstream.start()
+            # A claim is a write: refused by the full disk (unless the WAL had room to reuse).
+            await until(
+                lambda: (
+                    "delivery loop: spool unavailable" in relay.log.read_text()
+                    or upstream.transactions
+                ),
+                "a claim refused by the full disk",
+            )
+            free(filler)
+            await until(lambda: set(upstream.counts()) >= expected(names), "every copy")
+            await until(lambda: live(spool) == 0, "every copy recorded")
+            relay.process.send_signal(signal.SIGTERM)
+            assert await relay.exit_code() == 0, relay.log.read_text()
+            assert "Traceback" not in relay.log.read_text()
+            assert max(upstream.counts().values()) == 1, upstream.counts()
+            assert quarantined(spool) == []
+
+
 async def test_sigterm_on_a_full_disk_exits_0_and_loses_nothing(
     tmp_path: Path, relays: list[RelayProcess]
 ) -> None:
