@@ -45,7 +45,7 @@ from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
 from relay.policy import RateLimiter, backoff
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, jobs_for
+from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, jobs_for
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -53,7 +53,14 @@ log = logging.getLogger("relay.delivery")
 # Failing at these stages with no reply means the upstream itself could not be reached.
 _UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 POLL_SECONDS = 1.0  # the longest the workers sleep without a wake-up (queue CLI retries)
-RECORD_TRIES = 8  # writing down a delivered copy: about two minutes of retries
+# Writing down a delivered copy is retried (outside its connection slot) this soon, then
+# doubling to RECORD_RETRY_MAX, for as long as the process lives: a full disk that gets
+# some room back sees the record within seconds, and no slot waits for it meanwhile.
+RECORD_RETRY_FIRST = 0.25
+RECORD_RETRY_MAX = 5.0
+# At a stop, outcomes still being written get at least this long even when the drain's
+# grace is spent: a delivered copy not written down is sent again after the restart.
+RECORD_GRACE = 2.0
 # Bodies of handed-over copies held in memory at most; past this, new mail waits in the
 # spool as ``queued`` and its body is read back when its copies are claimed.
 HANDOVER_BYTES = 64 * 1024 * 1024
@@ -158,6 +165,11 @@ class Deliverer:
         self._limiter = RateLimiter(self._policy.rate_per_second, self._policy.rate_per_day)
         self._concurrency = self._policy.concurrency or config.upstream.pool_size
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        # Outcomes being written down, by copy: each its own task, so a slow or failing
+        # spool never holds a connection slot. A copy here is ``delivering`` in the spool
+        # and nothing releases it, so it is never claimed (or sent) again meanwhile.
+        self._settling: dict[int, asyncio.Task[None]] = {}
+        self.unrecorded = 0  # delivered copies whose record failed at least once, not yet written
         self._wake = asyncio.Event()
         self._stopping = False
         self._stats_at = 0.0
@@ -180,7 +192,10 @@ class Deliverer:
         self.credentials: dict[str, Credentials] = {}
 
     def __repr__(self) -> str:
-        return f"<Deliverer in_flight={len(self._in_flight)} paused_until={self.paused_until:.0f}>"
+        return (
+            f"<Deliverer in_flight={len(self._in_flight)} settling={len(self._settling)}"
+            f" paused_until={self.paused_until:.0f}>"
+        )
 
     def wake(self) -> None:
         self._wake.set()
@@ -229,8 +244,16 @@ class Deliverer:
                 if self.reports_gauges and now - self._stats_at >= STATS_SECONDS:
                     await self.refresh_gauges(now)
                 next_due = None if started else await self._spool.next_due()
+            except SpoolError as exc:  # a full disk, a busy lock: one line, not a traceback
+                log.error(
+                    "delivery loop: spool unavailable; retrying",
+                    extra={"fields": {"error": str(exc)}},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
+                continue
             except Exception:
-                # A full disk, a busy lock, a damaged row: the workers must outlive them all.
+                # A damaged row, a bug: the workers must outlive them all.
                 log.exception("delivery loop error; retrying")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
@@ -311,33 +334,63 @@ class Deliverer:
     async def run_once(self, now: float) -> int:
         """Claim what is due at ``now`` and wait for every delivery (for tests and tools)."""
         started = await self.step(now)
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight.values())
+        while self._in_flight or self._settling:
+            await asyncio.gather(*self._in_flight.values(), *self._settling.values())
         return started
 
     async def drain(self, grace: float) -> None:
-        """Stop claiming; let deliveries finish until ``grace``; put the rest back in the queue."""
+        """Stop claiming; let deliveries finish until ``grace``; put the rest back in the queue.
+
+        A spool that cannot be written (a full disk) leaves copies ``delivering``, which
+        the next start puts back in the queue; the drain itself never raises for it.
+        """
         self._stopping = True
         self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         waiting = [job.copy_id for job in self._ready] + sorted(self._unreleased)
         self._unreleased.clear()
         for job in self._ready:
             self._bodies.done(job.message_id)
         self._ready.clear()
-        if waiting:
-            await self._spool.release(waiting, self._clock())
+        await self._release_quietly(waiting)
         in_flight = dict(self._in_flight)
-        if not in_flight:
+        if in_flight:
+            _, pending = await asyncio.wait(in_flight.values(), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            # Taken from the snapshot: a finished task's callback has left ``_in_flight``.
+            leftover = [copy_id for copy_id, task in in_flight.items() if task in pending]
+            await self._release_quietly(leftover)
+        settling = dict(self._settling)
+        if settling:
+            _, pending = await asyncio.wait(
+                settling.values(), timeout=max(deadline - loop.time(), RECORD_GRACE)
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.error(
+                    "delivered copies not yet recorded at stop: left 'delivering' for the"
+                    " next start, which sends them again",
+                    extra={"fields": {"copies": len(pending)}},
+                )
+        await self._release_quietly(sorted(self._unreleased))
+        self._unreleased.clear()
+
+    async def _release_quietly(self, copy_ids: Sequence[int]) -> None:
+        if not copy_ids:
             return
-        _, pending = await asyncio.wait(in_flight.values(), timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        # Taken from the snapshot: a finished task's callback has left ``_in_flight``.
-        leftover = [copy_id for copy_id, task in in_flight.items() if task in pending]
-        if leftover:
-            await self._spool.release(leftover, self._clock())
+        try:
+            await self._spool.release(copy_ids, self._clock())
+        except Exception as exc:
+            log.error(
+                "cannot put copies back in the queue; the next start does",
+                extra={"fields": {"copies": len(copy_ids), "error": str(exc)}},
+            )
 
     async def refresh_gauges(self, now: float) -> None:
         self._stats_at = now
@@ -351,6 +404,7 @@ class Deliverer:
         self._metrics.quarantine_present(await self._spool.quarantine_present())
 
     async def _deliver(self, job: Job) -> None:
+        """One copy's attempt, holding a slot; its outcome is written by ``_record``, without."""
         started = self._clock()
         try:
             outcome = await self._attempt(job)
@@ -359,29 +413,50 @@ class Deliverer:
         except Exception as exc:  # a bug must not lose the copy: it stays for a retry
             log.exception("delivery error", extra={"fields": {"queue_id": job.message_id}})
             outcome = Outcome(Status.TRANSIENT, Stage.CONNECT, text=type(exc).__name__)
-        for attempt in range(RECORD_TRIES):
+        # From here the slot is free (this task ends now); the record is a task of its own,
+        # not cancelled by a drain's cut of deliveries in progress.
+        task = asyncio.create_task(self._record(job, outcome, self._clock() - started))
+        self._settling[job.copy_id] = task
+        task.add_done_callback(lambda _: self._settling.pop(job.copy_id, None))
+
+    async def _record(self, job: Job, outcome: Outcome, latency: float) -> None:
+        """Write down one outcome; a delivered copy's record is retried until it holds."""
+        self._metrics.copy_outcome(outcome, latency)
+        self.note_reachability(outcome)
+        delay = RECORD_RETRY_FIRST
+        failed = False
+        while True:
             try:
-                # Shielded: a drain that cancels this task must not cancel the record of
-                # what already happened at the upstream.
-                await asyncio.shield(self._settle(job, outcome, self._clock() - started))
+                await self._settle(job, outcome)
+                if failed:
+                    self.unrecorded -= 1
                 return
             except asyncio.CancelledError:
+                if failed:
+                    self.unrecorded -= 1
                 raise
-            except Exception:
-                log.exception(
-                    "recording a delivery failed", extra={"fields": {"queue_id": job.message_id}}
+            except Exception as exc:
+                log.error(
+                    "recording a delivery failed",
+                    extra={"fields": {"queue_id": job.message_id, "error": str(exc)}},
                 )
             if outcome.status is not Status.DELIVERED:
                 break  # not sent: back to the queue is safe
-            # Sent: putting it back would send it again. Keep trying to write it down;
-            # if the spool never recovers, it stays ``delivering`` for the next start.
-            if attempt + 1 < RECORD_TRIES:
-                await asyncio.sleep(min(2.0**attempt, 30.0))
-        if outcome.status is not Status.DELIVERED:
+            # Sent: putting it back would send it again. It stays ``delivering`` (never
+            # claimed) and the record is tried again; at a stop, the next start has it.
+            if not failed:
+                failed = True
+                self.unrecorded += 1
             try:
-                await self._spool.release([job.copy_id], self._clock())
-            except Exception:  # the spool is in trouble: the loop tries again (``run``)
-                self._unreleased.add(job.copy_id)
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                self.unrecorded -= 1
+                raise
+            delay = min(delay * 2, RECORD_RETRY_MAX)
+        try:
+            await self._spool.release([job.copy_id], self._clock())
+        except Exception:  # the spool is in trouble: the loop tries again (``run``)
+            self._unreleased.add(job.copy_id)
 
     async def _body(self, message_id: str) -> memoryview | None:
         """The message body as one shared view: the upstream prepares it once per message.
@@ -436,10 +511,9 @@ class Deliverer:
     def note_reachability(self, outcome: Outcome) -> None:
         self.upstream_reachable = outcome.stage not in _UNREACHABLE or outcome.code >= 200
 
-    async def _settle(self, job: Job, outcome: Outcome, latency: float) -> None:
+    async def _settle(self, job: Job, outcome: Outcome) -> None:
+        """Write ``outcome`` down (``_record`` retries it: nothing here counts it twice)."""
         now = self._clock()
-        self._metrics.copy_outcome(outcome, latency)
-        self.note_reachability(outcome)
         fields = {
             "queue_id": job.message_id,
             "rcpt": self._tokens(job.rcpt),

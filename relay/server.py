@@ -271,11 +271,18 @@ class Relay:
         drains = [d.drain(self.config.delivery.drain_grace) for _, d, _ in self._orphan_delivery]
         if self.deliverer is not None:
             drains.append(self.deliverer.drain(self.config.delivery.drain_grace))
-        await asyncio.gather(*drains)
+        # A drain that cannot write (a full disk) leaves its copies ``delivering``: the
+        # next start puts them back in the queue. The stop goes on either way (exit 0).
+        for result in await asyncio.gather(*drains, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error(
+                    "drain could not write to the spool; the next start requeues what is left",
+                    extra={"fields": {"error": str(result)}},
+                )
         if self._delivering is not None:
-            await self._delivering
+            await asyncio.gather(self._delivering, return_exceptions=True)
         for spool, _, task in self._orphan_delivery:
-            await task
+            await asyncio.gather(task, return_exceptions=True)
             spool.close()
         if self.spool is not None:
             self.spool.close()

@@ -629,7 +629,10 @@ class FailingRecords(Spool):
             raise SpoolError("database or disk is full")
         return await super().record(copy_id, state, **kwargs)
 
+    delivered_failures = 0
+
     async def record_delivered(self, copy_id: int, **kwargs: Any) -> bool:
+        self.delivered_failures += 1
         raise SpoolError("database or disk is full")
 
 
@@ -637,13 +640,69 @@ async def test_delivered_copy_that_cannot_be_recorded_is_not_sent_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The upstream took it but the spool would not note it: it stays delivering, not re-queued."""
-    monkeypatch.setattr(delivery_module, "RECORD_TRIES", 1)
-    with world(tmp_path, spool=FailingRecords(tmp_path)) as w:
+    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    spool = FailingRecords(tmp_path)
+    with world(tmp_path, spool=spool) as w:
         await w.store("M1", [ALICE])
-        await w.run_at(T0)
+        assert await w.deliverer.step(T0) == 1
+        async with asyncio.timeout(10):
+            while spool.delivered_failures < 3:  # the record is retried, outside the slot
+                await asyncio.sleep(0.01)
         assert w.row(ALICE) is not None and w.row(ALICE)[0] == "delivering"  # type: ignore[index]
-        assert await w.run_at(T0 + 3600) == 0
+        assert await w.deliverer.step(T0 + 3600) == 0
         assert len(w.upstream.to(ALICE)) == 1
+        assert w.deliverer.unrecorded == 1
+        await w.deliverer.drain(0.05)
+        assert w.deliverer.unrecorded == 0
+
+
+class SlowRecords(Spool):
+    """A spool on a disk that is full, then gets room back: ALICE's delivered record fails
+    once, and its retry waits until ``room`` is set."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.room = asyncio.Event()
+        self.alice: int | None = None
+        self.tries = 0
+
+    async def record_delivered(self, copy_id: int, **kwargs: Any) -> bool:
+        if copy_id == self.alice:
+            self.tries += 1
+            if self.tries == 1:
+                raise SpoolError("database or disk is full")
+            await self.room.wait()
+        return await super().record_delivered(copy_id, **kwargs)
+
+
+async def test_a_delivered_record_being_retried_holds_no_connection_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slot: while ALICE's delivered record is retried, BOB is sent (issue 13, section 3).
+
+    (Before, the retries slept inside the delivery task, which held the slot: with the
+    disk full, every slot waited out the record's back-off and delivery stalled.)
+    """
+    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    spool = SlowRecords(tmp_path)
+    with world(tmp_path, {"RELAY_DELIVERY_CONCURRENCY": "1"}, spool=spool) as w:
+        await w.store("M1", [ALICE])
+        spool.alice = 1  # the first copy stored
+        await w.store("M2", [BOB])
+        assert await w.deliverer.step(T0) == 1
+        async with asyncio.timeout(5):
+            while spool.tries < 2:  # the first record failed; its retry waits for room
+                await asyncio.sleep(0.01)
+            while await w.deliverer.step(T0) == 0:
+                await asyncio.sleep(0.01)
+            while not w.upstream.to(BOB):
+                await asyncio.sleep(0.01)
+        assert w.row(ALICE) is not None and w.row(ALICE)[0] == "delivering"  # type: ignore[index]
+        assert await w.deliverer.step(T0 + 3600) == 0  # ALICE is not claimed again
+        spool.room.set()
+        await w.deliverer.run_once(T0 + 3600)
+        assert w.row(ALICE) is None and w.row(BOB) is None  # both recorded, messages done
+        assert [s.rcpt for s in w.upstream.sent] == [ALICE, BOB]
 
 
 async def test_refused_passthrough_login_holds_only_its_own_mail(tmp_path: Path) -> None:
