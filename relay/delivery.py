@@ -8,16 +8,27 @@ a permanent one or once the lifetime is over. An upstream that refuses the
 relay's credentials pauses all delivery instead of burning retries. Time and
 randomness are injected, so the schedule is tested without sleeping.
 
-Direct mode (``deliver_direct``): try every copy before answering.
+Direct mode (``deliver_direct``, ``choose_reply``): try every copy before
+answering, then one reply for the message and one fate for each copy.
 
-Rule 1: never ``250`` unless at least one copy was delivered, and never a 4xx
-that would make the application resend copies that were already delivered.
-Rule 2: all copies delivered gives ``250``; none delivered (and none that
-might have been) gives the upstream's class (``451`` if any failure was
-transient, else ``554``); otherwise ``250``, and the copies not delivered go
-to the spool (``intake``).
+Rule 1: never ``250`` unless at least one copy was delivered (or may have
+been), and never a 4xx that would make the application resend copies that
+were already delivered.
+Rule 2: all copies delivered gives ``250``. None delivered, and none that might
+have been: the application keeps the message. Its reply is a 4xx if any copy
+failed transiently, else a 5xx; the upstream's own code and enhanced code when
+every copy of that class got the same one at MAIL, RCPT, DATA or the final dot
+(one recipient: exactly what the upstream said, as Postfix's
+``smtpd_proxy_filter`` passes its proxy's reply on), else ``451 4.4.0`` or
+``554 5.0.0``. Otherwise ``250``, and the relay keeps the rest: a transient
+failure, or no reply after the final dot, is retried from the queue; a
+permanent refusal fails now and its sender gets a notification. A copy the
+upstream accepted or refused for good is never sent again.
 Rule 3: the whole attempt ends by a deadline well under the client's
-10-minute DATA timeout; a copy still in flight then is counted as transient.
+10-minute DATA timeout; a copy still in flight then is counted as transient
+and ambiguous (it may have arrived).
+Rule 4: the reply names counts and codes, never the upstream's text: that
+text may name a recipient, and the reply is logged.
 
 The upstream is whatever ``Upstream`` the server opened; nothing here imports
 a network library.
@@ -28,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import functools
 import logging
 import random
@@ -39,13 +51,14 @@ from datetime import UTC, datetime
 from relay.addresses import Address, parse_address
 from relay.bodycache import BodyCache
 from relay.config import Config
-from relay.dsn import Failure, build_dsn, dsn_recipient_ok
+from relay.dsn import Failure, build_dsn, dsn_from_address, dsn_recipient_ok
 from relay.errors import BadAddress, Reply
 from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
 from relay.policy import RateLimiter, backoff
 from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, jobs_for
+from relay.target import dsn_credentials
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -69,10 +82,36 @@ STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
 TIMED_OUT = Outcome(Status.TRANSIENT, Stage.DOT, 0, "", "deadline reached", ambiguous=True)
 
 
+class Fate(enum.Enum):
+    """What direct mode does with one copy once the reply is chosen."""
+
+    DELIVERED = "delivered"  # the upstream took it: done, never sent again
+    RETRY = "retry"  # transient, or no reply after the final dot: deferred in the queue
+    FAILED = "failed"  # refused for good: failed now, the sender gets a DSN
+    RETURNED = "returned"  # not taken: the application got a 4xx or 5xx and keeps it
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The one reply to the application, and each copy's fate, in the copies' order."""
+
+    reply: Reply
+    fates: tuple[Fate, ...]
+
+    @property
+    def taken(self) -> bool:
+        """Whether the relay answered ``250``: it owns what was not delivered."""
+        return self.reply.code == 250
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
-    reply: Reply
+    decision: Decision
     outcomes: tuple[Outcome, ...]
+
+    @property
+    def reply(self) -> Reply:
+        return self.decision.reply
 
 
 async def deliver_direct(
@@ -85,6 +124,7 @@ async def deliver_direct(
     deadline: float,
     queue_id: str,
     on_outcome: Callable[[Copy, Outcome, float], None],
+    soft_bounce: bool = False,
 ) -> Result:
     """Send every copy (concurrently, the pool bounds it) and choose the reply."""
     loop = asyncio.get_running_loop()
@@ -108,26 +148,144 @@ async def deliver_direct(
         # ``send`` promises never to do): it may have arrived, so it is ambiguous.
         outcomes.append(TIMED_OUT)
         on_outcome(copy, TIMED_OUT, loop.time() - started)
-    return Result(choose_reply(outcomes, queue_id), tuple(outcomes))
+    decision = choose_reply(outcomes, queue_id, soft_bounce=soft_bounce)
+    return Result(decision, tuple(outcomes))
 
 
-def choose_reply(outcomes: Sequence[Outcome], queue_id: str) -> Reply:
-    """Rule 2 as a table over the copies' outcomes.
+# Replies about the message that the application may be given as they are (RFC 5321
+# 4.2.2-4.2.3); 421 is not one: it means the relay itself is closing the session.
+_PASSED_ON = frozenset({450, 451, 452, 550, 551, 552, 553, 554})
+_ABOUT_THE_MESSAGE = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.DOT})
+
+
+def choose_reply(
+    outcomes: Sequence[Outcome], queue_id: str, *, soft_bounce: bool = False
+) -> Decision:
+    """Rules 1 and 2 as a table over the copies' outcomes (pure).
 
     A copy with no reply after its final dot may have arrived: like a delivered
-    one, it rules out a 4xx (the application would send it again).
+    one, it rules out a 4xx (the application would send it again). With
+    ``soft_bounce`` a permanent refusal counts as transient, as in the queue.
     """
-    delivered = sum(1 for o in outcomes if o.status is Status.DELIVERED)
     total = len(outcomes)
+    delivered = sum(1 for o in outcomes if o.status is Status.DELIVERED)
+
+    def permanent(o: Outcome) -> bool:
+        return o.status is Status.PERMANENT and not soft_bounce
+
     if delivered == total:
-        return Reply(250, "2.0.0", f"OK: queued as {queue_id}, {total} copies delivered")
+        reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}, {total} copies delivered")
+        return Decision(reply, (Fate.DELIVERED,) * total)
     if delivered or any(o.ambiguous for o in outcomes):
-        return Reply(
-            250, "2.0.0", f"OK: queued as {queue_id}, {delivered} of {total} copies delivered"
+        fates = tuple(
+            Fate.DELIVERED
+            if o.status is Status.DELIVERED
+            else Fate.FAILED
+            if permanent(o)
+            else Fate.RETRY
+            for o in outcomes
         )
-    if any(o.status is Status.TRANSIENT for o in outcomes):
-        return Reply(451, "4.4.0", "Upstream did not take the message; nothing was delivered")
-    return Reply(554, "5.0.0", "Upstream refused every copy; nothing was delivered")
+        text = f"OK: queued as {queue_id}, {delivered} of {total} copies delivered"
+        retry, failed = fates.count(Fate.RETRY), fates.count(Fate.FAILED)
+        if retry:
+            text += f", {retry} queued for retry"
+        if failed:
+            text += f", {failed} refused (the sender is notified)"
+        return Decision(Reply(250, "2.0.0", text), fates)
+    returned = (Fate.RETURNED,) * total
+    transient = [o for o in outcomes if not permanent(o)]
+    if transient:
+        reply = _passed_on(transient, 4) or Reply(
+            451, "4.4.0", "Upstream did not take the message; nothing was delivered"
+        )
+        return Decision(reply, returned)
+    reply = _passed_on(outcomes, 5) or Reply(
+        554, "5.0.0", "Upstream refused every copy; nothing was delivered"
+    )
+    return Decision(reply, returned)
+
+
+def _passed_on(outcomes: Sequence[Outcome], klass: int) -> Reply | None:
+    """The upstream's code and enhanced code, when every one of ``outcomes`` got the same."""
+    replies = {(o.code, o.enhanced, o.stage in _ABOUT_THE_MESSAGE) for o in outcomes}
+    if len(replies) != 1:
+        return None
+    code, enhanced, about_the_message = replies.pop()
+    if not about_the_message or code not in _PASSED_ON or code // 100 != klass:
+        return None
+    if klass == 4:
+        enhanced = enhanced if enhanced.startswith("4.") else "4.4.0"
+        return Reply(code, enhanced, "Upstream did not take the message; nothing was delivered")
+    enhanced = enhanced if enhanced.startswith("5.") else "5.0.0"
+    return Reply(code, enhanced, "Upstream refused every copy; nothing was delivered")
+
+
+def notification(
+    config: Config,
+    *,
+    message_id: str,
+    sender: str,
+    rcpt: str,
+    headers: bytes,
+    received: float,
+    auth_user: str,
+    outcome: Outcome,
+    now: float,
+    expired: bool,
+) -> NewMessage | None:
+    """The RFC 3464 report for one failed copy, ready to store, or None (off, or to <>).
+
+    The report is a message of its own from ``<>`` to ``sender``. It is sent like any
+    copy: queued, retried, with the credentials of the message it reports on
+    (``auth_user``, the passthrough login) unless ``delivery.dsn_user`` names its own.
+    Its ``From:`` follows ``dsn_from_address`` (``delivery.dsn_from``).
+    """
+    policy = config.delivery
+    if not policy.dsn or not dsn_recipient_ok(sender):
+        return None
+    status = outcome.enhanced or ("4.4.7" if expired else "5.0.0")
+    if expired and not status.startswith("4."):
+        status = "4.4.7"
+    diagnostic = f"{outcome.code} {outcome.enhanced} {outcome.text}".strip() if outcome.code else ""
+    queue_id = new_queue_id()
+    hostname = config.smtp.hostname
+    try:
+        author = dsn_from_address(policy.dsn_from, hostname, sender)
+        data = build_dsn(
+            Failure(
+                queue_id=message_id,
+                sender=sender,
+                recipient=rcpt,
+                status=status,
+                diagnostic=diagnostic,
+                remote_mta="",
+                arrival_date=datetime.fromtimestamp(received, UTC),
+                last_attempt=datetime.fromtimestamp(now, UTC),
+                expired=expired,
+                original_headers=headers,
+            ),
+            reporting_mta=hostname,
+            now=datetime.fromtimestamp(now, UTC),
+            message_id=f"{queue_id}@{author.rpartition('@')[2]}",
+            from_address=author,
+        )
+    except ValueError:
+        # build_dsn refuses what it cannot write safely (a sender over 254 octets):
+        # the copy still fails and is counted; only the notification is lost.
+        log.exception("no DSN possible", extra={"fields": {"queue_id": message_id}})
+        return None
+    split = data.index(b"\r\n\r\n") + 4
+    return NewMessage(
+        id=queue_id,
+        sender="",
+        smtputf8=not sender.isascii(),
+        received=now,
+        expires=now + policy.lifetime,
+        body=data[split:],
+        copies=(NewCopy(rcpt=sender, headers=data[:split], next_try=now),),
+        auth_user=auth_user,
+        is_dsn=True,
+    )
 
 
 class Deliverer:
@@ -178,6 +336,8 @@ class Deliverer:
         self.upstream_reachable = True
         # Passthrough: the application's credentials, by user, as last seen at AUTH (memory only).
         self.credentials: dict[str, Credentials] = {}
+        # ``delivery.dsn_user``: the login for notifications, instead of their message's.
+        self._dsn_credentials = dsn_credentials(config.delivery)
 
     def __repr__(self) -> str:
         return f"<Deliverer in_flight={len(self._in_flight)} paused_until={self.paused_until:.0f}>"
@@ -417,7 +577,9 @@ class Deliverer:
         if rcpt is None:
             return Outcome(Status.PERMANENT, Stage.RCPT, 553, "5.1.3", "stored recipient invalid")
         credentials = None
-        if job.auth_user:
+        if job.is_dsn and self._dsn_credentials is not None:
+            credentials = self._dsn_credentials
+        elif job.auth_user:
             credentials = self.credentials.get(job.auth_user)
             if credentials is None:
                 return Outcome(
@@ -452,13 +614,15 @@ class Deliverer:
             await self._spool.record_delivered(
                 job.copy_id, now=now, attempts=job.attempts + 1, outcome=outcome
             )
+            if job.is_dsn:  # counted once the upstream took it, not when it was queued
+                self._metrics.dsn_sent()
             log.info("copy delivered", extra={"fields": fields})
             return
         if outcome.auth_failed and now < job.expires:
             # SPEC 5: the relay's own credentials refused: pause everything, no attempt
             # spent. An application's passthrough login refused: only its mail waits.
             resume = now + self._policy.auth_pause
-            if not job.auth_user:
+            if not job.auth_user and not (job.is_dsn and self._dsn_credentials):
                 self.paused_until = resume
                 self._metrics.upstream_auth_paused(True)
             await self._spool.record(
@@ -513,7 +677,6 @@ class Deliverer:
         if not recorded:  # the copy left the spool meanwhile (deleted, quarantined): no DSN
             dsn = None
         if dsn is not None:
-            self._metrics.dsn_sent()
             self.wake()
         log.warning(
             "copy failed",
@@ -524,46 +687,17 @@ class Deliverer:
         self, job: Job, outcome: Outcome, now: float, *, expired: bool
     ) -> NewMessage | None:
         """The RFC 3464 report for this copy, or None (off, a DSN itself, or the sender is <>)."""
-        if not self._policy.dsn or job.is_dsn or not dsn_recipient_ok(job.sender):
+        if job.is_dsn:
             return None
-        status = outcome.enhanced or ("4.4.7" if expired else "5.0.0")
-        if expired and not status.startswith("4."):
-            status = "4.4.7"
-        diagnostic = (
-            f"{outcome.code} {outcome.enhanced} {outcome.text}".strip() if outcome.code else ""
-        )
-        queue_id = new_queue_id()
-        try:
-            data = build_dsn(
-                Failure(
-                    queue_id=job.message_id,
-                    sender=job.sender,
-                    recipient=job.rcpt,
-                    status=status,
-                    diagnostic=diagnostic,
-                    remote_mta="",
-                    arrival_date=datetime.fromtimestamp(job.received, UTC),
-                    last_attempt=datetime.fromtimestamp(now, UTC),
-                    expired=expired,
-                    original_headers=job.headers,
-                ),
-                reporting_mta=self._config.smtp.hostname,
-                now=datetime.fromtimestamp(now, UTC),
-                message_id=f"{queue_id}@{self._config.smtp.hostname}",
-            )
-        except ValueError:
-            # build_dsn refuses what it cannot write safely (a sender over 254 octets):
-            # the copy still fails and is counted; only the notification is lost.
-            log.exception("no DSN possible", extra={"fields": {"queue_id": job.message_id}})
-            return None
-        split = data.index(b"\r\n\r\n") + 4
-        return NewMessage(
-            id=queue_id,
-            sender="",
-            smtputf8=not job.sender.isascii(),
-            received=now,
-            expires=now + self._policy.lifetime,
-            body=data[split:],
-            copies=(NewCopy(rcpt=job.sender, headers=data[:split], next_try=now),),
-            is_dsn=True,
+        return notification(
+            self._config,
+            message_id=job.message_id,
+            sender=job.sender,
+            rcpt=job.rcpt,
+            headers=job.headers,
+            received=job.received,
+            auth_user=job.auth_user,
+            outcome=outcome,
+            now=now,
+            expired=expired,
         )

@@ -79,6 +79,7 @@ class Relay:
         self._upstream: Upstream | None = None
         self.spool: Spool | None = None
         self.deliverer: Deliverer | None = None
+        self._intake: Intake | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._log_flusher: asyncio.Task[None] | None = None
         self._status: asyncio.Task[None] | None = None
@@ -116,7 +117,7 @@ class Relay:
         await self.deliverer.refresh_gauges(time.time())
         for directory in self._orphans:
             self._deliver_orphan(directory, tokens)
-        intake = Intake(
+        self._intake = intake = Intake(
             config,
             upstream=self._upstream,
             metrics=self.metrics,
@@ -268,6 +269,8 @@ class Relay:
             self._gate.close_all()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._intake is not None:  # messages taken from sessions that ended first
+            await self._intake.drain()
         drains = [d.drain(self.config.delivery.drain_grace) for _, d, _ in self._orphan_delivery]
         if self.deliverer is not None:
             drains.append(self.deliverer.drain(self.config.delivery.drain_grace))

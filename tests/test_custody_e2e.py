@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from relay.spool import Spool
+from relay import intake
+from relay.spool import Spool, SpoolError
 from tests.relay_harness import RawClient, running_relay
 from tests.upstream_server import UpstreamServer
 
@@ -141,3 +142,168 @@ async def test_direct_mode_takes_custody_before_it_sends(
         assert small.startswith("250 2.0.0")
         assert relay.spool is not None and relay.spool.live == 0
     assert len(plain_server.transactions) == 1
+
+
+# -- direct mode says exactly what happened (issue 13, section 4) -------------------------
+
+
+def sample(relay: Any, name: str, labels: dict[str, str] | None = None) -> float:
+    value = relay.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else float(value)
+
+
+class FlakySpool:
+    """Makes the next ``count`` settle writes (discard, record, record_delivered) fail.
+
+    A real disk cannot be made to refuse exactly the write after the upstream's reply,
+    so this is the one mock in the file.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+        self.left = count
+        self.failed = 0
+        monkeypatch.setattr(intake, "SETTLE_DELAYS", (0.05, 0.1))  # no waiting for seconds
+        for name in ("discard", "record", "record_delivered"):
+            real = getattr(Spool, name)
+            monkeypatch.setattr(Spool, name, self._wrap(real))
+
+    def _wrap(self, real: Any) -> Any:
+        flaky = self
+
+        async def write(self: Spool, *args: Any, **kwargs: Any) -> Any:
+            if flaky.left > 0:
+                flaky.left -= 1
+                flaky.failed += 1
+                raise SpoolError("disk I/O error (injected)")
+            return await real(self, *args, **kwargs)
+
+        return write
+
+
+async def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_direct_refusal_is_reported_as_refused_and_never_resent(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """One copy 550: 250 says "1 refused", not "queued for retry"; the sender gets a DSN.
+
+    The refused copy is never offered to the upstream again (it was resent from the
+    queue before, and delivered when the upstream changed its mind).
+    """
+    plain_server.script("RCPT", ["550 5.1.1 no such user"])
+    env = {"RELAY_UPSTREAM_POOL_SIZE": "1"}
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        _, reply = await send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
+        assert reply.startswith("250 2.0.0"), reply
+        assert "1 of 2 copies delivered" in reply and "1 refused" in reply
+        assert "queued for retry" not in reply
+        assert relay.spool is not None
+        await wait_for(lambda: len(plain_server.transactions) >= 2 and not relay.spool.live)
+        await asyncio.sleep(0.2)  # a resend, if any, would show here
+        assert sample(relay, "solo_relay_dsn_sent_total") == 1
+    rcpts = [t.rcpt_tos[0] for t in plain_server.transactions]
+    assert len(rcpts) == 2 and "news@example.org" in rcpts  # one copy, one DSN
+    dsn = next(t for t in plain_server.transactions if t.rcpt_tos == ["news@example.org"])
+    assert dsn.mail_from == "<>"  # RFC 3464 2: the null reverse-path
+
+
+async def test_direct_refusal_with_a_failing_discard_is_still_the_upstreams_reply(
+    tmp_path: Path, plain_server: UpstreamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every copy 550 and the spool's discard fails twice: the client gets the 550, not 451.
+
+    The discard is retried while the relay runs, so a restart sends nothing.
+    """
+    plain_server.script("RCPT", [550, 550])
+    flaky = FlakySpool(monkeypatch, 2)
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        _, reply = await send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
+        assert reply.startswith("550 5.0.0"), reply
+        assert relay.spool is not None
+        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+    assert flaky.failed == 2
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        await asyncio.sleep(0.3)  # a restart would resend what was left "delivering"
+    assert plain_server.transactions == []
+
+
+async def test_direct_delivered_copies_are_not_sent_again_when_their_record_fails(
+    tmp_path: Path, plain_server: UpstreamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both copies 250 and the spool refuses the writes that follow: 250, and no resend."""
+    flaky = FlakySpool(monkeypatch, 3)
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        _, reply = await send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
+        assert reply.startswith("250 2.0.0") and "2 copies delivered" in reply, reply
+        assert relay.spool is not None
+        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+    assert flaky.failed == 3
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        await asyncio.sleep(0.3)
+    assert len(plain_server.transactions) == 2
+
+
+async def test_direct_partial_delivery_with_failing_records_sends_each_copy_once(
+    tmp_path: Path, plain_server: UpstreamServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One copy 250, one 451; the records fail at first: alice once, bob retried once, no more."""
+    plain_server.script("RCPT", [451])
+    flaky = FlakySpool(monkeypatch, 2)
+    env = {"RELAY_UPSTREAM_POOL_SIZE": "1", "RELAY_DELIVERY_RETRY_INITIAL": "0.2"}
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        _, reply = await send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
+        assert reply.startswith("250 2.0.0") and "queued for retry" in reply, reply
+        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+    assert flaky.failed == 2
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        await asyncio.sleep(0.3)
+    assert sorted(t.rcpt_tos[0] for t in plain_server.transactions) == [
+        "alice@example.com",
+        "bob@example.com",
+    ]
+
+
+# -- a client gone before the reply (issue 13, section 7) ---------------------------------
+
+
+@pytest.mark.parametrize("mode", ["queue", "direct"])
+async def test_client_gone_before_the_reply_is_still_accounted(
+    tmp_path: Path,
+    plain_server: UpstreamServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+) -> None:
+    """Final dot, then EOF before the reply: the message is taken, logged and counted."""
+    insert = Spool._insert
+
+    def slow_insert(self: Spool, conn: Any, message: Any) -> None:
+        time.sleep(0.3)  # a slow disk, in the writer thread
+        insert(self, conn, message)
+
+    monkeypatch.setattr(Spool, "_insert", slow_insert)
+    caplog.set_level("INFO", logger="relay.intake")
+    async with running_relay(tmp_path, plain_server.url(), {"RELAY_MODE": mode}) as relay:
+        client = await RawClient.connect(relay.smtp_port)
+        await client.command("EHLO app.example.org")
+        await client.command("MAIL FROM:<news@example.org>")
+        await client.command("RCPT TO:<alice@example.com>")
+        await client.command("RCPT TO:<bob@example.com>")
+        await client.command("DATA")
+        await client.send(b"From: news@example.org\r\nSubject: t\r\n\r\nhi\r\n.\r\n")
+        await asyncio.sleep(0.05)
+        client.writer.write_eof()  # gone before the reply
+        await client.reader.read()
+        await client.close()
+        await wait_for(lambda: len(plain_server.transactions) == 2)
+        accepted = {"result": "accepted"}
+        await wait_for(lambda: sample(relay, "solo_relay_messages_received_total", accepted) == 1)
+        assert sample(relay, "solo_relay_message_recipients_count") == 1
+        assert sample(relay, "solo_relay_message_recipients_sum") == 2
+        assert any(r.getMessage() == "message received" for r in caplog.records)
+        assert relay.spool is not None
+        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
