@@ -4,6 +4,8 @@ never 250) when custody cannot be taken."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import email
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import pytest
 from relay import intake
 from relay.spool import Spool, SpoolError
 from tests.relay_harness import RawClient, running_relay
-from tests.upstream_server import UpstreamServer
+from tests.upstream_server import USER, Transaction, UpstreamServer
 
 QUEUE = {"RELAY_MODE": "queue"}
 
@@ -307,3 +309,162 @@ async def test_client_gone_before_the_reply_is_still_accounted(
         assert any(r.getMessage() == "message received" for r in caplog.records)
         assert relay.spool is not None
         await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+
+
+# -- bounces reach someone (issue 13, section 5) ------------------------------------------
+
+APP_SECRET = "app-provider-secret"
+BOUNCER = "bounces@example.net"
+BOUNCER_SECRET = "bounce-secret"
+
+
+def provider(**kwargs: Any) -> UpstreamServer:
+    """An upstream that, like a provider, refuses MAIL before AUTH (530 5.7.0)."""
+    users = {USER: APP_SECRET, BOUNCER: BOUNCER_SECRET}
+    return UpstreamServer(auth_require_tls=False, users=users, auth_required=True, **kwargs)
+
+
+async def send_logged_in(port: int, rcpt: str, user: str = USER, secret: str = APP_SECRET) -> str:
+    """AUTH PLAIN as the application, one message from news@example.org; the final reply."""
+    client = await RawClient.connect(port)
+    try:
+        await client.command("EHLO app.example.org")
+        token = base64.b64encode(f"\0{user}\0{secret}".encode()).decode()
+        assert (await client.command(f"AUTH PLAIN {token}")).startswith("235")
+        await client.command("MAIL FROM:<news@example.org>")
+        await client.command(f"RCPT TO:<{rcpt}>")
+        await client.command("DATA")
+        await client.send(b"From: news@example.org\r\nSubject: t\r\n\r\nhi\r\n.\r\n")
+        return await client.reply()
+    finally:
+        await client.close()
+
+
+def dsn_of(server: UpstreamServer) -> Transaction:
+    (dsn,) = [t for t in server.transactions if t.rcpt_tos == ["news@example.org"]]
+    return dsn
+
+
+PASSTHROUGH = {"RELAY_MODE": "queue", "RELAY_SMTP_AUTH": "passthrough"}
+
+
+@pytest.mark.parametrize("mode", ["queue", "direct"])
+async def test_passthrough_dsn_goes_out_with_the_messages_login(tmp_path: Path, mode: str) -> None:
+    """Passthrough: the DSN for a refused copy logs in as the message did, and is counted once
+    the upstream takes it (it went without AUTH, got 530 and was dropped, yet counted)."""
+    upstream = provider()
+    upstream.script("RCPT", ["550 5.1.1 no such user"])
+    env = {**PASSTHROUGH, "RELAY_MODE": mode}
+    async with upstream, running_relay(tmp_path, upstream.url(), env) as relay:
+        reply = await send_logged_in(relay.smtp_port, "alice@example.com")
+        assert reply.startswith("250" if mode == "queue" else "550 5.1.1"), reply
+        if mode == "direct":  # nothing delivered, the application has its 550: no DSN
+            assert sample(relay, "solo_relay_dsn_sent_total") == 0
+            return
+        await wait_for(
+            lambda: any(t.rcpt_tos == ["news@example.org"] for t in upstream.transactions)
+        )
+        assert sample(relay, "solo_relay_dsn_sent_total") == 1
+    dsn = dsn_of(upstream)
+    assert dsn.mail_from == "<>" and dsn.login == USER
+
+
+async def test_passthrough_dsn_in_direct_mode_beside_a_delivery(tmp_path: Path) -> None:
+    """Direct mode, one copy delivered and one refused: the DSN goes with the message's login."""
+    upstream = provider()
+    upstream.script("RCPT", ["550 5.1.1 no such user"])
+    async with (
+        upstream,
+        running_relay(
+            tmp_path,
+            upstream.url(),
+            {"RELAY_SMTP_AUTH": "passthrough", "RELAY_UPSTREAM_POOL_SIZE": "1"},
+        ) as relay,
+    ):
+        client = await RawClient.connect(relay.smtp_port)
+        await client.command("EHLO app.example.org")
+        token = base64.b64encode(f"\0{USER}\0{APP_SECRET}".encode()).decode()
+        await client.command(f"AUTH PLAIN {token}")
+        await client.command("MAIL FROM:<news@example.org>")
+        await client.command("RCPT TO:<alice@example.com>")
+        await client.command("RCPT TO:<bob@example.com>")
+        await client.command("DATA")
+        await client.send(b"From: news@example.org\r\nSubject: t\r\n\r\nhi\r\n.\r\n")
+        reply = await client.reply()
+        await client.close()
+        assert reply.startswith("250 2.0.0") and "1 refused" in reply, reply
+        await wait_for(lambda: sample(relay, "solo_relay_dsn_sent_total") == 1)
+    assert dsn_of(upstream).login == USER
+
+
+async def test_a_dsn_refused_for_now_stays_queued_and_is_counted_when_taken(
+    tmp_path: Path,
+) -> None:
+    """The DSN's first try gets 451: it is retried like any copy, and counted only once taken."""
+    upstream = provider()
+    upstream.script("RCPT", ["550 5.1.1 no such user", "451 4.3.0 try later"])
+    env = {**PASSTHROUGH, "RELAY_DELIVERY_RETRY_INITIAL": "0.3"}
+    async with upstream, running_relay(tmp_path, upstream.url(), env) as relay:
+        await send_logged_in(relay.smtp_port, "alice@example.com")
+        transient = {"outcome": "transient"}
+        await wait_for(lambda: sample(relay, "solo_relay_copies_total", transient) == 1)
+        assert sample(relay, "solo_relay_dsn_sent_total") == 0  # queued, not yet taken
+        assert relay.spool is not None and relay.spool.live == 1
+        await wait_for(lambda: sample(relay, "solo_relay_dsn_sent_total") == 1)
+        assert relay.spool.live == 0
+    assert dsn_of(upstream).login == USER
+
+
+async def test_a_configured_bounce_login_sends_the_dsn(tmp_path: Path) -> None:
+    """delivery.dsn_user: the DSN logs in with the bounce account, not the application's."""
+    upstream = provider()
+    upstream.script("RCPT", ["550 5.1.1 no such user"])
+    secret_file = tmp_path / "bounce-secret"
+    secret_file.write_text(BOUNCER_SECRET + "\n")
+    env = {
+        **PASSTHROUGH,
+        "RELAY_DELIVERY_DSN_USER": BOUNCER,
+        "RELAY_DELIVERY_DSN_PASSWORD_FILE": str(secret_file),
+    }
+    async with upstream, running_relay(tmp_path, upstream.url(), env) as relay:
+        await send_logged_in(relay.smtp_port, "alice@example.com")
+        await wait_for(lambda: sample(relay, "solo_relay_dsn_sent_total") == 1)
+    assert dsn_of(upstream).login == BOUNCER
+    assert (BOUNCER, BOUNCER_SECRET) in [(user, pw) for _, user, pw in upstream.auths]
+
+
+async def test_a_530_for_missing_credentials_holds_mail_instead_of_bouncing_it(
+    tmp_path: Path,
+) -> None:
+    """No upstream login configured and the provider wants one (530): the copy waits, no
+    bounce is made of it, and delivery pauses as for refused credentials (535)."""
+    upstream = provider()
+    async with upstream, running_relay(tmp_path, upstream.url(), {"RELAY_MODE": "queue"}) as relay:
+        _, reply = await send(relay.smtp_port, ["alice@example.com"])
+        assert reply.startswith("250")
+        await wait_for(lambda: sample(relay, "solo_relay_upstream_auth_failures_total") == 1)
+        assert relay.spool is not None and relay.spool.live == 1  # still queued
+        assert sample(relay, "solo_relay_copies_total", {"outcome": "permanent"}) == 0
+        assert sample(relay, "solo_relay_upstream_auth_paused") == 1
+    assert upstream.transactions == []
+
+
+@pytest.mark.parametrize(
+    ("env", "author"),
+    [
+        ({}, "MAILER-DAEMON@example.org"),  # relay.example.test is no public domain
+        ({"RELAY_SMTP_HOSTNAME": "mail.example.com"}, "MAILER-DAEMON@mail.example.com"),
+        ({"RELAY_DELIVERY_DSN_FROM": "bounces@example.net"}, "bounces@example.net"),
+    ],
+)
+async def test_the_dsn_from_address_is_one_a_provider_takes(
+    tmp_path: Path, plain_server: UpstreamServer, env: dict[str, str], author: str
+) -> None:
+    """delivery.dsn_from, else MAILER-DAEMON@smtp.hostname if public, else @ the sender's domain."""
+    plain_server.script("RCPT", [550])
+    async with running_relay(tmp_path, plain_server.url(), {"RELAY_MODE": "queue", **env}) as relay:
+        await send(relay.smtp_port, ["alice@example.com"])
+        await wait_for(lambda: sample(relay, "solo_relay_dsn_sent_total") == 1)
+    message = email.message_from_bytes(dsn_of(plain_server).content)
+    assert message["From"] == f"Mail Delivery System <{author}>"
+    assert str(message["Message-ID"]).endswith("@" + author.rpartition("@")[2] + ">")
