@@ -144,13 +144,10 @@ class Intake:
         if not task.cancelled() and task.exception() is not None:
             log.error("taking a message failed", exc_info=task.exception())
 
-    async def drain(self) -> None:
-        """Let messages being taken finish (a direct-mode delivery included), then give
-        up the spool writes still being retried: those copies stay ``delivering``, and
-        the next start puts them back in the queue."""
-        grace = self._config.delivery.drain_grace
-        if self._config.mode is Mode.DIRECT:
-            grace = max(grace, self._config.delivery.direct_deadline)
+    async def drain(self, grace: float) -> None:
+        """Let messages being taken finish for up to ``grace`` seconds (a direct-mode
+        delivery included), then cancel them and the spool writes still being retried:
+        those copies stay ``delivering``, and the next start puts them back in the queue."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self._tasks and loop.time() < deadline:  # a take may start a retry meanwhile

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from relay import intake
 from relay.spool import Spool, SpoolError
 from tests.relay_harness import RawClient, running_relay
-from tests.upstream_server import USER, Transaction, UpstreamServer
+from tests.upstream_server import USER, Delay, Transaction, UpstreamServer
 
 QUEUE = {"RELAY_MODE": "queue"}
 
@@ -468,3 +470,26 @@ async def test_the_dsn_from_address_is_one_a_provider_takes(
     message = email.message_from_bytes(dsn_of(plain_server).content)
     assert message["From"] == f"Mail Delivery System <{author}>"
     assert str(message["Message-ID"]).endswith("@" + author.rpartition("@")[2] + ">")
+
+
+async def test_a_stop_lets_a_message_whose_client_left_finish(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """Direct mode, the client gone mid-delivery, then a stop: the delivery ends and is
+    written down before the spool closes (it was cut off, left 'delivering', and sent
+    again at the next start)."""
+    plain_server.script("DOT", [Delay(0.5, 250)])
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        client = await RawClient.connect(relay.smtp_port)
+        await client.command("EHLO app.example.org")
+        await client.command("MAIL FROM:<news@example.org>")
+        await client.command("RCPT TO:<alice@example.com>")
+        await client.command("DATA")
+        await client.send(b"From: news@example.org\r\nSubject: t\r\n\r\nhi\r\n.\r\n")
+        await wait_for(lambda: len(plain_server.transactions) == 1)  # at the upstream now
+        await client.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool" / "spool.db")) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM copies").fetchone() == (0,)
+    async with running_relay(tmp_path, plain_server.url()):
+        await asyncio.sleep(0.3)
+    assert len(plain_server.transactions) == 1
