@@ -13,7 +13,7 @@ session cannot cancel: a client that hangs up after its final dot changes
 nothing but who hears the reply. The spool write, the delivery, the state of
 each copy, the log line and the metrics all happen as if it were still there.
 Rule 5: in ``direct`` mode the reply says what the upstream did
-(``delivery.choose_reply``), whatever the spool does after: a write that fails
+(``direct.choose_reply``), whatever the spool does after: a write that fails
 after the upstream's reply is retried while the process lives, and until it
 lands the copies stay ``delivering``, which nothing sends while the process
 lives. A copy the upstream accepted or refused for good is never sent again.
@@ -33,7 +33,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from relay.config import Config, Mode
-from relay.delivery import Deliverer, Fate, Result, deliver_direct, notification
+from relay.delivery import Deliverer, notification
+from relay.direct import Fate, Result, deliver_direct
 from relay.errors import (
     BadAddress,
     BadData,
@@ -364,9 +365,7 @@ class Intake:
         await asyncio.gather(*writes)  # concurrent: the spool commits them together
         self._deliverer.wake()
 
-    async def _write(
-        self, queue_id: str, what: str, write: Callable[[], Awaitable[object]]
-    ) -> bool:
+    async def _write(self, queue_id: str, what: str, write: Write) -> bool:
         """Try a spool write once; if it fails, retry it in the background (Rule 5)."""
         try:
             await write()
@@ -381,9 +380,8 @@ class Intake:
         task.add_done_callback(self._tasks.discard)
         return False
 
-    async def _retry(
-        self, queue_id: str, what: str, write: Callable[[], Awaitable[object]]
-    ) -> None:
+    async def _retry(self, queue_id: str, what: str, write: Write) -> None:
+        """Try ``write`` after each of ``SETTLE_DELAYS``, then every last one, until it lands."""
         attempt = 0
         while True:
             await asyncio.sleep(SETTLE_DELAYS[min(attempt, len(SETTLE_DELAYS) - 1)])

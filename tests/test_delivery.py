@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from relay.delivery import Fate, choose_reply, deliver_direct
+from relay.direct import Fate, choose_reply, deliver_direct
 from relay.isolation import isolate
 from relay.model import Copy, Credentials, Envelope, Outcome, Stage, Status
 from relay.outbox import CheckStep
