@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.direct import Fate, choose_reply, deliver_direct
 from relay.isolation import isolate
@@ -136,3 +138,39 @@ def test_no_reply_after_the_dot_rules_out_a_4xx() -> None:
     ambiguous = Outcome(Status.TRANSIENT, Stage.DOT, ambiguous=True)
     decision = choose_reply([ambiguous, TRANSIENT], "Q1")
     assert str(decision.reply).startswith("250 2.0.0") and decision.fates == (R, R)
+
+
+OUTCOMES = st.builds(
+    Outcome,
+    status=st.sampled_from(Status),
+    stage=st.sampled_from(Stage),
+    code=st.sampled_from([0, 250, 421, 450, 451, 452, 530, 535, 550, 552, 553, 554]),
+    enhanced=st.sampled_from(["", "2.0.0", "4.2.0", "4.4.1", "5.1.1", "5.7.1", "4.0.0"]),
+    text=st.sampled_from(["", "bob@example.com unknown", "ok"]),
+    ambiguous=st.booleans(),
+)
+
+
+@given(outcomes=st.lists(OUTCOMES, min_size=1, max_size=8), soft_bounce=st.booleans())
+def test_the_reply_and_the_fates_always_agree(outcomes: list[Outcome], soft_bounce: bool) -> None:
+    """For any outcomes: 250 exactly when a copy arrived or may have; a delivered copy is
+    never retried or returned; nothing is kept after a 4xx or 5xx; no 4xx after a copy
+    may have arrived; soft_bounce fails nothing; the text never names an address."""
+    decision = choose_reply(outcomes, "Q1", soft_bounce=soft_bounce)
+    reply = decision.reply
+    arrived = any(o.status is Status.DELIVERED or o.ambiguous for o in outcomes)
+    assert decision.taken is arrived is (reply.code == 250)
+    assert len(decision.fates) == len(outcomes)
+    for outcome, fate in zip(outcomes, decision.fates, strict=True):
+        if outcome.status is Status.DELIVERED:
+            assert fate is Fate.DELIVERED
+        elif decision.taken:
+            assert fate in (Fate.RETRY, Fate.FAILED)
+            assert fate is Fate.FAILED or outcome.status is not Status.PERMANENT or soft_bounce
+        else:
+            assert fate is Fate.RETURNED
+    if soft_bounce:
+        assert Fate.FAILED not in decision.fates
+    assert reply.code in (250, 450, 451, 452, 550, 551, 552, 553, 554)
+    assert reply.enhanced[0] == str(reply.code)[0]
+    assert "@" not in reply.text
