@@ -493,3 +493,24 @@ async def test_a_stop_lets_a_message_whose_client_left_finish(
     async with running_relay(tmp_path, plain_server.url()):
         await asyncio.sleep(0.3)
     assert len(plain_server.transactions) == 1
+
+
+async def test_a_dsn_the_upstream_never_takes_expires_uncounted(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """A DSN refused for now at every try is retried until its lifetime ends, then dropped
+    (never bounced) and never counted as sent."""
+    plain_server.script("RCPT", [550] + [451] * 50)
+    env = {
+        "RELAY_MODE": "queue",
+        "RELAY_DELIVERY_LIFETIME": "1.5",
+        "RELAY_DELIVERY_RETRY_INITIAL": "0.2",
+    }
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        await send(relay.smtp_port, ["alice@example.com"])
+        transient = {"outcome": "transient"}
+        await wait_for(lambda: sample(relay, "solo_relay_copies_total", transient) >= 2)
+        assert relay.spool is not None and relay.spool.live == 1  # the DSN, waiting
+        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+        assert sample(relay, "solo_relay_dsn_sent_total") == 0
+    assert plain_server.transactions == []
