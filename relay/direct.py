@@ -82,6 +82,7 @@ async def deliver_direct(
     queue_id: str,
     on_outcome: Callable[[Copy, Outcome, float], None],
     soft_bounce: bool = False,
+    notifies: bool = True,
 ) -> Result:
     """Send every copy (concurrently, the pool bounds it) and choose the reply."""
     loop = asyncio.get_running_loop()
@@ -105,7 +106,7 @@ async def deliver_direct(
         # ``send`` promises never to do): it may have arrived, so it is ambiguous.
         outcomes.append(TIMED_OUT)
         on_outcome(copy, TIMED_OUT, loop.time() - started)
-    decision = choose_reply(outcomes, queue_id, soft_bounce=soft_bounce)
+    decision = choose_reply(outcomes, queue_id, soft_bounce=soft_bounce, notifies=notifies)
     return Result(decision, tuple(outcomes))
 
 
@@ -116,13 +117,19 @@ _ABOUT_THE_MESSAGE = frozenset({Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.DOT})
 
 
 def choose_reply(
-    outcomes: Sequence[Outcome], queue_id: str, *, soft_bounce: bool = False
+    outcomes: Sequence[Outcome],
+    queue_id: str,
+    *,
+    soft_bounce: bool = False,
+    notifies: bool = True,
 ) -> Decision:
     """Rules 1 and 2 as a table over the copies' outcomes (pure).
 
     A copy with no reply after its final dot may have arrived: like a delivered
     one, it rules out a 4xx (the application would send it again). With
     ``soft_bounce`` a permanent refusal counts as transient, as in the queue.
+    ``notifies``: whether a refused copy's sender gets a DSN (``delivery.dsn`` is on
+    and the sender is not ``<>``); the reply says so only then.
     """
     total = len(outcomes)
     delivered = sum(1 for o in outcomes if o.status is Status.DELIVERED)
@@ -147,7 +154,7 @@ def choose_reply(
         if retry:
             text += f", {retry} queued for retry"
         if failed:
-            text += f", {failed} refused (the sender is notified)"
+            text += f", {failed} refused" + (" (the sender is notified)" if notifies else "")
         return Decision(Reply(250, "2.0.0", text), fates)
     returned = (Fate.RETURNED,) * total
     transient = [o for o in outcomes if not permanent(o)]

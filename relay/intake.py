@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from relay.config import Config, Mode
 from relay.delivery import Deliverer, notification
 from relay.direct import Fate, Result, deliver_direct
+from relay.dsn import dsn_recipient_ok
 from relay.errors import (
     BadAddress,
     BadData,
@@ -299,6 +300,7 @@ class Intake:
                 queue_id, copy, outcome, latency
             ),
             soft_bounce=self._config.delivery.soft_bounce,
+            notifies=self._config.delivery.dsn and dsn_recipient_ok(sender),
         )
         await self._settle(message, ids, plan.copies, result, now)
         return result.reply

@@ -86,6 +86,12 @@ def test_soft_bounce_turns_refusals_into_retries() -> None:
     assert str(choose_reply([PERMANENT], "Q1", soft_bounce=True).reply).startswith("451 4.4.0")
 
 
+def test_the_reply_promises_a_notification_only_when_one_is_sent() -> None:
+    """delivery.dsn off, or a sender of <>: the refused copy is counted, nobody is promised."""
+    text = choose_reply([DELIVERED, PERMANENT], "Q1", notifies=False).reply.text
+    assert text.endswith("1 of 2 copies delivered, 1 refused")
+
+
 def test_the_reply_never_carries_the_upstreams_text() -> None:
     """Rule 4: the upstream's text may name a recipient, and the reply is logged."""
     named = Outcome(Status.PERMANENT, Stage.RCPT, 550, "5.1.1", "bob@example.com unknown")
