@@ -8,10 +8,10 @@ delivered, or some were and the rest are durably spooled. A spool failure
 before anything was sent is ``451 4.3.0``, never ``250``.
 Rule 3: one log line per message and one per copy, tied by the queue id;
 addresses appear only as keyed tokens.
-Rule 4: once isolation has passed, the message is taken as one unit that the
-session cannot cancel: a client that hangs up after its final dot changes
-nothing but who hears the reply. The spool write, the delivery, the state of
-each copy, the log line and the metrics all happen as if it were still there.
+Rule 4: once its final dot has arrived, a message is handled as one unit that
+the session cannot cancel: a client that hangs up then changes nothing but who
+hears the reply. Isolation, the spool write, the delivery, the state of each
+copy, the log line and the metrics all happen as if it were still there.
 Rule 5: in ``direct`` mode the reply says what the upstream did
 (``direct.choose_reply``), whatever the spool does after: a write that fails
 after the upstream's reply is retried while the process lives, and until it
@@ -113,6 +113,17 @@ class Intake:
         self._tasks: set[asyncio.Task[object]] = set()
 
     async def accept(self, submission: Submission) -> Reply:
+        """The reply to a message whose final dot has arrived.
+
+        Rule 4: the work is one task the session cannot cancel; a session cancelled
+        meanwhile (the client hung up) only loses the reply.
+        """
+        task = asyncio.ensure_future(self._handle(submission))
+        self._tasks.add(task)
+        task.add_done_callback(self._taken)
+        return await asyncio.shield(task)
+
+    async def _handle(self, submission: Submission) -> Reply:
         queue_id = new_queue_id()
         now = self._now()
         envelope = Envelope(submission.sender, submission.recipients, submission.smtputf8)
@@ -135,11 +146,7 @@ class Intake:
                 plan = isolate(envelope, submission.data, self._options, trace)
         except Rejected as exc:
             return self._refused(queue_id, submission, exc)
-        # Rule 4: from here the message is taken whether or not the client stays.
-        task = asyncio.ensure_future(self._take(queue_id, submission, plan, now))
-        self._tasks.add(task)
-        task.add_done_callback(self._taken)
-        return await asyncio.shield(task)
+        return await self._take(queue_id, submission, plan, now)
 
     def _taken(self, task: asyncio.Task[Reply]) -> None:
         self._tasks.discard(task)

@@ -274,22 +274,36 @@ async def test_direct_partial_delivery_with_failing_records_sends_each_copy_once
 # -- a client gone before the reply (issue 13, section 7) ---------------------------------
 
 
+@pytest.mark.parametrize("slow", ["spool", "isolation"])
 @pytest.mark.parametrize("mode", ["queue", "direct"])
 async def test_client_gone_before_the_reply_is_still_accounted(
     tmp_path: Path,
     plain_server: UpstreamServer,
+    *,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     mode: str,
+    slow: str,
 ) -> None:
-    """Final dot, then EOF before the reply: the message is taken, logged and counted."""
-    insert = Spool._insert
+    """Final dot, then EOF before the reply (while the spool write, or the isolation of a
+    large message in its thread, is under way): taken, delivered, logged and counted."""
+    if slow == "spool":
+        insert = Spool._insert
 
-    def slow_insert(self: Spool, conn: Any, message: Any) -> None:
-        time.sleep(0.3)  # a slow disk, in the writer thread
-        insert(self, conn, message)
+        def slow_insert(self: Spool, conn: Any, message: Any) -> None:
+            time.sleep(0.3)  # a slow disk, in the writer thread
+            insert(self, conn, message)
 
-    monkeypatch.setattr(Spool, "_insert", slow_insert)
+        monkeypatch.setattr(Spool, "_insert", slow_insert)
+    else:
+        isolate = intake.isolate
+
+        def slow_isolate(*args: Any) -> Any:
+            time.sleep(0.3)  # a large message, in its thread
+            return isolate(*args)
+
+        monkeypatch.setattr(intake, "isolate", slow_isolate)
+        monkeypatch.setattr(intake, "OFFLOAD_RECIPIENTS", 0)  # every message in a thread
     caplog.set_level("INFO", logger="relay.intake")
     async with running_relay(tmp_path, plain_server.url(), {"RELAY_MODE": mode}) as relay:
         client = await RawClient.connect(relay.smtp_port)
