@@ -28,6 +28,7 @@ import contextlib
 import email.utils
 import functools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -60,6 +61,7 @@ from relay.model import (
     Trace,
     new_queue_id,
 )
+from relay.policy import backoff
 from relay.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
 from relay.upstream import Upstream
 
@@ -100,6 +102,7 @@ class Intake:
         deliverer: Deliverer,
         options: IsolationOptions,
         now: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._config = config
         self._options = options
@@ -109,6 +112,7 @@ class Intake:
         self._spool = spool
         self._deliverer = deliverer
         self._now = now
+        self._rand = rand
         # Messages being taken, and spool writes being retried (Rules 4 and 5).
         self._tasks: set[asyncio.Task[object]] = set()
 
@@ -327,7 +331,7 @@ class Intake:
             # 5xx), or every copy arrived. One write drops it all.
             await self._write(message.id, "discard", lambda: self._spool.discard(message.id))
             return
-        retry = now + self._config.delivery.retry_initial
+        policy = self._config.delivery
         writes: list[Awaitable[bool]] = []
         for copy_id, copy, outcome, fate in zip(
             ids, copies, result.outcomes, decision.fates, strict=True
@@ -338,13 +342,22 @@ class Intake:
                     self._spool.record_delivered, copy_id, now=now, attempts=1, outcome=outcome
                 )
             elif fate is Fate.RETRY:
+                # The queue's first backoff, jittered: copies deferred together do not
+                # all come back together; never past the message's lifetime.
+                delay = backoff(
+                    1,
+                    initial=policy.retry_initial,
+                    maximum=policy.retry_max,
+                    jitter=policy.retry_jitter,
+                    rand=self._rand(),
+                )
                 self._metrics.retry_scheduled()
                 write = functools.partial(
                     self._spool.record,
                     copy_id,
                     CopyState.DEFERRED,
                     now=now,
-                    next_try=retry,
+                    next_try=min(now + delay, message.expires),
                     attempts=1,
                     outcome=outcome,
                 )

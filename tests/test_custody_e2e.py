@@ -528,3 +528,23 @@ async def test_a_dsn_the_upstream_never_takes_expires_uncounted(
         await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
         assert sample(relay, "solo_relay_dsn_sent_total") == 0
     assert plain_server.transactions == []
+
+
+async def test_direct_retries_start_with_the_queues_jittered_backoff(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """Copies deferred by direct mode come back after retry_initial +/- retry_jitter."""
+    plain_server.script("RCPT", [451, 451])  # two of three; the third is delivered
+    env = {"RELAY_UPSTREAM_POOL_SIZE": "1"}
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        _, reply = await send(
+            relay.smtp_port, ["alice@example.com", "bob@example.com", "carol@example.net"]
+        )
+        assert "2 queued for retry" in reply, reply
+        with contextlib.closing(sqlite3.connect(tmp_path / "spool" / "spool.db")) as conn:
+            rows = conn.execute(
+                "SELECT next_try - updated, attempts FROM copies WHERE state = 'deferred'"
+            ).fetchall()
+    assert len(rows) == 2
+    assert all(60 * 0.8 <= delay <= 60 * 1.2 and attempts == 1 for delay, attempts in rows)
+    assert rows[0][0] != rows[1][0]  # each its own jitter (it was 60 s for both)
