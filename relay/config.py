@@ -363,25 +363,6 @@ def parse_host_port(key: str, text: str) -> HostPort:
     return HostPort(host, int(port))
 
 
-def _validate_dsn(delivery: DeliveryConfig) -> None:
-    """``delivery.dsn_from`` is a plain address; a DSN login has a user and a password."""
-    author = delivery.dsn_from
-    if author:
-        local, at, domain = author.rpartition("@")
-        plain = author.isascii() and author.isprintable() and not any(c in author for c in " <>")
-        if not (plain and at and local and domain) or len(author) > 254:
-            raise ConfigError(
-                "delivery.dsn_from", f"must be a plain address like bounces@example.com: {author!r}"
-            )
-    secret = delivery.dsn_password or delivery.dsn_password_file
-    if secret and not delivery.dsn_user:
-        raise ConfigError("delivery.dsn_user", "a DSN password is set but no dsn_user")
-    if delivery.dsn_user and not secret:
-        raise ConfigError(
-            "delivery.dsn_password", "dsn_user is set but no dsn_password or dsn_password_file"
-        )
-
-
 def validate(config: Config) -> None:
     """Checks that involve more than one key, or a value's range."""
     listen = config.listen_address
@@ -455,4 +436,23 @@ def validate(config: Config) -> None:
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             "log.level", f"must be debug, info, warning or error: {config.log.level!r}"
+        )
+
+
+def _validate_dsn(delivery: DeliveryConfig) -> None:
+    """``delivery.dsn_from`` is a plain address; a DSN login has a user and a password."""
+    author = delivery.dsn_from
+    if author:
+        local, at, domain = author.rpartition("@")
+        plain = author.isascii() and author.isprintable() and not any(c in author for c in " <>")
+        if not (plain and at and local and domain) or len(author) > 254:
+            raise ConfigError(
+                "delivery.dsn_from", f"must be a plain address like bounces@example.com: {author!r}"
+            )
+    secret = delivery.dsn_password or delivery.dsn_password_file
+    if secret and not delivery.dsn_user:
+        raise ConfigError("delivery.dsn_user", "a DSN password is set but no dsn_user")
+    if delivery.dsn_user and not secret:
+        raise ConfigError(
+            "delivery.dsn_password", "dsn_user is set but no dsn_password or dsn_password_file"
         )
