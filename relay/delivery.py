@@ -1,4 +1,4 @@
-"""Delivery: the queue's workers, and direct mode (SPEC 5).
+"""Delivery: the queue's workers, and the notifications they and direct mode send (SPEC 5).
 
 Queue workers (``Deliverer``): copies due now are claimed from the spool
 (``delivering``, durably), sent through the upstream pool, and their outcome
@@ -8,16 +8,7 @@ a permanent one or once the lifetime is over. An upstream that refuses the
 relay's credentials pauses all delivery instead of burning retries. Time and
 randomness are injected, so the schedule is tested without sleeping.
 
-Direct mode (``deliver_direct``): try every copy before answering.
-
-Rule 1: never ``250`` unless at least one copy was delivered, and never a 4xx
-that would make the application resend copies that were already delivered.
-Rule 2: all copies delivered gives ``250``; none delivered (and none that
-might have been) gives the upstream's class (``451`` if any failure was
-transient, else ``554``); otherwise ``250``, and the copies not delivered go
-to the spool (``intake``).
-Rule 3: the whole attempt ends by a deadline well under the client's
-10-minute DATA timeout; a copy still in flight then is counted as transient.
+Direct mode's reply and its copies' fates are ``relay.direct``.
 
 The upstream is whatever ``Upstream`` the server opened; nothing here imports
 a network library.
@@ -33,19 +24,19 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from relay.addresses import Address, parse_address
 from relay.bodycache import BodyCache
 from relay.config import Config
-from relay.dsn import Failure, build_dsn, dsn_recipient_ok
-from relay.errors import BadAddress, Reply
+from relay.dsn import Failure, build_dsn, dsn_from_address, dsn_recipient_ok
+from relay.errors import BadAddress
 from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
 from relay.policy import RateLimiter, backoff
 from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, jobs_for
+from relay.target import dsn_credentials
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -73,68 +64,73 @@ READY_COPIES = 5000
 CLAIM_SECONDS = 0.1
 STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
 
-TIMED_OUT = Outcome(Status.TRANSIENT, Stage.DOT, 0, "", "deadline reached", ambiguous=True)
 
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    reply: Reply
-    outcomes: tuple[Outcome, ...]
-
-
-async def deliver_direct(
-    upstream: Upstream,
-    mail_from: str,
-    copies: Sequence[Copy],
+def notification(
+    config: Config,
     *,
-    smtputf8: bool,
-    credentials: Credentials | None,
-    deadline: float,
-    queue_id: str,
-    on_outcome: Callable[[Copy, Outcome, float], None],
-) -> Result:
-    """Send every copy (concurrently, the pool bounds it) and choose the reply."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    message_id: str,
+    sender: str,
+    rcpt: str,
+    headers: bytes,
+    received: float,
+    auth_user: str,
+    outcome: Outcome,
+    now: float,
+    expired: bool,
+) -> NewMessage | None:
+    """The RFC 3464 report for one failed copy, ready to store, or None (off, or to <>).
 
-    async def one(copy: Copy) -> Outcome:
-        outcome = await upstream.send(mail_from, copy, smtputf8=smtputf8, credentials=credentials)
-        on_outcome(copy, outcome, loop.time() - started)
-        return outcome
-
-    tasks = [asyncio.ensure_future(one(copy)) for copy in copies]
-    done, pending = await asyncio.wait(tasks, timeout=deadline)
-    for task in pending:
-        task.cancel()
-    outcomes = []
-    for copy, task in zip(copies, tasks, strict=True):
-        if task in done and task.exception() is None:
-            outcomes.append(task.result())
-            continue
-        # Still in flight at the deadline (or failed inside the upstream, which
-        # ``send`` promises never to do): it may have arrived, so it is ambiguous.
-        outcomes.append(TIMED_OUT)
-        on_outcome(copy, TIMED_OUT, loop.time() - started)
-    return Result(choose_reply(outcomes, queue_id), tuple(outcomes))
-
-
-def choose_reply(outcomes: Sequence[Outcome], queue_id: str) -> Reply:
-    """Rule 2 as a table over the copies' outcomes.
-
-    A copy with no reply after its final dot may have arrived: like a delivered
-    one, it rules out a 4xx (the application would send it again).
+    The report is a message of its own from ``<>`` to ``sender``. It is sent like any
+    copy: queued, retried, with the credentials of the message it reports on
+    (``auth_user``, the passthrough login) unless ``delivery.dsn_user`` names its own.
+    Its ``From:`` follows ``dsn_from_address`` (``delivery.dsn_from``).
     """
-    delivered = sum(1 for o in outcomes if o.status is Status.DELIVERED)
-    total = len(outcomes)
-    if delivered == total:
-        return Reply(250, "2.0.0", f"OK: queued as {queue_id}, {total} copies delivered")
-    if delivered or any(o.ambiguous for o in outcomes):
-        return Reply(
-            250, "2.0.0", f"OK: queued as {queue_id}, {delivered} of {total} copies delivered"
+    policy = config.delivery
+    if not policy.dsn or not dsn_recipient_ok(sender):
+        return None
+    status = outcome.enhanced or ("4.4.7" if expired else "5.0.0")
+    if expired and not status.startswith("4."):
+        status = "4.4.7"
+    diagnostic = f"{outcome.code} {outcome.enhanced} {outcome.text}".strip() if outcome.code else ""
+    queue_id = new_queue_id()
+    hostname = config.smtp.hostname
+    try:
+        author = dsn_from_address(policy.dsn_from, hostname, sender)
+        data = build_dsn(
+            Failure(
+                queue_id=message_id,
+                sender=sender,
+                recipient=rcpt,
+                status=status,
+                diagnostic=diagnostic,
+                remote_mta="",
+                arrival_date=datetime.fromtimestamp(received, UTC),
+                last_attempt=datetime.fromtimestamp(now, UTC),
+                expired=expired,
+                original_headers=headers,
+            ),
+            reporting_mta=hostname,
+            now=datetime.fromtimestamp(now, UTC),
+            message_id=f"{queue_id}@{author.rpartition('@')[2]}",
+            from_address=author,
         )
-    if any(o.status is Status.TRANSIENT for o in outcomes):
-        return Reply(451, "4.4.0", "Upstream did not take the message; nothing was delivered")
-    return Reply(554, "5.0.0", "Upstream refused every copy; nothing was delivered")
+    except ValueError:
+        # build_dsn refuses what it cannot write safely (a sender over 254 octets):
+        # the copy still fails and is counted; only the notification is lost.
+        log.exception("no DSN possible", extra={"fields": {"queue_id": message_id}})
+        return None
+    split = data.index(b"\r\n\r\n") + 4
+    return NewMessage(
+        id=queue_id,
+        sender="",
+        smtputf8=not sender.isascii(),
+        received=now,
+        expires=now + policy.lifetime,
+        body=data[split:],
+        copies=(NewCopy(rcpt=sender, headers=data[:split], next_try=now),),
+        auth_user=auth_user,
+        is_dsn=True,
+    )
 
 
 class Deliverer:
@@ -190,6 +186,8 @@ class Deliverer:
         self.upstream_reachable = True
         # Passthrough: the application's credentials, by user, as last seen at AUTH (memory only).
         self.credentials: dict[str, Credentials] = {}
+        # ``delivery.dsn_user``: the login for notifications, instead of their message's.
+        self._dsn_credentials = dsn_credentials(config.delivery)
 
     def __repr__(self) -> str:
         return (
@@ -493,7 +491,9 @@ class Deliverer:
         if rcpt is None:
             return Outcome(Status.PERMANENT, Stage.RCPT, 553, "5.1.3", "stored recipient invalid")
         credentials = None
-        if job.auth_user:
+        if job.is_dsn and self._dsn_credentials is not None:
+            credentials = self._dsn_credentials
+        elif job.auth_user:
             credentials = self.credentials.get(job.auth_user)
             if credentials is None:
                 return Outcome(
@@ -527,13 +527,15 @@ class Deliverer:
             await self._spool.record_delivered(
                 job.copy_id, now=now, attempts=job.attempts + 1, outcome=outcome
             )
+            if job.is_dsn:  # counted once the upstream took it, not when it was queued
+                self._metrics.dsn_sent()
             log.info("copy delivered", extra={"fields": fields})
             return
         if outcome.auth_failed and now < job.expires:
             # SPEC 5: the relay's own credentials refused: pause everything, no attempt
             # spent. An application's passthrough login refused: only its mail waits.
             resume = now + self._policy.auth_pause
-            if not job.auth_user:
+            if not job.auth_user and not (job.is_dsn and self._dsn_credentials):
                 self.paused_until = resume
                 self._metrics.upstream_auth_paused(True)
             await self._spool.record(
@@ -588,7 +590,6 @@ class Deliverer:
         if not recorded:  # the copy left the spool meanwhile (deleted, quarantined): no DSN
             dsn = None
         if dsn is not None:
-            self._metrics.dsn_sent()
             self.wake()
         log.warning(
             "copy failed",
@@ -599,46 +600,17 @@ class Deliverer:
         self, job: Job, outcome: Outcome, now: float, *, expired: bool
     ) -> NewMessage | None:
         """The RFC 3464 report for this copy, or None (off, a DSN itself, or the sender is <>)."""
-        if not self._policy.dsn or job.is_dsn or not dsn_recipient_ok(job.sender):
+        if job.is_dsn:
             return None
-        status = outcome.enhanced or ("4.4.7" if expired else "5.0.0")
-        if expired and not status.startswith("4."):
-            status = "4.4.7"
-        diagnostic = (
-            f"{outcome.code} {outcome.enhanced} {outcome.text}".strip() if outcome.code else ""
-        )
-        queue_id = new_queue_id()
-        try:
-            data = build_dsn(
-                Failure(
-                    queue_id=job.message_id,
-                    sender=job.sender,
-                    recipient=job.rcpt,
-                    status=status,
-                    diagnostic=diagnostic,
-                    remote_mta="",
-                    arrival_date=datetime.fromtimestamp(job.received, UTC),
-                    last_attempt=datetime.fromtimestamp(now, UTC),
-                    expired=expired,
-                    original_headers=job.headers,
-                ),
-                reporting_mta=self._config.smtp.hostname,
-                now=datetime.fromtimestamp(now, UTC),
-                message_id=f"{queue_id}@{self._config.smtp.hostname}",
-            )
-        except ValueError:
-            # build_dsn refuses what it cannot write safely (a sender over 254 octets):
-            # the copy still fails and is counted; only the notification is lost.
-            log.exception("no DSN possible", extra={"fields": {"queue_id": job.message_id}})
-            return None
-        split = data.index(b"\r\n\r\n") + 4
-        return NewMessage(
-            id=queue_id,
-            sender="",
-            smtputf8=not job.sender.isascii(),
-            received=now,
-            expires=now + self._policy.lifetime,
-            body=data[split:],
-            copies=(NewCopy(rcpt=job.sender, headers=data[:split], next_try=now),),
-            is_dsn=True,
+        return notification(
+            self._config,
+            message_id=job.message_id,
+            sender=job.sender,
+            rcpt=job.rcpt,
+            headers=job.headers,
+            received=job.received,
+            auth_user=job.auth_user,
+            outcome=outcome,
+            now=now,
+            expired=expired,
         )
