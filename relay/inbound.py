@@ -42,6 +42,7 @@ READ_BLOCK = 65536  # one socket read; lines of any length fit, in as many block
 # RFC 5321 4.5.3.1.4's 512 octets, plus what SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) add.
 MAIL_COMMAND_LIMIT = SMTP.command_size_limit + 26 + 10
 NULL_SENDER = "<>"
+DATA_CLOSED = "connection closed during DATA: nothing was taken"
 BUSY_TIMEOUT = 3600.0  # the idle timer while the relay itself works on a message
 CALL_LIMITS = {  # per session; MAIL/RCPT/DATA are bounded by the message and recipient limits
     "NOOP": 100,
@@ -154,6 +155,7 @@ class RelaySMTP(SMTP):
         self._gate = gate
         self._config = config
         self._plain_replies = False
+        self._session_over = False  # connection_lost has run: no timer may be armed again
         # aiosmtpd makes its own StreamReader; give it CRLF-only command lines.
         self._stream_reader.__class__ = CommandReader  # type: ignore[attr-defined]
         # aiosmtpd widens MAIL's limit at every EHLO on a class-wide dict, so
@@ -180,6 +182,7 @@ class RelaySMTP(SMTP):
             metrics.connection(ConnectionResult.ACCEPTED)
 
     def connection_lost(self, error: Exception | None) -> None:
+        self._session_over = True
         if self in self._gate.sessions:
             self._gate.sessions.discard(self)
             if self._gate.metrics is not None:
@@ -197,6 +200,19 @@ class RelaySMTP(SMTP):
         """
         super().eof_received()
         return False
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Arm the idle timer, unless the session is over (issue 13 section 7).
+
+        ``smtp_DATA`` re-arms it after custody, which can end after the client
+        reset the connection; a timer on that dead session would fire into
+        aiosmtpd's ``transport is not None`` assertion.
+        """
+        if self._session_over:
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            return
+        super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
         # Duck-typed: uvloop's transports are not subclasses of ``asyncio.Transport``.
@@ -265,13 +281,17 @@ class RelaySMTP(SMTP):
                 # when the read has just completed (Python 3.11).
                 async with asyncio.timeout(max(remaining, 0)):
                     block = await self._reader.read(READ_BLOCK)
+            except asyncio.CancelledError:
+                # aiosmtpd cancels the session at EOF or reset, before the read returns.
+                log.info(DATA_CLOSED)
+                raise
             except TimeoutError:
                 await self.push(str(DATA_TIMEOUT))
                 assert self.transport is not None
                 self.transport.close()
                 return
             if not block:
-                log.info("connection closed during DATA: nothing was taken")
+                log.info(DATA_CLOSED)
                 return
             self._reset_timeout()
             rest = collector.feed(block)
