@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from relay.errors import Reply
 from relay.inbound import Submission
 from relay.intake import Intake
-from relay.errors import Reply
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import envelope, letter, stuff
 from tests.upstream_server import UpstreamServer
@@ -31,7 +31,7 @@ def reset(client: RawClient) -> None:
 async def test_reset_after_final_dot_arms_no_timer_on_the_closed_session(
     plain_server: UpstreamServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A reset right after the final dot, while custody is taken: no timer fires on the dead session.
+    """A reset after the final dot, while custody is taken: no timer fires on the dead session.
 
     Before, ``smtp_DATA``'s ``finally`` re-armed the idle timer after the session was
     torn down, and the idle timeout later failed aiosmtpd's ``transport is not None``
