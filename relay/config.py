@@ -63,6 +63,11 @@ class StartTLS(enum.Enum):
     CERTIFICATE = "certificate"
 
 
+class TlsProfile(enum.Enum):
+    INTERMEDIATE = "intermediate"  # Mozilla's: TLS 1.2 (ECDHE, AEAD) and 1.3
+    MODERN = "modern"  # Mozilla's: TLS 1.3 only
+
+
 class AuthMode(enum.Enum):
     OFF = "off"
     USERS = "users"
@@ -99,6 +104,7 @@ class SmtpConfig:
     starttls: StartTLS = StartTLS.OFF
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    tls_profile: TlsProfile = TlsProfile.INTERMEDIATE
     auth: AuthMode = AuthMode.OFF
     users_file: str = ""  # lines of "user:password"; only with auth = "users"
 

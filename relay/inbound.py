@@ -17,23 +17,25 @@ Past this module the relay sees ``Submission`` values and ``Reply`` values.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import collections
 import hmac
 import ipaddress
 import logging
+import math
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay.addresses import Address, parse_address
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
 from relay.errors import BadAddress, Reply
-from relay.metrics import ConnectionResult, Metrics
+from relay.metrics import ConnectionResult, Metrics, TlsFailure
 from relay.model import Credentials
 
 log = logging.getLogger("relay.inbound")
@@ -78,6 +80,7 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 NOT_ALLOWED = Reply(550, "5.7.1", "Relaying not allowed from your network")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")  # RFC 3207 4.2; Postfix's words
 INTERNAL = Reply(451, "4.3.0", "Internal error, try again later")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
@@ -182,6 +185,8 @@ class RelaySMTP(SMTP):
             metrics.connection(ConnectionResult.ACCEPTED)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._session_over:
+            return  # a failed handshake ended the session already (_tls_failed)
         self._session_over = True
         if self in self._gate.sessions:
             self._gate.sessions.discard(self)
@@ -215,11 +220,91 @@ class RelaySMTP(SMTP):
         super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
+        if self._tls_protocol is not None and self.session is not None and self.session.ssl is None:
+            # Still in the handshake: the app transport cannot carry a 421.
+            self._tls_failed(TimeoutError("TLS handshake timed out"))
+            return
         # Duck-typed: uvloop's transports are not subclasses of ``asyncio.Transport``.
         transport = cast("asyncio.WriteTransport | None", self.transport)
         if transport is not None and not transport.is_closing():
             transport.write(f"{IDLE_TIMEOUT}\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it untyped
+
+    @property
+    def starttls_offered(self) -> bool:
+        """STARTTLS is listed (EHLO, HELP) and taken only before TLS is active (RFC 3207 4.2)."""
+        return self.tls_context is not None and self._tls_protocol is None
+
+    @syntax("STARTTLS", when="starttls_offered")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, refused once TLS is active, and quiet when the handshake fails.
+
+        aiosmtpd answers a second STARTTLS with 220 and stacks another TLS layer,
+        and a failed handshake reaches ``handle_exception`` as a traceback (a
+        scanner sending garbage fills the log); here a failure is one log line
+        and a counter, and the session ends.
+        """
+        if self._tls_protocol is not None:
+            await self.push(str(TLS_ACTIVE))
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls_context is None:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        tls = asyncio.sslproto.SSLProtocol(
+            loop,
+            self,
+            self.tls_context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=math.ceil(self._config.smtp.idle_timeout),  # typeshed: int
+        )
+        self._tls_protocol = tls
+        original = self.transport
+        assert original is not None
+        self._original_transport = original
+        original.set_protocol(tls)
+        self.transport = tls._app_transport  # aiosmtpd does the same
+        tls.connection_made(original)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # every handshake failure ends the same way
+            self._tls_failed(error)
+            return
+        if self.session is None or self.session.ssl is None:
+            # The connection was lost mid-handshake with no error: the waiter just ends.
+            self._tls_failed(ConnectionResetError("connection lost during the TLS handshake"))
+
+    def _tls_failed(self, error: BaseException) -> None:
+        """One log line and one count for a failed handshake, then the session ends."""
+        if self._session_over:
+            return  # the idle timer ended the handshake; its waiter fails after
+        reason = TlsFailure.of(error)
+        detail = getattr(error, "reason", None) or type(error).__name__
+        log.info(
+            "TLS handshake failed",
+            extra={
+                "fields": {
+                    "client": _peer_ip(self.session.peer if self.session else None),
+                    "reason": reason.value,
+                    "detail": str(detail)[:80],
+                }
+            },
+        )
+        if self._gate.metrics is not None:
+            self._gate.metrics.tls_failed(reason)
+        if self._original_transport is not None:
+            self._original_transport.abort()  # type: ignore[attr-defined]
+        # The TLS layer never made the session its application, so it will not say
+        # the connection is lost: this session says so itself, once.
+        self.connection_lost(None)
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._plain_replies = True  # the EHLO keyword list takes no enhanced codes
