@@ -44,6 +44,23 @@ LISTEN_BACKLOG = 1024  # pending connections the SMTP listener queues
 
 # Loopback addresses: the only networks a relay may serve with no allow-list or AUTH.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+# Networks no Internet host sends from: loopback, RFC 1918, RFC 6598 shared space
+# (Kubernetes pod ranges often live there), link-local, IPv6 unique local
+# (RFC 4193). Without AUTH, smtp.allow_networks must stay inside them.
+NON_PUBLIC = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
 
 
 class Mode(enum.Enum):
@@ -362,6 +379,51 @@ def parse_host_port(key: str, text: str) -> HostPort:
     return HostPort(host, int(port))
 
 
+def _validate_open_relay(
+    config: Config, listen: HostPort, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> None:
+    """SPEC 4: never an open relay. Off loopback, name the clients or require AUTH.
+
+    The allowed networks send without AUTH, so their union must not cover a whole
+    address family (``0.0.0.0/1`` and ``128.0.0.0/1`` are ``0.0.0.0/0``), with
+    AUTH or without; and without AUTH none may hold a public address.
+    """
+    v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    for version, everything, covered in (
+        (4, "0.0.0.0/0", list(ipaddress.collapse_addresses(v4))),
+        (6, "::/0", list(ipaddress.collapse_addresses(v6))),
+    ):
+        if any(n.prefixlen == 0 for n in covered):
+            raise ConfigError(
+                "smtp.allow_networks",
+                f"together these networks are all of IPv{version} ({everything}):"
+                " any client could send without AUTH, an open relay",
+            )
+    if config.smtp.auth is AuthMode.OFF:
+        if config.smtp.allow_networks == LOOPBACK:
+            raise ConfigError(
+                "smtp.allow_networks",
+                f"listening on {listen} needs the client networks listed here, or smtp.auth",
+            )
+        for network in networks:
+            if not any(
+                network.version == private.version and network.subnet_of(private)  # type: ignore[arg-type]
+                for private in NON_PUBLIC
+            ):
+                raise ConfigError(
+                    "smtp.allow_networks",
+                    f"{network} holds public addresses: without smtp.auth only private,"
+                    " shared or link-local networks may send (an open relay otherwise)",
+                )
+    elif config.smtp.starttls is StartTLS.OFF:
+        raise ConfigError(
+            "smtp.starttls",
+            f"smtp.auth on {listen} needs STARTTLS (a certificate): off loopback AUTH is"
+            " offered only inside TLS, so no client could ever authenticate",
+        )
+
+
 def validate(config: Config) -> None:
     """Checks that involve more than one key, or a value's range."""
     listen = config.listen_address
@@ -402,17 +464,8 @@ def validate(config: Config) -> None:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError as exc:
             raise ConfigError("smtp.allow_networks", f"{text!r} is not a network") from exc
-    if not listen.is_loopback and config.smtp.auth is AuthMode.OFF:
-        # SPEC 4: never an open relay. Off loopback, name the clients or require AUTH.
-        if config.smtp.allow_networks == LOOPBACK:
-            raise ConfigError(
-                "smtp.allow_networks",
-                f"listening on {listen} needs the client networks listed here, or smtp.auth",
-            )
-        if any(n.prefixlen == 0 for n in networks):
-            raise ConfigError(
-                "smtp.allow_networks", "every network without AUTH would make an open relay"
-            )
+    if not listen.is_loopback:
+        _validate_open_relay(config, listen, networks)
     if config.smtp.starttls is StartTLS.CERTIFICATE and not (
         config.smtp.tls_cert_file and config.smtp.tls_key_file
     ):
