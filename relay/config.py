@@ -123,7 +123,11 @@ class SmtpConfig:
     tls_key_file: str = ""
     tls_profile: TlsProfile = TlsProfile.INTERMEDIATE
     auth: AuthMode = AuthMode.OFF
-    users_file: str = ""  # lines of "user:password"; only with auth = "users"
+    users_file: str = ""  # lines of "user:password" or "user:bcrypt hash"; auth = "users"
+    # Seconds before the first failed AUTH's reply (Postfix smtpd_error_sleep_time).
+    auth_failure_delay: float = 1.0
+    auth_failure_delay_max: float = 30.0  # the delay doubles per failure from one client, to this
+    auth_failure_limit: int = 3  # failures in one session, then 421 4.7.0 and the session ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,6 +436,7 @@ def validate(config: Config) -> None:
         ("smtp.max_message_size", config.smtp.max_message_size),
         ("smtp.max_recipients", config.smtp.max_recipients),
         ("smtp.max_connections", config.smtp.max_connections),
+        ("smtp.auth_failure_limit", config.smtp.auth_failure_limit),
         ("upstream.pool_size", config.upstream.pool_size),
         ("upstream.max_messages_per_connection", config.upstream.max_messages_per_connection),
         ("isolation.max_header_size", config.isolation.max_header_size),
@@ -476,6 +481,8 @@ def validate(config: Config) -> None:
         raise ConfigError("delivery.retry_jitter", "must be at least 0 and less than 1")
     signed: tuple[tuple[str, float], ...] = (
         ("delivery.concurrency", config.delivery.concurrency),
+        ("smtp.auth_failure_delay", config.smtp.auth_failure_delay),
+        ("smtp.auth_failure_delay_max", config.smtp.auth_failure_delay_max),
         ("delivery.rate_per_second", config.delivery.rate_per_second),
         ("delivery.rate_per_day", config.delivery.rate_per_day),
         ("spool.min_free_bytes", config.spool.min_free_bytes),

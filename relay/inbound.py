@@ -18,24 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import base64
+import binascii
 import collections
-import hmac
 import ipaddress
 import logging
 import math
+import os
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 
 from relay.addresses import Address, parse_address
+from relay.auth import FailureDelays, Users
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
 from relay.errors import BadAddress, Reply
-from relay.metrics import ConnectionResult, Metrics, TlsFailure
+from relay.logs import AddressTokens
+from relay.metrics import AuthFailure, ConnectionResult, Metrics, SessionClosed, TlsFailure
 from relay.model import Credentials
 
 log = logging.getLogger("relay.inbound")
@@ -80,6 +84,17 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 NOT_ALLOWED = Reply(550, "5.7.1", "Relaying not allowed from your network")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+# RFC 4954 4 keeps AUTH within RFC 5321's command line; one limit for the AUTH
+# command and for each response to a challenge, and one reply for both.
+AUTH_LINE_LIMIT = SMTP.command_size_limit
+AUTH_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")  # RFC 4954 4
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
+AUTH_BAD_PLAIN = Reply(501, "5.5.2", "Cannot split the PLAIN response")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")  # RFC 4954 4: the client sent "*"
+AUTH_LIMIT = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+AUTH_HANDLED = AuthResult(success=False, handled=True)  # the reply was already sent
+TOO_LONG_STATUS = "500 Command line too long"  # what aiosmtpd's command loop says
 TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")  # RFC 3207 4.2; Postfix's words
 INTERNAL = Reply(451, "4.3.0", "Internal error, try again later")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
@@ -107,10 +122,18 @@ class Gate:
     """Connection limit and client networks, shared by every session of one listener."""
 
     def __init__(
-        self, max_connections: int, networks: Sequence[str], metrics: Metrics | None = None
+        self,
+        max_connections: int,
+        networks: Sequence[str],
+        metrics: Metrics | None = None,
+        *,
+        auth_failures: FailureDelays | None = None,
+        tokens: AddressTokens | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.metrics = metrics
+        self.auth_failures = auth_failures or FailureDelays(1.0, 30.0)
+        self.tokens = tokens or AddressTokens(os.urandom(32))
         self.sessions: set[RelaySMTP] = set()
         self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
 
@@ -143,11 +166,27 @@ class CommandReader(asyncio.StreamReader):
     ever: a cancellation ends the session the way aiosmtpd ends it at EOF.
     """
 
+    auth_line = False  # the line read last (or being read, when too long) is an AUTH command
+    _overrun = False  # a line over the limit is being read in pieces
+
     async def readuntil(self, separator: Any = b"\n") -> bytes:  # typeshed's type is private
         try:
-            return await super().readuntil(b"\r\n" if separator == b"\n" else separator)
+            line = await super().readuntil(b"\r\n" if separator == b"\n" else separator)
         except asyncio.IncompleteReadError as exc:
             raise asyncio.CancelledError from exc
+        except asyncio.LimitOverrunError:
+            if not self._overrun:
+                self.auth_line = _is_auth(bytes(self._buffer[:5]))  # type: ignore[attr-defined]
+            self._overrun = True
+            raise
+        if not self._overrun:
+            self.auth_line = _is_auth(line[:5])
+        self._overrun = False
+        return line
+
+
+def _is_auth(start: bytes) -> bool:
+    return start.upper() in (b"AUTH ", b"AUTH\r")
 
 
 class RelaySMTP(SMTP):
@@ -159,6 +198,7 @@ class RelaySMTP(SMTP):
         self._config = config
         self._plain_replies = False
         self._session_over = False  # connection_lost has run: no timer may be armed again
+        self._auth_failures = 0  # in this session (smtp.auth_failure_limit)
         # aiosmtpd makes its own StreamReader; give it CRLF-only command lines.
         self._stream_reader.__class__ = CommandReader  # type: ignore[attr-defined]
         # aiosmtpd widens MAIL's limit at every EHLO on a class-wide dict, so
@@ -323,10 +363,122 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         """Every reply carries an enhanced status code (RFC 2034), aiosmtpd's own too."""
+        if status == TOO_LONG_STATUS and cast("CommandReader", self._reader).auth_line:
+            # The AUTH command itself was over the limit: the AUTH exchange's reply.
+            await self._auth_failed(AuthFailure.TOO_LONG, None, AUTH_TOO_LONG)
+            return
         if isinstance(status, str) and not self._plain_replies:
             await super().push(with_enhanced_code(status))
         else:
             await super().push(status)
+
+    # -- AUTH (RFC 4954, 4616): aiosmtpd's PLAIN and LOGIN, with the failure policy --
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        """RFC 4616: ``authzid NUL authcid NUL password``; an authzid must be the authcid."""
+        blob = await (self._auth_response(b"") if len(args) == 1 else self._auth_decode(args[1]))
+        if blob is None:
+            return AUTH_HANDLED
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            return await self._auth_failed(AuthFailure.MALFORMED, None, AUTH_BAD_PLAIN)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # Acting for another identity is not something this relay grants anyone.
+            return await self._auth_failed(AuthFailure.AUTHZID, login, AUTH_INVALID)
+        return await self._auth_check(login, password)
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        """The LOGIN mechanism: user name and password, each answering a challenge."""
+        if len(args) == 1:
+            login = await self._auth_response(self.AuthLoginUsernameChallenge.encode())
+        else:
+            login = await self._auth_decode(args[1])
+        if login is None:
+            return AUTH_HANDLED
+        password = await self._auth_response(self.AuthLoginPasswordChallenge.encode())
+        if password is None:
+            return AUTH_HANDLED
+        return await self._auth_check(login, password)
+
+    async def _auth_response(self, challenge: bytes) -> bytes | None:
+        """Send a 334 challenge; the decoded answer, or None once a failure was answered."""
+        await self.push(b"334 " + base64.b64encode(challenge))
+        try:
+            line: bytes | None = await self._reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError as error:
+            line = None
+            await self._reader.read(error.consumed)
+            while True:  # read to the end of the line, as aiosmtpd does for commands
+                try:
+                    await self._reader.readuntil(b"\r\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.read(more.consumed)
+        if line is None or len(line) - 2 > AUTH_LINE_LIMIT:
+            await self._auth_failed(AuthFailure.TOO_LONG, None, AUTH_TOO_LONG)
+            return None
+        answer = line.strip()
+        if answer == b"*":
+            await self._auth_failed(AuthFailure.ABORTED, None, AUTH_ABORTED)
+            return None
+        return await self._auth_decode(answer.decode("ascii", "replace"))
+
+    async def _auth_decode(self, text: str) -> bytes | None:
+        try:
+            return base64.b64decode(text.encode("ascii", "replace"), validate=True)
+        except (binascii.Error, ValueError):
+            await self._auth_failed(AuthFailure.MALFORMED, None, AUTH_BAD_BASE64)
+            return None
+
+    async def _auth_check(self, login: bytes, password: bytes) -> AuthResult:
+        handler = cast("InboundHandler", self.event_handler)
+        result = await handler.check_credentials(login, password)
+        if result.success:
+            self._gate.auth_failures.succeeded(
+                _peer_ip(self.session.peer if self.session else None)
+            )
+            return result
+        return await self._auth_failed(AuthFailure.CREDENTIALS, login, AUTH_INVALID)
+
+    async def _auth_failed(
+        self, reason: AuthFailure, login: bytes | None, reply: Reply
+    ) -> AuthResult:
+        """One failure: a log line (user as a token), a count, the delay owed, the reply, the cap.
+
+        Rule: no AUTH failure answers at once, and a session gets
+        ``smtp.auth_failure_limit`` of them (Postfix's ``smtpd_hard_error_limit``).
+        """
+        self._auth_failures += 1
+        client = _peer_ip(self.session.peer if self.session else None)
+        wait = self._gate.auth_failures.failed(client)
+        user = self._gate.tokens(login.decode("utf-8", "replace")) if login else "-"
+        log.warning(
+            "AUTH failed",
+            extra={
+                "fields": {
+                    "client": client,
+                    "user": user,
+                    "reason": reason.value,
+                    "failures": self._auth_failures,
+                    "delay": round(wait, 3),
+                }
+            },
+        )
+        metrics = self._gate.metrics
+        if metrics is not None:
+            metrics.auth_failed(reason)
+        await asyncio.sleep(wait)
+        if self._session_over:
+            return AUTH_HANDLED
+        await self.push(str(reply))
+        if self._auth_failures >= self._config.smtp.auth_failure_limit:
+            await self.push(str(AUTH_LIMIT))
+            if metrics is not None:
+                metrics.session_closed(SessionClosed.AUTH_LIMIT)
+            if self.transport is not None:
+                self.transport.close()
+        return AUTH_HANDLED
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The address exactly as sent (validated later, with the right reply); "<>" for null."""
@@ -414,9 +566,16 @@ class InboundHandler:
         self._accept = accept
         self._admit = admit
         self._auth = config.smtp.auth is not AuthMode.OFF
-        self._users = (
-            _read_users(config.smtp.users_file) if config.smtp.auth is AuthMode.USERS else {}
-        )
+        self._users = Users({})
+        if config.smtp.auth is AuthMode.USERS:
+            self._users = Users.load(config.smtp.users_file)  # ConfigError at start
+            if self._users.plain:
+                log.warning(
+                    "the users file holds plain-text passwords: use bcrypt hashes",
+                    extra={
+                        "fields": {"file": config.smtp.users_file, "entries": self._users.plain}
+                    },
+                )
 
     async def handle_EHLO(
         self,
@@ -509,31 +668,15 @@ class InboundHandler:
         log.error("internal error in SMTP session: %s", type(error).__name__, exc_info=error)
         return str(INTERNAL)
 
-    def authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
-    ) -> AuthResult:
+    async def check_credentials(self, login: bytes, password: bytes) -> AuthResult:
         """PLAIN/LOGIN: configured users, or passthrough of the application's own credentials."""
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        username = auth_data.login.decode("utf-8", "replace")
-        password = auth_data.password.decode("utf-8", "replace")
+        username = login.decode("utf-8", "replace")
         if self._config.smtp.auth is AuthMode.PASSTHROUGH:
-            return AuthResult(success=True, auth_data=Credentials(username, password))
-        expected = self._users.get(username)
-        if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
+            secret = password.decode("utf-8", "replace")
+            return AuthResult(success=True, auth_data=Credentials(username, secret))
+        if await self._users.verify(username, password):
             return AuthResult(success=True, auth_data=None)
         return AuthResult(success=False, handled=False)
-
-
-def _read_users(path: str) -> dict[str, str]:
-    users = {}
-    with open(path, encoding="utf-8") as handle:
-        for raw in handle:
-            line = raw.rstrip("\r\n")
-            if line and not line.startswith("#"):
-                name, _, secret = line.partition(":")
-                users[name] = secret
-    return users
 
 
 def with_enhanced_code(status: str) -> str:
@@ -577,13 +720,21 @@ def make_protocol_factory(
     metrics: Metrics | None = None,
     *,
     admit: Callable[[], Reply | None] = lambda: None,
+    tokens: AddressTokens | None = None,
 ) -> tuple[Callable[[], RelaySMTP], Gate]:
     """The factory ``loop.create_server`` calls for each connection, and the shared gate.
 
     ``admit`` is asked at each MAIL whether new mail can be taken into custody
     (spool space, queue bound); a reply it returns refuses the transaction.
     """
-    gate = Gate(config.smtp.max_connections, config.smtp.allow_networks, metrics)
+    smtp = config.smtp
+    gate = Gate(
+        smtp.max_connections,
+        smtp.allow_networks,
+        metrics,
+        auth_failures=FailureDelays(smtp.auth_failure_delay, smtp.auth_failure_delay_max),
+        tokens=tokens,
+    )
     handler = InboundHandler(config, gate, accept, admit)
     auth_on = config.smtp.auth is not AuthMode.OFF
     loopback = config.listen_address.is_loopback
@@ -602,7 +753,7 @@ def make_protocol_factory(
             timeout=config.smtp.idle_timeout,
             auth_required=False,  # Rule 1 is applied at MAIL: networks or AUTH
             auth_require_tls=not loopback,  # 538 5.7.11 for AUTH in clear off loopback
-            authenticator=handler.authenticate if auth_on else None,
+            # AUTH PLAIN and LOGIN are RelaySMTP's own (auth_PLAIN, auth_LOGIN).
             auth_exclude_mechanism=None if auth_on else ["PLAIN", "LOGIN"],
             command_call_limit=CALL_LIMITS,
         )
