@@ -115,6 +115,9 @@ class SmtpConfig:
     max_message_size: int = 36_700_160  # 35 MiB: what large providers accept (Gmail: 35 MB)
     max_recipients: int = 1000
     max_connections: int = 100
+    max_connections_per_client: int = 50  # off loopback only (Postfix's anvil default)
+    overload_threshold: float = 0.8  # of max_connections: overload (stress) mode from here
+    overload_idle_timeout: float = 10.0  # idle before MAIL under overload (Postfix stress: 10 s)
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the whole DATA phase
     allow_networks: tuple[str, ...] = LOOPBACK
@@ -437,6 +440,7 @@ def validate(config: Config) -> None:
         ("smtp.max_recipients", config.smtp.max_recipients),
         ("smtp.max_connections", config.smtp.max_connections),
         ("smtp.auth_failure_limit", config.smtp.auth_failure_limit),
+        ("smtp.max_connections_per_client", config.smtp.max_connections_per_client),
         ("upstream.pool_size", config.upstream.pool_size),
         ("upstream.max_messages_per_connection", config.upstream.max_messages_per_connection),
         ("isolation.max_header_size", config.isolation.max_header_size),
@@ -451,6 +455,7 @@ def validate(config: Config) -> None:
     for key, seconds in (
         ("smtp.idle_timeout", config.smtp.idle_timeout),
         ("smtp.data_timeout", config.smtp.data_timeout),
+        ("smtp.overload_idle_timeout", config.smtp.overload_idle_timeout),
         ("upstream.connect_timeout", config.upstream.connect_timeout),
         ("upstream.command_timeout", config.upstream.command_timeout),
         ("upstream.data_timeout", config.upstream.data_timeout),
@@ -477,6 +482,8 @@ def validate(config: Config) -> None:
         raise ConfigError("smtp.tls_cert_file", "starttls = 'certificate' needs cert and key files")
     if config.smtp.auth is AuthMode.USERS and not config.smtp.users_file:
         raise ConfigError("smtp.users_file", "auth = 'users' needs a users file")
+    if not 0 < config.smtp.overload_threshold <= 1:
+        raise ConfigError("smtp.overload_threshold", "must be more than 0 and at most 1")
     if not 0 <= config.delivery.retry_jitter < 1:
         raise ConfigError("delivery.retry_jitter", "must be at least 0 and less than 1")
     signed: tuple[tuple[str, float], ...] = (

@@ -21,13 +21,11 @@ import asyncio.sslproto
 import base64
 import binascii
 import collections
-import ipaddress
 import logging
 import math
-import os
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, AnyStr, cast
 
@@ -38,6 +36,7 @@ from relay.auth import FailureDelays, Users
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
 from relay.errors import BadAddress, Reply
+from relay.gate import Gate, overload_at
 from relay.logs import AddressTokens
 from relay.metrics import AuthFailure, ConnectionResult, Metrics, SessionClosed, TlsFailure
 from relay.model import Credentials
@@ -77,7 +76,6 @@ _DEFAULT_ENHANCED = {
 }
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
-TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout during DATA, closing connection")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
@@ -116,44 +114,6 @@ class Submission:
 
 
 Accept = Callable[[Submission], Awaitable[Reply]]
-
-
-class Gate:
-    """Connection limit and client networks, shared by every session of one listener."""
-
-    def __init__(
-        self,
-        max_connections: int,
-        networks: Sequence[str],
-        metrics: Metrics | None = None,
-        *,
-        auth_failures: FailureDelays | None = None,
-        tokens: AddressTokens | None = None,
-    ) -> None:
-        self.max_connections = max_connections
-        self.metrics = metrics
-        self.auth_failures = auth_failures or FailureDelays(1.0, 30.0)
-        self.tokens = tokens or AddressTokens(os.urandom(32))
-        self.sessions: set[RelaySMTP] = set()
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
-
-    @property
-    def open(self) -> int:
-        return len(self.sessions)
-
-    def close_all(self) -> None:
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
-
-    def allows(self, peer: Any) -> bool:
-        try:
-            ip = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else str(peer))
-        except (ValueError, IndexError, TypeError):
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self._networks)
 
 
 class CommandReader(asyncio.StreamReader):
@@ -199,6 +159,8 @@ class RelaySMTP(SMTP):
         self._plain_replies = False
         self._session_over = False  # connection_lost has run: no timer may be armed again
         self._auth_failures = 0  # in this session (smtp.auth_failure_limit)
+        self._last_active = 0.0  # loop time of the last command (relay.gate's idle order)
+        self.client = "unknown"
         # aiosmtpd makes its own StreamReader; give it CRLF-only command lines.
         self._stream_reader.__class__ = CommandReader  # type: ignore[attr-defined]
         # aiosmtpd widens MAIL's limit at every EHLO on a class-wide dict, so
@@ -209,30 +171,50 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starting = self.transport is None
+        if starting:
+            self.client = _peer_ip(transport.get_extra_info("peername"))
         super().connection_made(transport)
         if not starting:
             return  # the TLS transport after STARTTLS: the same session
-        metrics = self._gate.metrics
-        if self._gate.open >= self._gate.max_connections:
+        refusal = self._gate.admit(self, self.loop.time())
+        if refusal is not None:
             writer = cast("asyncio.WriteTransport", transport)  # uvloop's is no asyncio.Transport
-            writer.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())
+            writer.write(f"{refusal}\r\n".encode())
             writer.close()
-            if metrics is not None:
-                metrics.connection(ConnectionResult.REFUSED_LIMIT)
-            return
-        self._gate.sessions.add(self)
-        if metrics is not None:
-            metrics.connection(ConnectionResult.ACCEPTED)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_over:
             return  # a failed handshake ended the session already (_tls_failed)
         self._session_over = True
-        if self in self._gate.sessions:
-            self._gate.sessions.discard(self)
-            if self._gate.metrics is not None:
-                self._gate.metrics.connection_closed()
+        self._gate.release(self)
         super().connection_lost(error)
+
+    # -- what relay.gate asks of a session (GatedSession) --
+
+    def idle_since(self) -> float | None:
+        """The time of the last command, while no transaction (MAIL) is open; else None."""
+        if self._session_over or (self.envelope is not None and self.envelope.mail_from):
+            return None
+        return self._last_active
+
+    def shrink_idle_timer(self, timeout: float) -> None:
+        """Overload: the idle timer runs out ``timeout`` after the last command, if idle."""
+        since = self.idle_since()
+        if since is None or self._timeout_handle is None:
+            return
+        self._timeout_handle.cancel()
+        remaining = max(since + timeout - self.loop.time(), 0.0)
+        self._timeout_handle = self.loop.call_later(remaining, self._timeout_cb)
+
+    def evict(self, reply: Reply) -> None:
+        """Closed to make room (overload): the reply, then the connection closes."""
+        self._session_over = True  # no timer after this; the gate has let it go
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        transport = cast("asyncio.WriteTransport | None", self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"{reply}\r\n".encode())
+            transport.close()
 
     def eof_received(self) -> bool | None:
         """The client closed its side: the session is over, so close ours too.
@@ -257,6 +239,9 @@ class RelaySMTP(SMTP):
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
             return
+        self._last_active = self.loop.time()
+        if duration is None and self._gate.overloaded and self.idle_since() is not None:
+            duration = self._gate.overload_idle_timeout  # Postfix's stress-mode smtpd_timeout
         super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
@@ -264,6 +249,8 @@ class RelaySMTP(SMTP):
             # Still in the handshake: the app transport cannot carry a 421.
             self._tls_failed(TimeoutError("TLS handshake timed out"))
             return
+        if self._gate.metrics is not None:
+            self._gate.metrics.session_closed(SessionClosed.IDLE)
         # Duck-typed: uvloop's transports are not subclasses of ``asyncio.Transport``.
         transport = cast("asyncio.WriteTransport | None", self.transport)
         if transport is not None and not transport.is_closing():
@@ -732,6 +719,10 @@ def make_protocol_factory(
         smtp.max_connections,
         smtp.allow_networks,
         metrics,
+        # anvil's per-client limit off loopback; on loopback every client is the application.
+        per_client=None if config.listen_address.is_loopback else smtp.max_connections_per_client,
+        overload_at=overload_at(smtp.max_connections, smtp.overload_threshold),
+        overload_idle_timeout=smtp.overload_idle_timeout,
         auth_failures=FailureDelays(smtp.auth_failure_delay, smtp.auth_failure_delay_max),
         tokens=tokens,
     )

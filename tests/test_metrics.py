@@ -11,10 +11,13 @@ from relay.isolation import isolate
 from relay.metrics import (
     HEADER_LABELS,
     REPLY_CLASSES,
+    AuthFailure,
     ConnectionResult,
     MessageResult,
     Metrics,
+    SessionClosed,
     SpoolState,
+    TlsFailure,
     header_label,
 )
 from relay.model import (
@@ -138,6 +141,7 @@ def test_label_values_come_from_the_closed_sets(registry: CollectorRegistry) -> 
         "header": set(HEADER_LABELS),
         "change": {k.value for k in ChangeKind},
         "version": {__version__},
+        "reason": {r.value for e in (TlsFailure, AuthFailure, SessionClosed) for r in e},
         "le": None,
     }
     for _, labels in series(registry):
