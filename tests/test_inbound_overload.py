@@ -198,3 +198,37 @@ def test_gate_rules_on_fake_sessions() -> None:
     again = FakeSession("192.0.2.5", 21.0)
     refusal = g.admit(again, 21.0)
     assert refusal is not None and "your address" in refusal.text
+
+
+async def test_hundred_idle_clients_do_not_lock_the_application_out(
+    plain_server: UpstreamServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13's case: 100 idle connections (the default limit), then the application sends.
+
+    Before, the application got 421 4.7.0 until the idle clients' 300 s ran out.
+    """
+    monkeypatch.setattr(gate, "EVICT_MIN_IDLE", 0.2)
+    async with running_relay(tmp_path, plain_server.url()) as relay:
+        assert relay.config.smtp.max_connections == 100
+        idle = [await ehlo(relay) for _ in range(100)]
+        await asyncio.sleep(0.3)
+        apps = []
+        for _ in range(3):  # each newcomer closes one idle client and is served
+            app = await ehlo(relay)
+            await envelope(app)
+            assert (await send_data(app, stuff(letter()))).startswith("250 2.0.0")
+            apps.append(app)
+        for app in apps:
+            await quit_cleanly(app)
+        closed = 0
+        for client in idle:
+            try:
+                data = await asyncio.wait_for(client.reader.read(), 0.05)
+            except TimeoutError:
+                continue
+            finally:
+                await client.close()
+            assert data.startswith(b"421 4.7.0"), data
+            closed += 1
+        assert closed == 3
+    assert len(plain_server.transactions) == 3
