@@ -208,7 +208,9 @@ class RelaySMTP(SMTP):
 
     def evict(self, reply: Reply) -> None:
         """Closed to make room (overload): the reply, then the connection closes."""
-        self._session_over = True  # no timer after this; the gate has let it go
+        if self._handshaking:
+            self._abort_handshake()  # no reply can go through a TLS layer not yet up
+            return
         if self._timeout_handle is not None:
             self._timeout_handle.cancel()
         transport = cast("asyncio.WriteTransport | None", self.transport)
@@ -245,7 +247,7 @@ class RelaySMTP(SMTP):
         super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
-        if self._tls_protocol is not None and self.session is not None and self.session.ssl is None:
+        if self._handshaking:
             # Still in the handshake: the app transport cannot carry a 421.
             self._tls_failed(TimeoutError("TLS handshake timed out"))
             return
@@ -327,6 +329,14 @@ class RelaySMTP(SMTP):
         )
         if self._gate.metrics is not None:
             self._gate.metrics.tls_failed(reason)
+        self._abort_handshake()
+
+    @property
+    def _handshaking(self) -> bool:
+        return self._tls_protocol is not None and self.session is not None and not self.session.ssl
+
+    def _abort_handshake(self) -> None:
+        """Drop the connection under an unfinished TLS handshake, and end the session."""
         if self._original_transport is not None:
             self._original_transport.abort()  # type: ignore[attr-defined]
         # The TLS layer never made the session its application, so it will not say

@@ -32,6 +32,23 @@ async def greeting(relay: Relay) -> tuple[str, RawClient]:
     return await client.reply(), client
 
 
+def session_tasks() -> int:
+    """aiosmtpd session tasks still running (one per live session, none left behind)."""
+    return sum(
+        1
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "").endswith("_handle_client")
+    )
+
+
+async def settle(relay: Relay) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while session_tasks() != relay.open_sessions and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert session_tasks() == relay.open_sessions
+
+
 async def ends_with(client: RawClient, prefix: str, timeout: float = 5) -> None:
     """The next reply starts with ``prefix`` and then the relay closes the connection."""
     reply = await client.reply(timeout)
@@ -98,6 +115,7 @@ async def test_at_the_limit_the_longest_idle_session_makes_room(
         first, app = await greeting(relay)
         assert first.startswith("220 "), first
         await ends_with(oldest, "421 4.7.0 Server busy")
+        await settle(relay)  # the closed session's task ended too
         assert (await newer.command("NOOP")).startswith("250")  # still there
         refused, other = await greeting(relay)  # nobody idle long enough: refused
         assert refused.startswith("421 4.7.0 Too many connections"), refused
