@@ -16,6 +16,7 @@ from relay.errors import ConfigError
 from relay.server import Relay
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import letter, quit_cleanly
+from tests.test_inbound_overload import settle
 from tests.upstream_server import UpstreamServer
 
 USER = "mailer-app"
@@ -91,6 +92,7 @@ async def test_password_guessing_is_delayed_capped_logged_and_counted(
         assert (await client.reply()).startswith("421 4.7.0")
         assert await asyncio.wait_for(client.reader.read(), 5) == b""
         await client.close()
+        await settle(relay)
         # The next session from the same client starts at the longest delay...
         client = await ehlo(relay)
         reply, took = await timed(client, plain(b"x"))

@@ -83,6 +83,7 @@ async def test_idle_timeout_before_mail_shrinks_under_overload(
         )  # overload begins: the two idle ones have 0.4 s since their last command
         await asyncio.gather(*(ends_with(c, "421 4.4.2") for c in idle))
         assert loop.time() - started < 3
+        await settle(relay)
         assert sample(relay, "solo_relay_inbound_sessions_closed_total", reason="idle") == 2
         # Two sessions open: overload is over, and the newest may idle again.
         assert sample(relay, "solo_relay_inbound_overload") == 0

@@ -16,6 +16,7 @@ from relay.inbound import Submission
 from relay.intake import Intake
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import envelope, letter, stuff
+from tests.test_inbound_overload import settle
 from tests.upstream_server import UpstreamServer
 
 CLOSED_DURING_DATA = "connection closed during DATA: nothing was taken"
@@ -60,6 +61,7 @@ async def test_reset_after_final_dot_arms_no_timer_on_the_closed_session(
         reset(client)
         await asyncio.sleep(1.2)  # past the custody delay plus the idle timeout
         assert relay.open_sessions == 0
+        await settle(relay)
     assert errors == [], [str(e.get("exception") or e.get("message")) for e in errors]
 
 
@@ -88,6 +90,7 @@ async def test_close_during_data_is_logged_once(
         deadline = loop.time() + 5
         while relay.open_sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        await settle(relay)
     lines = [r for r in caplog.records if r.getMessage() == CLOSED_DURING_DATA]
     assert len(lines) == 2
     assert plain_server.connections == []

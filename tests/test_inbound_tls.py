@@ -17,6 +17,7 @@ import pytest
 from relay.server import Relay
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import client_tls, envelope, letter, quit_cleanly, send_data, stuff
+from tests.test_inbound_overload import settle
 from tests.upstream_server import UpstreamServer
 
 SELF_SIGNED = {"RELAY_SMTP_STARTTLS": "self-signed"}
@@ -113,6 +114,7 @@ async def test_failed_handshakes_log_one_line_each(
         )
         assert failures == rounds
         assert relay.open_sessions == 0
+        await settle(relay)  # and no session task is left waiting
         # The relay still serves TLS after all that.
         client = await starttls_ready(relay)
         await client.writer.start_tls(client_tls())
@@ -142,6 +144,7 @@ async def test_stalled_handshake_times_out_quietly(
         while relay.open_sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
         assert relay.open_sessions == 0
+        await settle(relay)
         assert sample(relay, "solo_relay_inbound_tls_failures_total", reason="timeout") == 1
     ours = [r for r in caplog.records if r.name == "relay.inbound"]
     assert [(r.getMessage(), r.levelno) for r in ours] == [("TLS handshake failed", logging.INFO)]
