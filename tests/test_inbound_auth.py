@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import shutil
 import smtplib
+import subprocess
 from pathlib import Path
 
 import bcrypt
@@ -282,3 +284,37 @@ def test_failure_delay_doubles_to_its_cap_and_is_forgotten() -> None:
     delays.failed("192.0.2.3")
     delays.failed("192.0.2.4")
     assert len(delays._clients) == 2  # bounded, whatever a scanner does
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+async def test_swaks_starttls_then_auth_with_a_bcrypt_user(
+    plain_server: UpstreamServer, tmp_path: Path
+) -> None:
+    """swaks off loopback: STARTTLS (intermediate profile), AUTH LOGIN as a bcrypt user, mail."""
+    env = auth_env(
+        users_file(tmp_path, f"{USER}:{hashed(PASSWORD)}"),
+        RELAY_LISTEN="0.0.0.0:0",
+        RELAY_SMTP_ALLOW_NETWORKS="10.99.0.0/16",  # not the test client: AUTH is needed
+        RELAY_SMTP_STARTTLS="self-signed",
+    )
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+
+        def swaks(password: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    "swaks", "--server", f"127.0.0.1:{relay.smtp_port}", "--tls",
+                    "--auth", "LOGIN", "--auth-user", USER, "--auth-password", password,
+                    "--from", f"{USER}@example.org", "--to", "alice@example.com",
+                    "--helo", "client.example.com", "--timeout", "20",
+                ],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        good = await asyncio.to_thread(swaks, PASSWORD.decode())
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert "235 2.7.0" in good.stdout
+        bad = await asyncio.to_thread(swaks, "wrong")
+        assert bad.returncode != 0
+        assert "535 5.7.8" in bad.stdout
+    [t] = plain_server.transactions
+    assert t.rcpt_tos == ["alice@example.com"]
