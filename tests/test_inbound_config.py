@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.config import AuthMode, load
 from relay.errors import ConfigError
@@ -114,3 +117,52 @@ def test_serve_refuses_auth_without_tls_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert "smtp.starttls" in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@given(
+    st.sampled_from([4, 6]),
+    st.integers(1, 24),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 5),
+)
+def test_any_partition_of_a_family_is_refused(
+    version: int, prefix: int, seed: int, drop: int
+) -> None:
+    """Every address family cut into pieces (address_exclude around a random network) is refused,
+    and the same pieces less one are not refused for coverage."""
+    everything = ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0")
+    bits = everything.max_prefixlen
+    family = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+    hole = family((seed << (bits - 32), prefix), strict=False)
+    pieces = [hole, *everything.address_exclude(hole)]
+    env = {**WITH_AUTH, "RELAY_SMTP_ALLOW_NETWORKS": ",".join(map(str, pieces))}
+    with pytest.raises(ConfigError) as info:
+        load(environ=env)
+    assert "open relay" in str(info.value)
+    del pieces[drop % len(pieces)]
+    load(environ={**WITH_AUTH, "RELAY_SMTP_ALLOW_NETWORKS": ",".join(map(str, pieces))})
+
+
+def test_serve_with_a_missing_users_file_stops_in_one_line(tmp_path: Path) -> None:
+    """A users file that cannot be read stops `serve` with one line naming smtp.users_file."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+        "RELAY_SMTP_AUTH": "users",
+        "RELAY_SMTP_USERS_FILE": str(tmp_path / "missing"),
+        "RELAY_SPOOL_DIR": str(tmp_path / "spool"),
+        "RELAY_LISTEN": "127.0.0.1:0",
+        "RELAY_METRICS_LISTEN": "127.0.0.1:0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "smtp.users_file" in line]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
