@@ -546,9 +546,10 @@ class RelaySMTP(SMTP):
         try:
             status = await self._call_handler_hook("DATA")
         finally:
-            self._reset_timeout()
-            # The transaction is over even when the hook failed (451 4.3.0).
+            # The transaction is over even when the hook failed (451 4.3.0); the
+            # session is back before MAIL, so under overload its timer is the short one.
             self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self._reset_timeout()
         await self.push(status)
 
 

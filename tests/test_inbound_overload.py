@@ -33,11 +33,15 @@ async def greeting(relay: Relay) -> tuple[str, RawClient]:
 
 
 def session_tasks() -> int:
-    """aiosmtpd session tasks still running (one per live session, none left behind)."""
+    """The relay's session tasks still running (one per live session, none left behind).
+
+    aiosmtpd's own ``SMTP._handle_client`` (the relay does not override it); the
+    recording upstream's sessions have their own name.
+    """
     return sum(
         1
         for t in asyncio.all_tasks()
-        if getattr(t.get_coro(), "__qualname__", "").endswith("_handle_client")
+        if getattr(t.get_coro(), "__qualname__", "") == "SMTP._handle_client"
     )
 
 
@@ -251,3 +255,22 @@ async def test_hundred_idle_clients_do_not_lock_the_application_out(
             closed += 1
         assert closed == 3
     assert len(plain_server.transactions) == 3
+
+
+async def test_after_a_message_the_idle_timer_is_the_overload_one(
+    plain_server: UpstreamServer, tmp_path: Path
+) -> None:
+    """A session back before MAIL after its message gets the overload idle timeout, not 300 s."""
+    env = {
+        "RELAY_SMTP_MAX_CONNECTIONS": "3",
+        "RELAY_SMTP_OVERLOAD_THRESHOLD": "0.6",  # 2 open sessions
+        "RELAY_SMTP_OVERLOAD_IDLE_TIMEOUT": "0.4",
+    }
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        other = await ehlo(relay)
+        app = await ehlo(relay)  # overload from here
+        await envelope(app)
+        assert (await send_data(app, stuff(letter()))).startswith("250 2.0.0")
+        await asyncio.gather(ends_with(other, "421 4.4.2"), ends_with(app, "421 4.4.2"))
+        await settle(relay)
+    assert len(plain_server.transactions) == 1
