@@ -45,6 +45,9 @@ class Users:
 
     def __init__(self, secrets: dict[str, Secret]) -> None:
         self._secrets = secrets
+        # An unknown name is checked against a real hash too, so a guess at a
+        # name takes as long as a guess at a password (no list of names by timing).
+        self._decoy = next((s.value for s in secrets.values() if s.hashed), None)
 
     def __repr__(self) -> str:
         return f"<Users count={len(self._secrets)} plain={self.plain}>"
@@ -81,6 +84,8 @@ class Users:
         """True when ``password`` is ``name``'s; a bcrypt check runs in a thread."""
         secret = self._secrets.get(name)
         if secret is None:
+            if self._decoy is not None:
+                await asyncio.to_thread(_checkpw, password, self._decoy)
             return False
         if not secret.hashed:
             return hmac.compare_digest(secret.value, password)

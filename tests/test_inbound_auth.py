@@ -13,6 +13,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from relay import auth
 from relay.auth import FailureDelays, Users, delay
 from relay.errors import ConfigError
 from relay.server import Relay
@@ -318,3 +319,22 @@ async def test_swaks_starttls_then_auth_with_a_bcrypt_user(
         assert "535 5.7.8" in bad.stdout
     [t] = plain_server.transactions
     assert t.rcpt_tos == ["alice@example.com"]
+
+
+async def test_unknown_user_costs_a_bcrypt_check_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown user name is checked against a real hash, so names cannot be found by timing."""
+    calls: list[bytes] = []
+    real = auth._checkpw
+
+    def spy(password: bytes, hashed_value: bytes) -> bool:
+        calls.append(password)
+        return real(password, hashed_value)
+
+    monkeypatch.setattr(auth, "_checkpw", spy)
+    users = Users.load(users_file(tmp_path, f"{USER}:{hashed(PASSWORD)}"))
+    assert await users.verify(USER, PASSWORD)
+    assert not await users.verify("nobody", PASSWORD)
+    assert not await users.verify(USER, b"wrong")
+    assert calls == [PASSWORD, PASSWORD, b"wrong"]
