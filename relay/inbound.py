@@ -10,6 +10,14 @@ only when complete: a client that drops or half-closes mid-DATA leaves
 nothing behind.
 Rule 4: every reply has an enhanced status code; an internal error is
 ``451 4.3.0`` with no internal text.
+Rule 5: one TLS layer per session (RFC 3207 4.2); a handshake that fails is
+one log line and a count, never a traceback, and ends the session.
+Rule 6: no AUTH failure is answered at once, and a session gets a fixed
+number of them (delays per client in ``relay.auth``); a user name is logged
+only as a keyed token.
+Rule 7: once a session's connection is gone, no timer is armed for it.
+
+Who may hold a session (limits, overload) is ``relay.gate``'s decision.
 
 Past this module the relay sees ``Submission`` values and ``Reply`` values.
 """
