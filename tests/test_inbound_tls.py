@@ -246,3 +246,22 @@ async def test_modern_profile_is_tls13_only(plain_server: UpstreamServer, tmp_pa
         assert version == "TLSv1.3"
         with pytest.raises((ssl.SSLError, ConnectionError)):
             await asyncio.to_thread(handshake, port, tls12())
+
+
+async def test_shutdown_with_a_handshake_in_progress_is_quiet(
+    plain_server: UpstreamServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping the relay while a client sits in the TLS handshake: no error, no slot, no task."""
+    caplog.set_level(logging.INFO)
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _l, c: errors.append(c))
+    # Queue mode: its shutdown grace is the harness's 1 s (direct mode waits for deliveries).
+    async with tls_relay(tmp_path, plain_server, {"RELAY_MODE": "queue"}) as relay:
+        client = await starttls_ready(relay)
+        await client.send(b"\x16\x03\x01")  # the start of a record, never finished
+        await asyncio.sleep(0.1)
+    await wait_closed(client)
+    await settle(relay)
+    assert relay.open_sessions == 0
+    assert errors == [], [str(e.get("exception") or e.get("message")) for e in errors]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
