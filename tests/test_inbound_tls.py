@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -265,3 +270,49 @@ async def test_shutdown_with_a_handshake_in_progress_is_quiet(
     assert relay.open_sessions == 0
     assert errors == [], [str(e.get("exception") or e.get("message")) for e in errors]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_scanner_grows_the_real_log_by_one_short_line_per_handshake(tmp_path: Path) -> None:
+    """`solo-relay serve` (JSON logs) under 50 garbage handshakes: 50 short lines, no traceback."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
+        "RELAY_LISTEN": "127.0.0.1:0",
+        "RELAY_METRICS_LISTEN": "127.0.0.1:0",
+        "RELAY_SMTP_STARTTLS": "self-signed",
+        "RELAY_LOG_FORMAT": "json",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve"],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    try:
+        listening = json.loads(process.stderr.readline())
+        port = int(str(listening["smtp"]).rsplit(":", 1)[1])
+        rounds = 50
+        for _ in range(rounds):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                stream = sock.makefile("rb")
+                stream.readline()
+                sock.sendall(b"EHLO scanner.example.net\r\nSTARTTLS\r\n")
+                while not stream.readline().startswith(b"220 "):
+                    pass
+                sock.sendall(b"\x16\x03\x01\xff\xffnot tls at all\r\n" * 4)
+                with suppress(OSError):
+                    stream.read()
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+    assert process.returncode == 0, rest
+    lines = rest.splitlines()
+    failures = [json.loads(line) for line in lines if "TLS handshake failed" in line]
+    assert len(failures) == rounds
+    assert all(len(line) < 400 for line in lines if "TLS handshake failed" in line)
+    assert "Traceback" not in rest
+    assert len(rest) < rounds * 400 + 2000, len(rest)  # the rest: stopping, stopped
