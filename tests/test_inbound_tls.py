@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from relay import tlsconf
+from relay.config import TlsProfile
 from relay.server import Relay
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import client_tls, envelope, letter, quit_cleanly, send_data, stuff
@@ -316,3 +318,20 @@ def test_a_scanner_grows_the_real_log_by_one_short_line_per_handshake(tmp_path: 
     assert all(len(line) < 400 for line in lines if "TLS handshake failed" in line)
     assert "Traceback" not in rest
     assert len(rest) < rounds * 400 + 2000, len(rest)  # the rest: stopping, stopped
+
+
+def test_without_the_groups_list_the_profile_falls_back_to_p256(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where OpenSSL's groups list cannot be reached, one curve every client has: P-256, warned."""
+    monkeypatch.setattr(tlsconf, "_set_groups", lambda context, groups: False)
+    caplog.set_level(logging.WARNING, logger="relay.tlsconf")
+    context = tlsconf.profile_context(TlsProfile.INTERMEDIATE)
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot set the TLS groups list; offering P-256 only"
+    ]
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_2
+    names = {c["name"] for c in context.get_ciphers()}
+    assert not any("CBC" in n or n.endswith("-SHA") for n in names), names
+    modern = tlsconf.profile_context(TlsProfile.MODERN)
+    assert modern.minimum_version is ssl.TLSVersion.TLSv1_3
