@@ -17,10 +17,13 @@ from relay.metrics import (
     HEADER_CHANGES,
     HEADER_LABELS,
     REPLY_CLASSES,
+    AuthFailure,
     ConnectionResult,
     MessageResult,
     Metrics,
+    SessionClosed,
     SpoolState,
+    TlsFailure,
     header_label,
 )
 from relay.model import (
@@ -149,6 +152,7 @@ def test_label_values_come_from_the_closed_sets(registry: CollectorRegistry) -> 
         "header": set(HEADER_LABELS),
         "change": {k.value for k in ChangeKind},
         "version": {__version__},
+        "reason": {r.value for e in (TlsFailure, AuthFailure, SessionClosed) for r in e},
         "le": None,
     }
     for _, labels in series(registry):
