@@ -3,8 +3,9 @@
 Rule 1: a copy never contains another recipient's address. "Another
 recipient" is any envelope recipient or any address in the original's
 recipient-bearing fields (``To``, and every field on the removal list),
-other than the copy's own and the sender's (MAIL FROM and every mailbox of
-``From:`` and ``Sender:``): a copy may show who sent it.
+other than the copy's own and the sender's (MAIL FROM, every mailbox of the
+one ``From:`` and the one mailbox of the one ``Sender:``): a copy may show
+who sent it.
 Rule 2: the guard trusts nothing the splitter did. It re-parses each copy's
 header section with the 998-octet line limit, requires exactly one ``To:``
 naming only the copy's recipient and no removed field, and searches every
@@ -17,10 +18,11 @@ inside ``o'brien@x``) or inside the sender's is no disclosure; the same
 reading anywhere else is.
 Rule 4: it fails closed: any hit, and any copy it cannot read, rejects the
 whole message with ``550 5.7.1``; nothing of it is delivered.
-Rule 5: the shared body is read once per message: the header sections of
-embedded messages (``message/rfc822``, ``message/global``,
-``text/rfc822-headers``) with the ``embedded_check`` action (default
-reject), text parts with the ``body_check`` action (default warn).
+Rule 5: the shared body is read once per message: the header sections in it
+(every body part's, like an attachment's ``filename``, and those of embedded
+messages: ``message/rfc822``, ``message/global``, ``text/rfc822-headers``)
+with the ``embedded_check`` action (default reject), text parts with the
+``body_check`` action (default warn).
 Every field's spellings are computed once per message, not once per copy.
 
 Pure: no I/O; reasons name header fields and MIME parts, never addresses.
@@ -45,6 +47,7 @@ _ENTITY_HINT = re.compile(r"&(?:#|commat;|period;)", re.IGNORECASE)
 _PLAIN = re.compile(r"[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+")
 # What stands for the copy's own "<address>" in a field read once for every copy.
 _OWN_BRACKETED = b"<\x00>"
+_SECTION = re.compile(rb"\*(?:\d+\*?)?\s*=")  # an RFC 2231 parameter section
 # Where one field of an embedded header section ends: a line break not followed by a blank.
 _FIELD_END = re.compile(rb"\r?\n(?![ \t])")
 
@@ -58,21 +61,27 @@ def _field_spellings(raw: bytes) -> Spellings:
     return spellings(value.decode("utf-8", "surrogateescape"), field=True)
 
 
-def _senders(message: ParsedMessage, envelope: Envelope) -> set[str]:
-    """MAIL FROM, and every mailbox of From: and Sender: (RFC 5322 3.6.2: the authors).
+def _senders(message: ParsedMessage, envelope: Envelope, removed: frozenset[str]) -> set[str]:
+    """MAIL FROM, and every mailbox of the one From: and the one Sender: (RFC 5322 3.6).
 
-    A From: with several mailboxes is accepted only with a Sender: (``split``
-    refuses it otherwise), so a list pasted into From: by mistake does not pass
-    as the message's authors.
+    Only a field every copy keeps, and only when it occurs once, names the
+    sender: a repeated From: or Sender:, or a Sender: of several mailboxes, is
+    no exemption (``split`` refuses those messages too; the guard trusts nothing
+    it did). A From: with several mailboxes comes with a Sender: (``split``).
     """
     keys = set()
     if envelope.sender is not None:
         keys.add(address_key(envelope.sender))
-    for f in message.fields:
-        if f.name in ("from", "sender"):
-            for _, addr_spec in f.mailboxes():
-                local, _, domain = addr_spec.rpartition("@")
-                keys.add(key(local, domain))
+    for name in ("from", "sender"):
+        if name in removed:
+            continue
+        fields = message.named(name)
+        mailboxes = fields[0].mailboxes(utf8=envelope.smtputf8) if len(fields) == 1 else []
+        if name == "sender" and len(mailboxes) != 1:
+            continue
+        for _, addr_spec in mailboxes:
+            local, _, domain = addr_spec.rpartition("@")
+            keys.add(key(local, domain))
     keys.discard("")
     return keys
 
@@ -97,7 +106,7 @@ class LeakGuard:
             if f.name == "to" or f.name in options.removed_headers:
                 visible |= set(_field_spellings(f.raw))
         recipients = {address_key(r) for r in envelope.recipients}
-        self._senders = frozenset(_senders(message, envelope))
+        self._senders = frozenset(_senders(message, envelope, options.removed_headers))
         self._watched = frozenset((recipients | visible) - self._senders)
 
     def check(self, copies: Sequence[Copy]) -> tuple[str, ...]:
@@ -160,7 +169,8 @@ class LeakGuard:
             if not others or f.name == "to":
                 continue
             raw = f.raw
-            if own_bracketed is not None and own_bracketed in raw:
+            # Not in RFC 2231 sections, whose readers join them and may drop their brackets.
+            if own_bracketed is not None and own_bracketed in raw and not _SECTION.search(raw):
                 raw = raw.replace(own_bracketed, _OWN_BRACKETED)
             hits = self._hits.get(raw)
             if hits is None:
@@ -195,8 +205,8 @@ class LeakGuard:
             exposed = self._exposed(copies, hits)
             if exposed:
                 reason = (
-                    f"{place}: an embedded message's header section names other recipients "
-                    f"in {exposed} of {len(copies)} copies"
+                    f"{place}: a header section in the body (an attachment's, or an embedded "
+                    f"message's) names other recipients in {exposed} of {len(copies)} copies"
                 )
                 if embedded_mode is BodyCheck.REJECT:
                     raise LeakDetected(reason)

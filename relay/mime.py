@@ -2,10 +2,10 @@
 
 Rule 1: the body is never copied whole; entities are offsets into the
 message data, and only text parts (decoded from base64 or quoted-printable)
-and embedded header sections come out: those of ``message/rfc822`` and
-``message/global`` parts (decoded first when a ``message/global`` is
-base64 or quoted-printable, RFC 6532 3.5) and ``text/rfc822-headers`` parts
-(RFC 6522 4), each named by its place in the tree.
+and header sections come out: every body part's own, those of embedded
+``message/rfc822`` and ``message/global`` messages (an encoded one is
+decoded into a buffer of its own and walked like the rest, RFC 6532 3.5),
+and ``text/rfc822-headers`` parts (RFC 6522 4), each named by its place.
 Rule 2: nesting past the limit (Postfix's ``mime_nesting_limit``) is refused
 with ``554 5.6.0``: a structure that deep exists only to hide things.
 Rule 3: the walk is a loop with an explicit stack, never recursion, so no
@@ -17,10 +17,12 @@ Not here: what counts as an address (``guard``). Pure: no I/O.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import email.message
 import email.parser
 import email.policy
 import enum
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,16 +36,21 @@ class Piece(enum.Enum):
 
 # Parts whose content is a header section of another message (RFC 6522 4).
 _HEADER_PARTS = frozenset({"text/rfc822-headers"})
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 @dataclass(frozen=True, slots=True)
 class _Entity:
+    data: bytes  # the message data, or the decoded content of an encoded message part
     start: int
     end: int
     content_type: str
     boundary: str | None
     encoding: str
     depth: int
+    header_start: int = 0  # this entity's own header section: data[header_start:start]
+    has_headers: bool = False
+    place: str = ""  # for an embedded message: the place of the part that holds it
 
 
 def walk(
@@ -56,9 +63,12 @@ def walk(
     read: bool = True,
     headers: bool | None = None,
 ) -> Iterator[tuple[Piece, bytes, str]]:
-    """Yield each text part and embedded header section of the body at ``body_offset``.
+    """Yield each text part and each header section inside the body at ``body_offset``.
 
-    Each comes with its place, for reasons: ``part 3 (message/rfc822)``.
+    Header sections are those of every body part (``Content-Disposition:
+    attachment; filename=...`` is shown to the recipient too), of embedded
+    messages, and the content of ``text/rfc822-headers`` parts; each piece
+    comes with its place, for reasons: ``part 3 (message/rfc822)``.
     ``content_type`` and ``encoding`` are the top-level header values (``None``
     when absent: RFC 2045 5.2 makes that ``text/plain``). Raises
     ``HeaderDefect`` when containers nest deeper than ``limit``. ``read``
@@ -66,41 +76,49 @@ def walk(
     as ``read``); with neither, only the structure is checked.
     """
     headers = read if headers is None else headers
-    stack = [_entity(body_offset, len(data), _headers(content_type, encoding), 0)]
+    top = _headers(content_type, encoding)
+    stack = [_entity(data, body_offset, len(data), top, 0)]
     number = 0
     while stack:
         entity = stack.pop()
-        place = f"part {number} ({entity.content_type})"
+        buffer = entity.data
+        place = entity.place or f"part {number} ({entity.content_type})"
         number += 1
+        if headers and entity.has_headers and entity.start > entity.header_start:
+            yield Piece.HEADERS, buffer[entity.header_start : entity.start], place
         maintype = entity.content_type.partition("/")[0]
         if maintype in ("multipart", "message") and entity.depth + 1 > limit:
             raise HeaderDefect(f"MIME nesting deeper than {limit}")
         if maintype == "multipart" and entity.boundary:
             parts = list(
-                _parts(data, entity.start, entity.end, entity.boundary.encode("ascii", "replace"))
+                _parts(buffer, entity.start, entity.end, entity.boundary.encode("ascii", "replace"))
             )
             for start, end in reversed(parts):
-                stack.append(_part(data, start, end, entity.depth + 1))
-        elif maintype == "message" and entity.encoding not in ("base64", "quoted-printable"):
-            split = data.find(b"\r\n\r\n", entity.start, entity.end)
-            header_end = entity.end if split < 0 else split + 2
+                stack.append(_part(buffer, start, end, entity.depth + 1))
+        elif maintype == "message":
+            # An embedded message: its header section is yielded as a part's, when it
+            # is popped. An encoded message/global (RFC 6532 3.5) is decoded first,
+            # with CRLF line ends, into a buffer of its own, and walked like the rest.
+            if entity.encoding in ("base64", "quoted-printable"):
+                inner = _crlf(_decode(buffer[entity.start : entity.end], entity.encoding))
+                held = _part(inner, 0, len(inner), entity.depth + 1)
+                stack.append(dataclasses.replace(held, place=place))
+            elif buffer.find(b"\r\n\r\n", entity.start, entity.end) >= 0:
+                held = _part(buffer, entity.start, entity.end, entity.depth + 1)
+                stack.append(dataclasses.replace(held, place=place))
+            elif headers:  # all header section, no body
+                yield Piece.HEADERS, buffer[entity.start : entity.end], place
+        elif entity.content_type in _HEADER_PARTS:
             if headers:
-                yield Piece.HEADERS, data[entity.start : header_end], place
-            if split >= 0:
-                stack.append(_part(data, entity.start, entity.end, entity.depth + 1))
-        elif maintype == "message" or entity.content_type in _HEADER_PARTS:
-            # An encoded message/global (RFC 6532 3.5) is read decoded, its own structure
-            # as text; a text/rfc822-headers part is all header section.
-            if not (headers or read):
-                continue
-            content = _decode(data[entity.start : entity.end], entity.encoding)
-            split = content.find(b"\r\n\r\n") if maintype == "message" else -1
-            if headers:
-                yield Piece.HEADERS, content if split < 0 else content[: split + 2], place
-            if read and split >= 0:
-                yield Piece.TEXT, content[split + 4 :], place
+                content = _crlf(_decode(buffer[entity.start : entity.end], entity.encoding))
+                yield Piece.HEADERS, content, place
         elif read and maintype in ("text", "multipart"):  # multipart, no boundary: as text
-            yield Piece.TEXT, _decode(data[entity.start : entity.end], entity.encoding), place
+            yield Piece.TEXT, _decode(buffer[entity.start : entity.end], entity.encoding), place
+
+
+def _crlf(content: bytes) -> bytes:
+    """Decoded content with CRLF line ends, as a header section is read (RFC 5322 2.1)."""
+    return _BARE_LF.sub(b"\r\n", content) if b"\n" in content else content
 
 
 def _headers(content_type: str | None, encoding: str | None) -> email.message.Message:
@@ -112,28 +130,39 @@ def _headers(content_type: str | None, encoding: str | None) -> email.message.Me
     return message
 
 
-def _entity(start: int, end: int, headers: email.message.Message, depth: int) -> _Entity:
+def _entity(
+    data: bytes,
+    start: int,
+    end: int,
+    headers: email.message.Message,
+    depth: int,
+    *,
+    header_start: int | None = None,
+) -> _Entity:
     boundary = headers.get_param("boundary")
     return _Entity(
+        data,
         start,
         end,
         headers.get_content_type(),
         boundary if isinstance(boundary, str) else None,
         str(headers.get("Content-Transfer-Encoding", "7bit")).strip().lower(),
         depth,
+        header_start if header_start is not None else start,
+        header_start is not None,
     )
 
 
 def _part(data: bytes, start: int, end: int, depth: int) -> _Entity:
     """An entity whose own header section starts at ``start``."""
     if data.startswith(b"\r\n", start, end):
-        return _entity(start + 2, end, email.message.Message(), depth)
+        return _entity(data, start + 2, end, email.message.Message(), depth)
     split = data.find(b"\r\n\r\n", start, end)
     if split < 0:
         split = end
     parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
     headers = parser.parsebytes(data[start:split])
-    return _entity(min(split + 4, end), end, headers, depth)
+    return _entity(data, min(split + 4, end), end, headers, depth, header_start=start)
 
 
 def _parts(data: bytes, start: int, end: int, boundary: bytes) -> Iterator[tuple[int, int]]:

@@ -194,5 +194,5 @@ def _header_addresses(fields: Sequence[Field], names: Sequence[str]) -> tuple[st
     found: list[str] = []
     for f in fields:
         if f.name in names:
-            found.extend(addr_spec for _, addr_spec in f.mailboxes(utf8=True))
+            found.extend(addr_spec for _, addr_spec in f.mailboxes(utf8=True, limit=None))
     return tuple(dict.fromkeys(found))

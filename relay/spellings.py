@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import email.errors
 import email.header
-import email.message
-import email.utils
 import html
 import re
 import unicodedata
@@ -68,19 +66,25 @@ _IDEOGRAPHIC_DOTS = {"\u3002": ".", "\uff0e": ".", "\uff61": "."}
 _INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}+")
 # A header's fold: CRLF and the blank after it. Unfolding (RFC 5322 2.2.3) keeps the
 # blank; a fold placed inside an address ("bob@exa<CRLF> mple.org") is read without it.
-_FOLD = re.compile(r"\r\n[ \t]")
-# A fold that may fall inside an address: the word on either side of it holds "@", or
-# the "%40", "=" (VERP, RFC 2047) or "&#64;" forms of it.
-_SPLIT_WORD = re.compile(r"[@%=&]\S*\r\n[ \t]|\r\n[ \t]+\S*[@%=&]")
+_FOLD = re.compile(r"\r\n[ \t]+")
+# What a word beside a fold must hold to spell an address in some view: "@", or the
+# "%40", "=" (VERP, RFC 2047) or "&#64;" forms of it, or their fullwidth forms (NFKC).
+_ADDRESS_MARKS = ("@", "%", "=", "&", "\uff20", "\ufe6b", "\uff05", "\uff1d", "\uff06")
 # RFC 2369 2: whitespace inside the angle brackets of a URL list is to be ignored.
-_BRACKETED = re.compile(r"<[^<>]*\s[^<>]*>")
+_BRACKETED = re.compile(r"<[^<>]*>")
 _BLANKS = re.compile(r"\s+")
 # RFC 2231 3 and 4: "name*0=", "name*1*=", "name*=charset'lang'value".
 _RFC2231 = re.compile(r"\*(?:\d+\*?)?\s*=")
+# One parameter section: name*N*=value, name*N=value or name*=value, quoted or bare.
+# A name starts the value or follows a blank or ";" (so no run is scanned twice).
+_PARAMETER = re.compile(
+    r'(?<![^\s;])([^\s;=*"]+)\*(\d+)?(\*)?\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))'
+)
 # Comments and folding whitespace around "@" and "." are allowed inside an address
 # (RFC 5322 3.4.1): "bob (sales) @ example.org" is bob@example.org.
 _COMMENT = re.compile(r"\([^()]*\)")
-_SPACE_AROUND = re.compile(r"\s*([@.])\s*")
+# Blanks around "@" and ".": the first blank of a run only (no backtracking over a run).
+_SPACE_AROUND = re.compile(r"(?<!\s)\s*([@.])\s*")
 _VERP_AT = re.compile(r"=(?=[^\s=@]+\.[^\s=@])")
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
@@ -92,6 +96,8 @@ def key(local: str, domain: str) -> str:
     if local.startswith('"') and local.endswith('"') and len(local) >= 2:
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
     local = local.strip(".")
+    if not local.isascii():  # one form for what looks the same: composed, nothing invisible
+        local = unicodedata.normalize("NFC", _INVISIBLE.sub("", local))
     domain = domain.strip(".-")
     return f"{local.lower()}@{domain_key(domain)}" if local and domain else ""
 
@@ -128,33 +134,81 @@ def primaries(found: Spellings) -> set[str]:
 
 
 def _field_views(text: str) -> list[str]:
-    """A header field's value unfolded, and in each header-only view that it calls for."""
+    """A header field's value unfolded, and in each header-only view that it calls for.
+
+    Every view is made in one linear pass (no pattern that backtracks over a run), so a
+    field of a megabyte costs a few passes over a megabyte, whatever its shape.
+    """
     views = [text.replace("\r\n", "")]
-    if "\r\n" in text and _SPLIT_WORD.search(text):
+    if "\r\n" in text and any(_splits_address(text, m) for m in _FOLD.finditer(text)):
         views.append(_FOLD.sub("", text))
     for view in list(views):
-        if "<" in view and _BRACKETED.search(view):
-            views.append(_BRACKETED.sub(_without_blanks, view))
+        if "<" in view:
+            bracketed = _BRACKETED.sub(_without_blanks, view)
+            if bracketed != view:
+                views.append(bracketed)
         if "&" in view:
             views.append(html.unescape(view))
         if "=" in view and _RFC2231.search(view):
-            views.append(_parameters(view))
+            views.extend(_parameters(view))
+        if "@" in view:
+            # Obsolete syntax (RFC 5322 4.4) allows blanks and quoted words around the dots
+            # of an address: "bob . smith @ y . org", '"bob".smith@y.org'.
+            views.append(_SPACE_AROUND.sub(_mark_only, view.replace('"', "")))
     return views
+
+
+def _splits_address(text: str, fold: re.Match[str]) -> bool:
+    """Whether ``fold`` may fall inside an address: a word beside it holds an address mark.
+
+    Only the words that touch the fold are read, each at most an address long.
+    """
+    start = fold.start()
+    left = text[max(0, start - MAX_RUN - MAX_DOMAIN) : start]
+    right = text[fold.end() : fold.end() + MAX_RUN + MAX_DOMAIN]
+    words = left.rsplit(None, 1)[-1:] + right.split(None, 1)[:1]
+    return any(mark in word for word in words for mark in _ADDRESS_MARKS)
 
 
 def _without_blanks(match: re.Match[str]) -> str:
     return _BLANKS.sub("", match.group())
 
 
-def _parameters(value: str) -> str:
-    """The field's parameters (RFC 2045 5.1 syntax) with RFC 2231 continuations joined."""
-    holder = email.message.Message()
-    holder["X"] = value
+def _parameters(value: str) -> list[str]:
+    """RFC 2231 parameters of ``value`` reassembled and decoded (RFC 2231 3, 4).
+
+    Sections are joined in their numeric order, extended ones percent-decoded in the
+    charset of their first section; a second view also drops the angle brackets of
+    each section, as some readers do. A parser of our own: one linear pass.
+    """
+    sections: dict[str, dict[int, tuple[bool, str]]] = {}
+    for m in _PARAMETER.finditer(value):
+        name, number, star, quoted, bare = m.groups()
+        text = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
+        extended = star is not None or number is None  # "name*=" is extended (RFC 2231 4)
+        sections.setdefault(name.lower(), {})[int(number or 0)] = (extended, text)
+    joined: list[str] = []
+    stripped: list[str] = []
+    for name, parts in sections.items():
+        charset = "utf-8"
+        pieces: list[bytes] = []
+        for number in sorted(parts):
+            extended, text = parts[number]
+            if extended and number == 0 and text.count("'") >= 2:
+                charset, _, text = text.split("'", 2)
+            # The charset is the whole value's (RFC 2231 4.1): decoded once, joined.
+            pieces.append(urllib.parse.unquote_to_bytes(text) if extended else text.encode())
+        joined.append(f"{name}={_decoded(b''.join(pieces), charset)}")
+        bare = b"".join(p.strip(b"<>") for p in pieces)
+        stripped.append(f"{name}={_decoded(bare, charset)}")
+    return [" ".join(joined), " ".join(stripped)]
+
+
+def _decoded(value: bytes, charset: str) -> str:
     try:
-        params = holder.get_params(header="x", failobj=[])
-        return " ".join(f"{name}={email.utils.collapse_rfc2231_value(v)}" for name, v in params[1:])
-    except (LookupError, ValueError, TypeError, IndexError, UnicodeError):
-        return value
+        return value.decode(charset or "utf-8", "replace")
+    except LookupError:
+        return value.decode("latin-1")
 
 
 def _views(bases: list[str], *, comments: bool) -> Iterator[str]:
@@ -192,7 +246,9 @@ def _views(bases: list[str], *, comments: bool) -> Iterator[str]:
                 if "(" not in plain:
                     break
                 plain = _COMMENT.sub("", plain)
-            if _spaced_at(plain):
+            # In a header, blanks may stand around any dot of an address (RFC 5322 4.4),
+            # a comment removed leaves one; in body text only blanks beside "@" count.
+            if (comments and "@" in plain) or _spaced_at(plain):
                 plain = _SPACE_AROUND.sub(_mark_only, plain)
             for out in (form, plain):
                 if out not in seen:
@@ -248,16 +304,27 @@ def _domain_after(text: str, start: int) -> tuple[str, int]:
 
 
 def _found(found: Spellings, local: str, domain: str, breaks: frozenset[str]) -> None:
-    """Record the address ``local@domain`` and each tail of it after a break (rule 4)."""
+    """Record the address ``local@domain``, and what it reads as inside it (rule 4).
+
+    Inside it: each tail of the local part after a break, and the domain cut at
+    each of its dots while two labels are left (``bob@y.org.pdf``, an
+    attachment's name, shows ``bob@y.org``).
+    """
     primary = key(local, domain)
     if not primary:
         return
     found.setdefault(primary, set()).add(primary)
-    for i, c in enumerate(local):
-        if c in breaks:
-            tail = key(local[i + 1 :], domain)
-            if tail:
-                found.setdefault(tail, set()).add(primary)
+    locals_ = [local, *(local[i + 1 :] for i, c in enumerate(local) if c in breaks)]
+    domains = [domain]
+    cut = domain.rfind(".")
+    while cut > 0 and "." in domain[:cut].strip("."):
+        domains.append(domain[:cut])
+        cut = domain.rfind(".", 0, cut)
+    for inner_local in locals_:
+        for inner_domain in domains:
+            inner = key(inner_local, inner_domain)
+            if inner and inner != primary:
+                found.setdefault(inner, set()).add(primary)
 
 
 def _at_forms(text: str, found: Spellings) -> None:

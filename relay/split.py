@@ -36,6 +36,10 @@ from relay.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Tr
 from relay.signatures import Signature, changed_names, parse_signature
 
 MAX_DISPLAY_NAME_CHARS = 200  # a longer "name" is more likely a pasted list than a name
+# A mailbox longer than this holds no display name a copy may keep (200 characters,
+# RFC 2047-encoded about four times over, and an address).
+MAX_ELEMENT_CHARS = 4 * MAX_DISPLAY_NAME_CHARS + 400
+MAX_AUTHORS = 100  # a From: of more is a list, not a message's authors (and parses slowly)
 PER_COPY_OCTETS = 512  # the Received: and To: lines each copy adds (about)
 
 # Header fields whose display names may be carried to the rebuilt To:.
@@ -61,7 +65,7 @@ def split_message(
     hops = sum(1 for f in message.fields if f.name == "received")
     if hops > options.max_hops:
         raise TooManyHops(f"{hops} Received fields, limit {options.max_hops}")
-    _check_authors(message)
+    _check_authors(message, utf8=envelope.smtputf8)
     unique = _unique(envelope.recipients)
     names = _display_names(message.fields, envelope.smtputf8)
     kept, to_at = _kept_fields(message.fields, options.removed_headers)
@@ -111,19 +115,26 @@ def split_message(
     return tuple(copies), len(envelope.recipients) - len(unique)
 
 
-def _check_authors(message: ParsedMessage) -> None:
-    """RFC 5322 3.6.2: a From: with several mailboxes needs a Sender: naming one.
+def _check_authors(message: ParsedMessage, *, utf8: bool) -> None:
+    """RFC 5322 3.6: one From:, at most one Sender: naming one mailbox, and a From: of
+    several mailboxes only with that Sender: (3.6.2).
 
     Every mailbox of From: and Sender: is the sender's, which every copy may
-    show (the guard exempts them); a From: listing many mailboxes with no
-    Sender: is more likely a recipient list pasted into the wrong field, and
-    is refused (554 5.6.0) rather than shown to everyone.
+    show (the guard exempts them), so these are refused (554 5.6.0) rather than
+    shown to everyone: a From: listing many mailboxes with no Sender:, or over
+    ``MAX_AUTHORS``, is more likely a recipient list pasted into the wrong field.
     """
-    authors = [len(f.mailboxes()) for f in message.fields if f.name == "from" and "," in f.text()]
-    if not authors or max(authors) < 2:
+    froms = message.named("from")
+    senders = message.named("sender")
+    if len(froms) > 1 or len(senders) > 1:
+        raise HeaderDefect("more than one From: or Sender: field (RFC 5322 3.6)")
+    if senders and len(senders[0].mailboxes(utf8=utf8)) != 1:
+        raise HeaderDefect("Sender: does not name exactly one mailbox (RFC 5322 3.6.2)")
+    if not froms or "," not in froms[0].text():
         return
-    senders = [f for f in message.fields if f.name == "sender"]
-    if len(senders) != 1 or len(senders[0].mailboxes()) != 1:
+    if len(_elements(froms[0].text())) > MAX_AUTHORS:
+        raise HeaderDefect(f"From: names more than {MAX_AUTHORS} mailboxes")
+    if len(froms[0].mailboxes(utf8=utf8)) > 1 and not senders:
         raise HeaderDefect("From: names several mailboxes and no single Sender: (RFC 5322 3.6.2)")
 
 
@@ -214,8 +225,8 @@ def _named_mailboxes(f: Field) -> Iterator[tuple[str, str]]:
     regular expression and the rest a parse of a few dozen characters each.
     """
     for element in _elements(f.text()):
-        if "<" not in element:
-            continue
+        if "<" not in element or len(element) > MAX_ELEMENT_CHARS:
+            continue  # no name-addr, or longer than any name the copy may keep
         plain = plain_mailbox(element)
         if plain is not None:
             yield plain
@@ -300,10 +311,13 @@ class Normalized:
     body: bool
 
     def covered(self, sig: Signature) -> tuple[str, ...]:
-        """The parts of ``sig``'s input that normalisation changed, for its reason."""
-        names = (
-            sorted(self.fields) if "*" in sig.covered else sorted(self.fields & set(sig.covered))
-        )
+        """The parts of ``sig``'s input that normalisation changed, for its reason.
+
+        A signature covers its own field too (RFC 6376 3.7), so a normalised
+        ``DKIM-Signature`` field counts for every signature, fail safe.
+        """
+        signed = set(sig.covered) | {"dkim-signature"}
+        names = sorted(self.fields) if "*" in sig.covered else sorted(self.fields & signed)
         return (*names, *(("body",) if self.body else ()))
 
 
@@ -325,15 +339,19 @@ def _settle_signatures(
     while True:
         broken = []
         for sig in live:
-            renormalized = normalized.covered(sig)
-            if renormalized:
+            why = []
+            parts = normalized.covered(sig)
+            if parts:
+                why.append(f"line-ending normalisation changed {', '.join(parts)}")
+            if sig.field not in originals:  # a signature covers its own field (RFC 6376 3.7)
+                why.append("its own field was folded")
+            if why:
                 broken.append(sig)
                 changes.append(
                     Change(
                         ChangeKind.DKIM_STRIPPED,
                         "DKIM-Signature",
-                        f"d={sig.domain} s={sig.selector}: line-ending normalisation changed "
-                        f"{', '.join(renormalized)}",
+                        f"d={sig.domain} s={sig.selector}: {'; '.join(why)}",
                     )
                 )
                 continue

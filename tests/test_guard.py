@@ -9,7 +9,7 @@ from relay.errors import LeakDetected
 from relay.guard import LeakGuard
 from relay.headers import parse_message
 from relay.model import Copy, Envelope, IsolationOptions
-from relay.spellings import addresses_in
+from relay.spellings import addresses_in, primaries, spellings
 from tests.conftest import copy_headers, message, received
 
 ENVELOPE = Envelope.parse("news@example.org", ["alice@example.com", "bob@example.com"])
@@ -100,8 +100,16 @@ def test_addresses_in_reads_every_spelling(text: str, found: str) -> None:
     ],
 )
 def test_addresses_in_respects_address_boundaries(text: str, absent: str) -> None:
-    """An address that merely contains another is not that other address."""
-    assert absent not in addresses_in(text)
+    """An address that merely contains another is not that other address: at most a
+    reading inside it (rule 4), which a copy to the longer address may show."""
+    found = spellings(text)
+    assert absent not in primaries(found)
+    assert found.get(absent, {text}) == {text}
+
+
+def test_an_address_with_more_domain_after_it_reads_as_the_shorter_inside_it() -> None:
+    """An attachment named bob@y.org.pdf shows bob@y.org: a reading inside the longer."""
+    assert spellings("bob@y.org.pdf")["bob@y.org"] == {"bob@y.org.pdf"}
 
 
 def test_body_check_counts_only_copies_that_see_someone_else() -> None:

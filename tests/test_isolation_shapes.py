@@ -9,6 +9,9 @@ bytes that normalisation changed is treated as broken.
 
 from __future__ import annotations
 
+import base64
+import urllib.parse
+
 import dkim
 import pytest
 
@@ -381,3 +384,166 @@ def test_a_bracketed_own_address_beside_another_recipient_is_still_refused(field
     the other recipient next to it is still found in both copies."""
     err = rejected(RCPTS, message(FROM, "To: x@example.com", field))
     assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+# --- Found by a second reader: each was delivered before its fix -----------------------
+
+H = "From: me@shop.example\r\nTo: ann@x.example\r\nSubject: hi\r\n"
+THREE = ["ann@x.example", "bob@y.example", "carol@z.example"]
+
+
+def with_attachment(part_headers: str) -> bytes:
+    return (
+        H + "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=BB\r\n\r\n"
+        "--BB\r\nContent-Type: text/plain\r\n\r\nhi\r\n"
+        f"--BB\r\n{part_headers}\r\n\r\n%PDF\r\n--BB--\r\n"
+    ).encode()
+
+
+def refused(
+    rcpts: list[str], data: bytes, *, sender: str = "me@shop.example", **kw: object
+) -> Rejected:
+    envelope = Envelope.parse(sender, rcpts, smtputf8=not data.isascii())
+    with pytest.raises(Rejected) as info:
+        isolate(envelope, data, IsolationOptions(**kw))  # type: ignore[arg-type]
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        'Content-Disposition: attachment; filename="bob@y.example.pdf"',
+        "Content-Disposition: attachment; filename*0*=utf-8''bob%40y; filename*1=.example.pdf",
+        'Content-Type: application/pdf; name="bob@y.example"',
+        "Content-Description: statement for bob@y.example",
+    ],
+)
+def test_an_attachments_header_naming_another_recipient_is_refused(part: str) -> None:
+    """A body part's own header fields (its file name) are shown to the recipient too."""
+    err = refused(THREE, with_attachment(part))
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+    assert "part 2" in err.reason
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "Sender: ann@x.example, bob@y.example, carol@z.example\r\n",
+        "From: bob@y.example\r\nFrom: carol@z.example\r\n",
+        "Sender: bob@y.example\r\nSender: carol@z.example\r\n",
+    ],
+)
+def test_a_sender_field_cannot_be_widened_to_exempt_recipients(fields: str) -> None:
+    """Several Sender: mailboxes, or repeated From:/Sender: fields, are 554 5.6.0."""
+    err = refused(THREE, (H + fields + "\r\nb\r\n").encode())
+    assert (err.reply.code, err.reply.enhanced) == (554, "5.6.0")
+
+
+def test_a_removed_sender_exempts_nobody() -> None:
+    """With Sender: on the removal list, a Sender: naming bob does not let Reply-To show him."""
+    data = (H + "Sender: bob@y.example\r\nReply-To: bob@y.example\r\n\r\nb\r\n").encode()
+    err = refused(THREE, data, removed_headers=frozenset({"sender"}))
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+def test_a_utf8_author_may_receive_a_copy_of_their_own_message() -> None:
+    """From: Jörg <jörg@shop.example> (SMTPUTF8) sending to himself too: delivered."""
+    data = "From: Jörg <jörg@shop.example>\r\nTo: ann@x.example\r\n\r\nhi\r\n".encode()
+    envelope = Envelope.parse(
+        "bounces@shop.example", ["ann@x.example", "jörg@shop.example"], smtputf8=True
+    )
+    assert len(isolate(envelope, data).copies) == 2
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "bob@y .example",
+        "bob@y. example",
+        "bob@y (c) .example",
+        "bob .smith@y.example",
+        '"bob".smith@y.example',
+        'bob."smith"@y.example',
+        "bob\uff20exa\r\n mple.com",
+        "bob\ufe6bexa\r\n mple.com",
+        "bob@exa\r\n  mple.com",
+    ],
+)
+def test_obsolete_and_folded_spellings_are_read(value: str) -> None:
+    """Blanks and quoted words around dots (RFC 5322 4.4), fullwidth at signs across a fold."""
+    rcpts = [*THREE, "bob.smith@y.example", "bob@example.com"]
+    err = refused(rcpts, (H + f"Reply-To: {value}\r\n\r\nb\r\n").encode())
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+def test_a_decomposed_envelope_address_matches_its_composed_spelling() -> None:
+    """RCPT bo\u0308b@y.example and a Reply-To of the composed b\u00f6b@y.example: refused."""
+    data = (H + "Reply-To: b\u00f6b@y.example\r\n\r\nb\r\n").encode()
+    err = refused(["ann@x.example", "bo\u0308b@y.example"], data)
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+@pytest.mark.parametrize("ending", ["\r\n", "\n"])
+def test_a_forwarded_mail_inside_an_encoded_message_is_an_embedded_message(ending: str) -> None:
+    """message/rfc822 inside a base64 message/global, LF or CRLF inside: embedded check."""
+    inner = (
+        f"From: z@q.example{ending}Cc: bob@exa{ending} mple.com{ending}{ending}hello{ending}"
+    ).encode()
+    outer = b"Content-Type: message/rfc822\r\n\r\n" + inner
+    data = (
+        (
+            H + "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=BB\r\n\r\n--BB\r\n"
+            "Content-Type: message/global\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        ).encode()
+        + base64.encodebytes(outer).replace(b"\n", b"\r\n")
+        + b"--BB--\r\n"
+    )
+    err = refused(["ann@x.example", "bob@example.com"], data)
+    assert "header section in the body" in err.reason
+
+
+def test_rfc2231_sections_are_not_hidden_by_the_own_address_placeholder() -> None:
+    """ann (the sender) and joann: ref*0=jo; ref*1=<ann@...> reads as joann in ann's copy."""
+    data = (H + "X-Campaign: id; ref*0=jo; ref*1=<ann@x.example>\r\n\r\nb\r\n").encode()
+    err = refused(["ann@x.example", "joann@x.example"], data, sender="ann@x.example")
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "X-A: p*0=bob@exa; p*1=mple.com",
+        # Cut inside a UTF-16 code unit: the charset is the whole value's, decoded once.
+        "Content-Type: text/plain; name*0*=utf-16be''{}; name*1*={}".format(
+            *(
+                urllib.parse.quote(half, safe="")
+                for half in (
+                    "bob@example.com".encode("utf-16be")[:15],
+                    "bob@example.com".encode("utf-16be")[15:],
+                )
+            )
+        ),
+    ],
+)
+def test_rfc2231_sections_are_joined_however_they_start_or_are_bracketed(field: str) -> None:
+    """Sections joined before decoding, a first item that is a section, brackets dropped."""
+    rcpts = ["ann@x.example", "joann@x.example", "bob@example.com"]
+    err = refused(rcpts, (H + field + "\r\n\r\nb\r\n").encode(), sender="ann@x.example")
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "DKIM-Signature: v=1; a=rsa-sha256; c=simple/simple; d=example.org; s=s1; h=from;"
+        + " x-note="
+        + "w " * 600
+        + "; bh=x; b=y",
+        "DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=s1; h=from:subject;\r bh=x; b=y",
+    ],
+)
+def test_a_signature_whose_own_field_the_relay_changes_is_stripped(signature: str) -> None:
+    """A signature signs its own field (RFC 6376 3.7): folded or normalised, it is stripped."""
+    data = (signature + "\r\n" + H + "\r\nb\r\n").encode()
+    plan = run(["ann@x.example"], data, normalize=True)
+    assert b"DKIM-Signature" not in plan.copies[0].headers

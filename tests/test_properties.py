@@ -261,6 +261,9 @@ HARMLESS = (
 def harmless_fields(draw: st.DrawFn) -> list[bytes]:
     """Fields that name no recipient; each is rendered to exact bytes once."""
     chosen = draw(st.lists(st.sampled_from(HARMLESS), max_size=8))
+    # RFC 5322 3.6: one Sender: at most (a second is refused, 554 5.6.0).
+    senders = [i for i, (name, _) in enumerate(chosen) if name == "Sender"]
+    chosen = [f for i, f in enumerate(chosen) if i not in senders[1:]]
     out = []
     for name, template in chosen:
         words = draw(st.lists(st.sampled_from(SUBJECT_WORDS), min_size=1, max_size=6))
