@@ -65,6 +65,7 @@ READY_COPIES = 5000
 # slots, at least one).
 CLAIM_SECONDS = 0.1
 STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
+REPLY_TEXT_CHARS = 500  # of an upstream reply logged (the spool keeps as much)
 
 TIMED_OUT = Outcome(Status.TRANSIENT, Stage.DOT, 0, "", "deadline reached", ambiguous=True)
 
@@ -174,6 +175,9 @@ class Deliverer:
         self._claim_after = 0.0
         self._quarantined_seen = 0
         self.paused_until = 0.0
+        # After a pause for refused credentials: one copy at a time (one login) until an
+        # attempt gets past AUTH, instead of ``concurrency`` logins at once (issue 14.8).
+        self.probing = False
         # The last copy's verdict on the upstream itself (for /readyz): reached or not.
         self.upstream_reachable = True
         # Passthrough: the application's credentials, by user, as last seen at AUTH (memory only).
@@ -253,6 +257,8 @@ class Deliverer:
         if self.paused_until > now or self._stopping:
             return 0
         free = self._concurrency - len(self._in_flight)
+        if self.probing:  # one probe copy, one login, until the credentials work again
+            free = min(free, 1 - len(self._in_flight))
         allowed = self._limiter.take(now, free) if free > 0 else 0
         self._limited = free > 0 and allowed <= 0
         if allowed <= 0:
@@ -440,7 +446,11 @@ class Deliverer:
         now = self._clock()
         self._metrics.copy_outcome(outcome, latency)
         self.note_reachability(outcome)
-        fields = {
+        if not job.auth_user and outcome.auth_failed:
+            self.probing = True  # when the pause ends, one copy tries the credentials first
+        elif not job.auth_user and outcome.stage not in _UNREACHABLE:
+            self.probing = False  # past AUTH: the credentials work again
+        fields: dict[str, object] = {
             "queue_id": job.message_id,
             "rcpt": self._tokens(job.rcpt),
             "stage": outcome.stage.value,
@@ -455,6 +465,8 @@ class Deliverer:
             )
             log.info("copy delivered", extra={"fields": fields})
             return
+        # The upstream's own words on every failure and deferral, addresses as tokens.
+        fields["reply"] = self._tokens.redact(outcome.text[:REPLY_TEXT_CHARS])
         if outcome.auth_failed and now < job.expires:
             # SPEC 5: the relay's own credentials refused: pause everything, no attempt
             # spent. An application's passthrough login refused: only its mail waits.

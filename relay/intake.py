@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from relay.config import Config, Mode
-from relay.delivery import Deliverer, deliver_direct
+from relay.delivery import REPLY_TEXT_CHARS, Deliverer, deliver_direct
 from relay.errors import (
     BadAddress,
     BadData,
@@ -298,6 +298,11 @@ class Intake:
                     "enhanced": outcome.enhanced,
                     "ambiguous": outcome.ambiguous,
                     "latency": round(latency, 4),
+                    **(
+                        {}
+                        if outcome.status is Status.DELIVERED
+                        else {"reply": self._tokens.redact(outcome.text[:REPLY_TEXT_CHARS])}
+                    ),
                 }
             },
         )
