@@ -33,7 +33,8 @@ from relay.addresses import Address, parse_address, parse_recipient
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
 from relay.errors import BadAddress, Reply
-from relay.metrics import ConnectionResult, Metrics
+from relay.logs import AddressTokens, token
+from relay.metrics import ConnectionResult, Metrics, Refusal
 from relay.model import Credentials
 from relay.startup import read_users
 
@@ -70,6 +71,8 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# What ``admit`` answers at MAIL, by enhanced code (relay.server's SPOOL_FULL, QUEUE_FULL).
+_CUSTODY_REFUSALS = {"4.3.1": Refusal.SPOOL_FULL, "4.3.2": Refusal.QUEUE_FULL}
 
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
@@ -175,6 +178,13 @@ class RelaySMTP(SMTP):
             writer.close()
             if metrics is not None:
                 metrics.connection(ConnectionResult.REFUSED_LIMIT)
+                metrics.refused(Refusal.CONNECTION_LIMIT)
+            log_refusal(
+                "connect",
+                TOO_MANY_CONNECTIONS,
+                Refusal.CONNECTION_LIMIT,
+                _peer_ip(transport.get_extra_info("peername")),
+            )
             return
         self._gate.sessions.add(self)
         if metrics is not None:
@@ -303,9 +313,15 @@ class InboundHandler:
     """aiosmtpd hooks: validate the envelope, then hand the message to ``accept``."""
 
     def __init__(
-        self, config: Config, gate: Gate, accept: Accept, admit: Callable[[], Reply | None]
+        self,
+        config: Config,
+        gate: Gate,
+        accept: Accept,
+        admit: Callable[[], Reply | None],
+        tokens: Callable[[str], str] = token,
     ) -> None:
         self._config = config
+        self._tokens = tokens
         self._gate = gate
         self._accept = accept
         self._admit = admit
@@ -337,13 +353,14 @@ class InboundHandler:
     ) -> str:
         if not self._gate.allows(session.peer) and not session.authenticated:
             if self._config.smtp.auth is not AuthMode.OFF:
-                return str(AUTH_REQUIRED)
+                return self._refuse(session, "mail", AUTH_REQUIRED, Refusal.AUTH_REQUIRED, address)
             if self._gate.metrics is not None:
                 self._gate.metrics.connection(ConnectionResult.REFUSED_NETWORK)
-            return str(NOT_ALLOWED)
+            return self._refuse(session, "mail", NOT_ALLOWED, Refusal.NETWORK, address)
         refusal = self._admit()
         if refusal is not None:
-            return str(refusal)
+            reason = _CUSTODY_REFUSALS.get(refusal.enhanced, Refusal.UNAVAILABLE)
+            return self._refuse(session, "mail", refusal, reason, address)
         for option in options:
             name, _, value = option.partition("=")
             if (
@@ -351,7 +368,7 @@ class InboundHandler:
                 and value.isdigit()
                 and int(value) > self._config.smtp.max_message_size
             ):
-                return str(TOO_BIG)
+                return self._refuse(session, "mail", TOO_BIG, Refusal.TOO_BIG, address)
         try:
             parse_address(
                 "" if address == NULL_SENDER else address,
@@ -360,7 +377,9 @@ class InboundHandler:
                 single_label=True,
             )
         except BadAddress as exc:
-            return str(exc.reply)
+            return self._refuse(
+                session, "mail", exc.reply, Refusal.BAD_SENDER, address, detail=exc.reason
+            )
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(SENDER_OK)
@@ -368,14 +387,25 @@ class InboundHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        if options:
+        sender = envelope.mail_from or ""
+        if options:  # aiosmtpd refuses every RCPT parameter itself, before this hook
             return "555 5.5.4 RCPT TO parameters not supported"
         try:
             parse_recipient(address, smtputf8=envelope.smtp_utf8, local_domains=self._local_domains)
         except BadAddress as exc:
-            return str(exc.reply)
+            return self._refuse(
+                session,
+                "rcpt",
+                exc.reply,
+                Refusal.BAD_RECIPIENT,
+                sender,
+                detail=exc.reason,
+                rcpt=address,
+            )
         if len(envelope.rcpt_tos) >= self._config.smtp.max_recipients:
-            return str(TOO_MANY_RCPTS)
+            return self._refuse(
+                session, "rcpt", TOO_MANY_RCPTS, Refusal.TOO_MANY_RECIPIENTS, sender, rcpt=address
+            )
         envelope.rcpt_tos.append(address)
         return str(RECIPIENT_OK)
 
@@ -406,6 +436,28 @@ class InboundHandler:
         )
         return str(await self._accept(submission))
 
+    def _refuse(
+        self,
+        session: Session,
+        stage: str,
+        reply: Reply,
+        reason: Refusal,
+        sender: str,
+        *,
+        detail: str = "",
+        rcpt: str | None = None,
+    ) -> str:
+        """Count and log one refusal (addresses as tokens); the reply to send."""
+        if self._gate.metrics is not None:
+            self._gate.metrics.refused(reason)
+        addresses = {"sender": self._tokens(sender if sender != NULL_SENDER else "")}
+        if rcpt is not None:
+            addresses["rcpt"] = self._tokens(rcpt)
+        log_refusal(
+            stage, reply, reason, _peer_ip(session.peer), detail=detail, addresses=addresses
+        )
+        return str(reply)
+
     async def handle_exception(self, error: Exception) -> str:
         log.error("internal error in SMTP session: %s", type(error).__name__, exc_info=error)
         return str(INTERNAL)
@@ -424,6 +476,22 @@ class InboundHandler:
         if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
             return AuthResult(success=True, auth_data=None)
         return AuthResult(success=False, handled=False)
+
+
+def log_refusal(
+    stage: str,
+    reply: Reply,
+    reason: Refusal,
+    client: str,
+    *,
+    detail: str = "",
+    addresses: dict[str, str] | None = None,
+) -> None:
+    """One line per refusal: where, the reply, why; addresses already tokens (issue 14.6)."""
+    fields = {"stage": stage, "reply": str(reply), "reason": reason.value, "client": client}
+    if detail:
+        fields["detail"] = detail
+    log.info("refused", extra={"fields": {**fields, **(addresses or {})}})
 
 
 def _read_users(path: str) -> dict[str, str]:
@@ -471,6 +539,7 @@ def make_protocol_factory(
     metrics: Metrics | None = None,
     *,
     admit: Callable[[], Reply | None] = lambda: None,
+    tokens: AddressTokens | None = None,
 ) -> tuple[Callable[[], RelaySMTP], Gate]:
     """The factory ``loop.create_server`` calls for each connection, and the shared gate.
 
@@ -478,7 +547,7 @@ def make_protocol_factory(
     (spool space, queue bound); a reply it returns refuses the transaction.
     """
     gate = Gate(config.smtp.max_connections, config.smtp.allow_networks, metrics)
-    handler = InboundHandler(config, gate, accept, admit)
+    handler = InboundHandler(config, gate, accept, admit, token if tokens is None else tokens)
     auth_on = config.smtp.auth is not AuthMode.OFF
     loopback = config.listen_address.is_loopback
 

@@ -25,6 +25,7 @@ Closed label sets:
   ``To`` is only rebuilt, ``Received`` only added, a signature only stripped,
   kept or signed), so no series is exported that can never move.
 - ``result`` of an inbound connection: the values of ``ConnectionResult``.
+- ``reason`` of a refusal in an SMTP session: the values of ``Refusal``.
 - ``version`` of ``solo_relay_build_info``: the one running version.
 
 With ``workers`` above 1 each worker process writes its series to files in
@@ -81,6 +82,23 @@ class ConnectionResult(enum.Enum):
     ACCEPTED = "accepted"
     REFUSED_LIMIT = "refused_limit"  # smtp.max_connections reached
     REFUSED_NETWORK = "refused_network"  # the peer is outside smtp.allow_networks
+
+
+class Refusal(enum.Enum):
+    """Why the relay refused a connection, MAIL, RCPT or DATA in the session (``reason``)."""
+
+    CONNECTION_LIMIT = "connection_limit"  # 421 4.7.0 at connect: smtp.max_connections
+    NETWORK = "network"  # 550 5.7.1 at MAIL: outside smtp.allow_networks, no AUTH
+    AUTH_REQUIRED = "auth_required"  # 530 5.7.0 at MAIL: outside the networks, AUTH is on
+    SPOOL_FULL = "spool_full"  # 452 4.3.1 at MAIL: spool.min_free_bytes
+    QUEUE_FULL = "queue_full"  # 451 4.3.2 at MAIL: delivery.max_queued
+    UNAVAILABLE = "unavailable"  # any other 4xx that custody gives at MAIL
+    TOO_BIG = "too_big"  # 552 5.3.4 at MAIL: SIZE= over smtp.max_message_size
+    BAD_SENDER = "bad_sender"  # 553 at MAIL: an address the relay will not carry
+    SENDER_NOT_ALLOWED = "sender_not_allowed"  # 550 5.7.1 at MAIL: [senders] allow-list
+    BAD_RECIPIENT = "bad_recipient"  # 553 at RCPT
+    TOO_MANY_RECIPIENTS = "too_many_recipients"  # 452 4.5.3 at RCPT: smtp.max_recipients
+    FROM_NOT_ALLOWED = "from_not_allowed"  # 550 5.7.1 at DATA: From: domain not allowed
 
 
 class SpoolState(enum.Enum):
@@ -236,6 +254,12 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self._refusals = Counter(
+            f"{p}_smtp_refusals_total",
+            "Connections, MAIL, RCPT and DATA commands the relay refused, by reason.",
+            ["reason"],
+            registry=registry,
+        )
         self._open = Gauge(
             f"{p}_inbound_connections_open",
             "Inbound SMTP connections open now.",
@@ -299,6 +323,8 @@ class Metrics:
             self._headers.labels(header, change)
         for connection in ConnectionResult:
             self._connections.labels(connection.value)
+        for refusal in Refusal:
+            self._refusals.labels(refusal.value)
 
     def message_received(self, result: MessageResult, size: int, recipients: int) -> None:
         """Count one message by ``result``; observe its size and recipient count.
@@ -355,6 +381,10 @@ class Metrics:
         self._connections.labels(result.value).inc()
         if result is ConnectionResult.ACCEPTED:
             self._open.inc()
+
+    def refused(self, reason: Refusal) -> None:
+        """Count one refusal in an SMTP session (a connection, MAIL, RCPT or DATA)."""
+        self._refusals.labels(reason.value).inc()
 
     def connection_closed(self) -> None:
         """An accepted connection closed (call once per ``connection(ACCEPTED)``)."""

@@ -126,7 +126,7 @@ class Relay:
             options=options,
         )
         factory, self._gate = make_protocol_factory(
-            config, intake.accept, tls, self.metrics, admit=self._admit
+            config, intake.accept, tls, self.metrics, admit=self._admit, tokens=tokens
         )
         listen = config.listen_address
         loop = asyncio.get_running_loop()

@@ -143,3 +143,99 @@ async def test_readyz_is_not_ready_while_delivery_is_paused_for_credentials(
     assert status == 503
     assert body == "delivery paused: the upstream refused the relay's credentials\n"
     assert plain_server.transactions == []
+
+
+# -- item 6: refusals at connect, MAIL and RCPT ------------------------------------------
+
+
+def refusals(relay: Relay, reason: str) -> float:
+    value = relay.registry.get_sample_value("solo_relay_smtp_refusals_total", {"reason": reason})
+    assert value is not None, reason
+    return value
+
+
+async def test_rcpt_refusals_are_logged_and_counted_by_reason(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """A bad recipient (553) and one over the limit (452): a line and a count each."""
+    env = {"RELAY_SMTP_MAX_RECIPIENTS": "2"}
+    over = "dave@example.org"
+
+    def session(port: int) -> list[tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("app.example.org")
+            client.mail(SENDER)
+            replies = [client.rcpt(r) for r in ("root@localhost", BOB, CAROL, over)]
+            client.rset()
+            return replies
+
+    with json_logs() as stream:
+        async with running_relay(tmp_path, plain_server.url(), env) as relay:
+            replies = await asyncio.to_thread(session, relay.smtp_port)
+            counts = {
+                reason: refusals(relay, reason)
+                for reason in ("bad_recipient", "too_many_recipients", "network")
+            }
+        found = lines(stream, "refused")
+    assert [code for code, _ in replies] == [553, 250, 250, 452]
+    assert counts == {"bad_recipient": 1, "too_many_recipients": 1, "network": 0}
+    by_reason = {line["reason"]: line for line in found}
+    assert by_reason["too_many_recipients"]["reply"] == "452 4.5.3 Too many recipients"
+    assert by_reason["too_many_recipients"]["rcpt"] == TOKENS(over)
+    assert by_reason["too_many_recipients"]["sender"] == TOKENS(SENDER)
+    assert by_reason["bad_recipient"]["reply"].startswith("553 5.1.")
+    assert by_reason["bad_recipient"]["rcpt"] == TOKENS("root@localhost")
+    assert {line["stage"] for line in found} == {"rcpt"}
+    assert {line["client"] for line in found} == {"127.0.0.1"}
+    assert over not in stream.getvalue() and "root@localhost" not in stream.getvalue()
+
+
+async def test_network_and_size_refusals_at_mail_are_logged_and_counted(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """A client outside smtp.allow_networks gets 550 5.7.1 at MAIL, logged with the sender token."""
+    env = {"RELAY_SMTP_ALLOW_NETWORKS": "192.0.2.0/24"}
+    with json_logs() as stream:
+        async with running_relay(tmp_path, plain_server.url(), env) as relay:
+            error = await asyncio.to_thread(send, relay.smtp_port, [BOB])
+            network = refusals(relay, "network")
+        (line,) = lines(stream, "refused")
+    assert isinstance(error, smtplib.SMTPSenderRefused) and error.smtp_code == 550
+    assert network == 1
+    assert line["stage"] == "mail" and line["reason"] == "network"
+    assert line["reply"] == "550 5.7.1 Relaying not allowed from your network"
+    assert line["sender"] == TOKENS(SENDER)
+    assert SENDER not in stream.getvalue()
+
+    def oversized(port: int) -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("app.example.org")
+            return client.mail(SENDER, ["SIZE=999999999"])
+
+    async with running_relay(tmp_path / "2", plain_server.url()) as relay:
+        code, _ = await asyncio.to_thread(oversized, relay.smtp_port)
+        assert code == 552
+        assert refusals(relay, "too_big") == 1
+
+
+async def test_a_connection_over_the_limit_is_logged_and_counted(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """smtp.max_connections = 1: the second connection gets 421 4.7.0, a line and a count."""
+
+    def two(port: int) -> int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as first:
+            first.ehlo("app.example.org")
+            try:
+                smtplib.SMTP("127.0.0.1", port, timeout=30)
+            except smtplib.SMTPConnectError as exc:
+                return exc.smtp_code
+        return 0
+
+    with json_logs() as stream:
+        env = {"RELAY_SMTP_MAX_CONNECTIONS": "1"}
+        async with running_relay(tmp_path, plain_server.url(), env) as relay:
+            assert await asyncio.to_thread(two, relay.smtp_port) == 421
+            assert refusals(relay, "connection_limit") == 1
+        (line,) = lines(stream, "refused")
+    assert line["stage"] == "connect" and line["reply"].startswith("421 4.7.0")
