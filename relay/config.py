@@ -40,6 +40,7 @@ from relay.model import (
     BodyCheck,
     IsolationOptions,
 )
+from relay.senders import SenderPolicy, parse_policy
 
 ENV_PREFIX = "RELAY_"
 ENV_ALIASES = {"RELAY_UPSTREAM": ("upstream", "url")}
@@ -169,6 +170,33 @@ class IsolationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SendersConfig:
+    # Envelope senders and From: domains every client may use ("a@example.com",
+    # "@example.com", "<>"); empty with no by_user: anyone may send as anyone.
+    allow: tuple[str, ...] = ()
+    # "USER: PATTERN PATTERN ..." per AUTH user, used instead of allow for that user.
+    by_user: tuple[str, ...] = ()
+    # Named envelope senders whose copies keep To: and Cc: as written (a team thread).
+    keep_recipients: tuple[str, ...] = ()
+
+    def policy(self) -> SenderPolicy:
+        """The policy (``ConfigError`` naming the key of a malformed entry)."""
+        for key, entries in (
+            ("senders.allow", self.allow),
+            ("senders.by_user", self.by_user),
+            ("senders.keep_recipients", self.keep_recipients),
+        ):
+            try:
+                parse_policy(*(entries if k == key else () for k in _SENDER_KEYS))
+            except ValueError as exc:
+                raise ConfigError(key, str(exc)) from exc
+        return parse_policy(self.allow, self.by_user, self.keep_recipients)
+
+
+_SENDER_KEYS = ("senders.allow", "senders.by_user", "senders.keep_recipients")
+
+
+@dataclass(frozen=True, slots=True)
 class DkimConfig:
     action: DkimAction = DkimAction.STRIP  # an app signature over a changed header
     sign_all: bool = False  # sign every copy with the relay's key
@@ -229,6 +257,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    senders: SendersConfig = field(default_factory=SendersConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -241,7 +270,11 @@ class Config:
         if self.dkim.signs:
             signer = load_signer(self.dkim.domain, self.dkim.selector, self.dkim.key_file)
         return replace(
-            options, dkim_action=self.dkim.action, signer=signer, sign_all=self.dkim.sign_all
+            options,
+            dkim_action=self.dkim.action,
+            signer=signer,
+            sign_all=self.dkim.sign_all,
+            keep_recipients_for=self.senders.policy().keep_recipients,
         )
 
     @property
@@ -511,6 +544,7 @@ def validate(config: Config) -> None:
     for key, amount in signed:
         if amount < 0:
             raise ConfigError(key, "must not be negative")
+    config.senders.policy()  # raises ConfigError naming the [senders] key at fault
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             "log.level", f"must be debug, info, warning or error: {config.log.level!r}"

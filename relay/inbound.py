@@ -32,9 +32,10 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from relay.addresses import Address, parse_address, parse_recipient
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
-from relay.errors import BadAddress, Reply
+from relay.errors import BadAddress, Rejected, Reply
+from relay.headers import parse_message
 from relay.logs import AddressTokens, token
-from relay.metrics import ConnectionResult, Metrics, Refusal
+from relay.metrics import ConnectionResult, MessageResult, Metrics, Refusal
 from relay.model import Credentials
 from relay.startup import read_users
 
@@ -98,6 +99,7 @@ class Submission:
     client_ip: str
     protocol: str  # RFC 3848 / RFC 6531 "with" keyword for the Received line
     credentials: Credentials | None
+    auth_user: str = ""  # the AUTH user name ("" when the client did not authenticate)
 
 
 Accept = Callable[[Submission], Awaitable[Reply]]
@@ -330,6 +332,7 @@ class InboundHandler:
         self._users = (
             _read_users(config.smtp.users_file) if config.smtp.auth is AuthMode.USERS else {}
         )
+        self._senders = config.senders.policy()
 
     async def handle_EHLO(
         self,
@@ -380,6 +383,13 @@ class InboundHandler:
             return self._refuse(
                 session, "mail", exc.reply, Refusal.BAD_SENDER, address, detail=exc.reason
             )
+        user = _auth_user(session)
+        denied = self._senders.check_sender(user, address)
+        if denied is not None:  # SPEC 3: [senders] allow, by_user
+            detail = f"AUTH user {user}" if user else "no AUTH"
+            return self._refuse(
+                session, "mail", denied, Refusal.SENDER_NOT_ALLOWED, address, detail=detail
+            )
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(SENDER_OK)
@@ -424,6 +434,17 @@ class InboundHandler:
             assert rcpt is not None
             recipients.append(rcpt)
         assert isinstance(envelope.original_content, bytes)
+        user = _auth_user(session)
+        denied = self._from_denied(user, envelope.original_content, smtputf8)
+        if denied is not None:
+            if self._gate.metrics is not None:
+                self._gate.metrics.message_received(
+                    MessageResult.REJECTED_POLICY, len(envelope.original_content), len(recipients)
+                )
+            detail = f"AUTH user {user}" if user else "no AUTH"
+            return self._refuse(
+                session, "data", denied, Refusal.FROM_NOT_ALLOWED, mail_from, detail=detail
+            )
         submission = Submission(
             sender=sender,
             recipients=tuple(recipients),
@@ -433,8 +454,36 @@ class InboundHandler:
             client_ip=_peer_ip(session.peer),
             protocol=_protocol(smtputf8, session.ssl is not None, bool(session.authenticated)),
             credentials=session.auth_data if isinstance(session.auth_data, Credentials) else None,
+            auth_user=user,
         )
         return str(await self._accept(submission))
+
+    def _from_denied(self, user: str, data: bytes, smtputf8: bool) -> Reply | None:
+        """SPEC 3: every From: mailbox at a domain the session may use (policy on only).
+
+        A header section the isolation core would refuse anyway is left to it (its
+        reply names the defect).
+        """
+        if not self._senders.on:
+            return None
+        isolation = self._config.isolation
+        try:
+            message = parse_message(
+                data,
+                smtputf8=smtputf8,
+                normalize=isolation.normalize_line_endings,
+                max_header_octets=isolation.max_header_size,
+            )
+        except Rejected:
+            return None
+        mailboxes: list[str] = []
+        for f in message.fields:
+            if f.name == "from":
+                found = [address for _, address in f.mailboxes(utf8=smtputf8)]
+                if not found:  # a From: that does not parse names no allowed domain
+                    return self._senders.check_from(user, [])
+                mailboxes += found
+        return self._senders.check_from(user, mailboxes)
 
     def _refuse(
         self,
@@ -474,7 +523,7 @@ class InboundHandler:
             return AuthResult(success=True, auth_data=Credentials(username, password))
         expected = self._users.get(username)
         if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
-            return AuthResult(success=True, auth_data=None)
+            return AuthResult(success=True, auth_data=username)  # for [senders] by_user
         return AuthResult(success=False, handled=False)
 
 
@@ -520,6 +569,16 @@ def _closing_bracket(text: str) -> int:
         elif char == ">" and not quoted:
             return index
     return -1
+
+
+def _auth_user(session: Session) -> str:
+    """The session's AUTH user name, or "" when it did not authenticate."""
+    if not session.authenticated:
+        return ""
+    data = session.auth_data
+    if isinstance(data, Credentials):
+        return data.username
+    return data if isinstance(data, str) else ""
 
 
 def _peer_ip(peer: Any) -> str:

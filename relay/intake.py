@@ -116,6 +116,19 @@ class Intake:
                 plan = isolate(envelope, submission.data, self._options, trace)
         except Rejected as exc:
             return self._refused(queue_id, submission, exc)
+        if plan.kept_recipients:  # SPEC 3's opt-out, from configuration: each use is seen
+            self._metrics.recipient_list_kept()
+            log.warning(
+                "recipient list kept",
+                extra={
+                    "fields": {
+                        "queue_id": queue_id,
+                        "sender": self._tokens(submission.sender.text if submission.sender else ""),
+                        "copies": len(plan.copies),
+                        "setting": "senders.keep_recipients",
+                    }
+                },
+            )
         for warning in plan.warnings:
             self._metrics.body_warning()
             log.warning("body check", extra={"fields": {"queue_id": queue_id, "warning": warning}})
@@ -141,6 +154,12 @@ class Intake:
                 "fields": {
                     "queue_id": queue_id,
                     "sender": self._tokens(sender),
+                    # SPEC 3: who sent it, as a token too (``solo-relay token USER``).
+                    **(
+                        {"auth_user": self._tokens(submission.auth_user)}
+                        if submission.auth_user
+                        else {}
+                    ),
                     "size": size,
                     "copies": len(plan.copies),
                     "merged_duplicates": plan.merged_duplicates,

@@ -243,6 +243,11 @@ class Metrics:
             "Messages the leak guard refused (550 5.7.1): nothing of them was sent.",
             registry=registry,
         )
+        self._kept_lists = Counter(
+            f"{p}_recipient_lists_kept_total",
+            "Messages of a sender named in senders.keep_recipients: copies kept To: and Cc:.",
+            registry=registry,
+        )
         self._body_warnings = Counter(
             f"{p}_body_check_warnings_total",
             "Messages whose body names a recipient of another copy (body_check = warn).",
@@ -371,6 +376,10 @@ class Metrics:
     def leak_rejected(self) -> None:
         """Count one message the leak guard refused."""
         self._leaks.inc()
+
+    def recipient_list_kept(self) -> None:
+        """Count one message whose copies kept their visible recipient list (the opt-out)."""
+        self._kept_lists.inc()
 
     def body_warning(self) -> None:
         """Count one message whose body check warned."""
