@@ -237,6 +237,7 @@ class SpoolConfig:
     fsync: bool = True  # off only to measure what durability costs
     min_free_bytes: int = 100 * 1024 * 1024  # below this, MAIL gets 452 4.3.1
     max_bytes: int = 0  # cap on the database; 0: the disk is the limit
+    history_days: float = 0.0  # keep delivered and failed copies this long (queue list --delivered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +541,7 @@ def validate(config: Config) -> None:
         ("delivery.rate_per_day", config.delivery.rate_per_day),
         ("spool.min_free_bytes", config.spool.min_free_bytes),
         ("spool.max_bytes", config.spool.max_bytes),
+        ("spool.history_days", config.spool.history_days),
     )
     for key, amount in signed:
         if amount < 0:

@@ -109,7 +109,10 @@ class Relay:
         )
         self._upstream = open_upstream(config.upstream)
         self.spool = Spool(
-            Path(config.spool.dir), fsync=config.spool.fsync, max_bytes=config.spool.max_bytes
+            Path(config.spool.dir),
+            fsync=config.spool.fsync,
+            max_bytes=config.spool.max_bytes,
+            history_days=config.spool.history_days,
         )
         self.spool.open()
         self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)
@@ -204,7 +207,12 @@ class Relay:
         """Deliver what a spool no worker serves any more holds (mail already acknowledged)."""
         assert self._upstream is not None
         config = self.config
-        spool = Spool(directory, fsync=config.spool.fsync, max_bytes=config.spool.max_bytes)
+        spool = Spool(
+            directory,
+            fsync=config.spool.fsync,
+            max_bytes=config.spool.max_bytes,
+            history_days=config.spool.history_days,
+        )
         try:
             spool.open()
         except SpoolError:
