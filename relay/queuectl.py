@@ -58,7 +58,9 @@ database; 2: bad configuration or usage.
 _LIST_HELP = """\
 One line per copy still in the spool (queued, delivering, deferred, and failed
 copies of messages that still have live ones): queue id, copy id, state,
-attempts, next try, last reply code, age, sender and recipient.
+attempts, next try, last reply code, age, the application's Message-ID, sender
+and recipient; every worker's spool in one listing (a SPOOL column), then the
+totals by state.
 """
 _SHOW_HELP = """\
 Print one message: its envelope, body size, times, and for each copy its
