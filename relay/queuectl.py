@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from relay import queueview
+from relay import queuefmt, queueview
 from relay.config import Config, load
 from relay.errors import ConfigError
 from relay.logs import AddressTokens, load_key
@@ -350,7 +350,7 @@ def _show(
     addresses = [sender, *(c.rcpt for c in copies)]
     lines = [
         f"queue id   {_safe(message_id)}",
-        queueview.show_message_id_line([bytes(h) for h in headers.values()], addresses, tokens),
+        queuefmt.message_id_line([bytes(h) for h in headers.values()], addresses, tokens),
         f"sender     {_safe(_sender(sender, tokens))}",
         f"received   {_when(received)} ({_span(now - received)} ago)",
         f"expires    {_when(expires)} ({_relative(expires, now)})",

@@ -1,15 +1,14 @@
-"""``solo-relay queue list`` (filters, JSON, every spool in one listing, the delivered
-history), ``queue show --json``, ``queue stats --json``, and ``solo-relay token``.
+"""``solo-relay queue list``: filters, JSON, every spool in one listing, the delivered
+history; and the dispatch of the JSON views (``relay.queuejson``).
 
 Rule 1: the same rules as ``relay.queuectl``: each spool database is read in one
 short snapshot, never created; addresses are the deployment's keyed tokens
-unless ``--show-addresses``; what the spool holds is escaped before it is printed.
+unless ``--show-addresses``; what the spool holds is escaped (``relay.queuefmt``).
 Rule 2: one listing for all the spools of ``spool.dir`` (each worker's too), in
 the order mail was received, with the totals by state; a ``SPOOL`` column says
 where each copy is when there is more than one.
-Rule 3: the Message-ID is shown as the application wrote it (an operator
-searches the application's logs by it), except that one naming an address of
-its own message (``<bob@example.com>``) is shown as a token like the address.
+Rule 3: the Message-ID is shown as ``relay.queuefmt`` says (in clear, unless it
+names an address of its own message).
 Rule 4: ``--rcpt`` and ``--sender`` take a token (as the logs show it) or an
 address, which is turned into its token with the deployment's key: the filter
 never needs the address in clear.
@@ -26,25 +25,27 @@ import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from relay import history
-from relay.config import Config
-from relay.errors import ConfigError
-from relay.logs import KEY_FILE, TOKEN_PREFIX, AddressTokens, configured_key, load_key
-from relay.spool import BODIES, BUSY_TIMEOUT_MS, LIVE, CopyState, read_stats
+from relay import history, queuejson
+from relay.logs import TOKEN_PREFIX, AddressTokens
+from relay.queuefmt import (
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    LISTED,
+    RETRYABLE,
+    connect,
+    safe,
+    sender_text,
+    shown_message_id,
+    span,
+    when,
+)
+from relay.spool import CopyState
 
-LISTED = (*LIVE, CopyState.FAILED)  # as relay.queuectl lists them: live copies, and failed ones
-RETRYABLE = (CopyState.QUEUED, CopyState.DEFERRED)
-_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _AGE = re.compile(r"(?i)(\d+(?:\.\d+)?)\s*([smhd]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
-
-EXIT_OK = 0
-EXIT_NOT_FOUND = 1
-EXIT_CONFIG = 2
 
 _LIST_EXTRA = """\
 Filters combine: --state (repeat it), --older-than/--newer-than an age (90s,
@@ -101,52 +102,12 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def add_token_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``solo-relay token ADDRESS...``."""
-    p = commands.add_parser(
-        "token",
-        help="print the log token of an address",
-        description="Print the token the logs and `queue list` show for each ADDRESS (or AUTH"
-        " user name), under the deployment's key (log.hash_key_file, log.hash_key, or the"
-        " one kept in spool.dir), so a customer's mail can be found in the logs without"
-        " the logs holding the address. Exit status 1: no key yet (serve makes one at"
-        " its first start); 2: bad configuration.",
-    )
-    p.add_argument("addresses", nargs="+", metavar="ADDRESS", help="an address or a user name")
-    p.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
-
-
 def age(text: str) -> float:
     """``90``, ``90s``, ``15m``, ``2h``, ``3d`` as seconds (argparse type)."""
     match = _AGE.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"not an age: {text!r} (90s, 15m, 2h, 3d)")
     return float(match[1]) * _UNITS[match[2].lower()]
-
-
-# -- solo-relay token ---------------------------------------------------------------
-
-
-def run_token(config: Config, addresses: Sequence[str], out: TextIO, err: TextIO) -> int:
-    """Print ``ADDRESS TOKEN`` per address; never creates the key."""
-    spool_dir = Path(config.spool.dir)
-    try:
-        if configured_key(config.log) is None and not (spool_dir / KEY_FILE).is_file():
-            print(
-                f"solo-relay token: no token key yet: serve makes {spool_dir / KEY_FILE} at its"
-                " first start (or set log.hash_key_file)",
-                file=err,
-            )
-            return EXIT_NOT_FOUND
-        tokens = AddressTokens(load_key(config.log, spool_dir))
-    except ConfigError as exc:
-        print(f"solo-relay: configuration error: {exc}", file=err)
-        return EXIT_CONFIG
-    for address in addresses:
-        out.write(
-            f"{tokens(address)}\n" if len(addresses) == 1 else f"{address} {tokens(address)}\n"
-        )
-    return EXIT_OK
 
 
 # -- queue list ---------------------------------------------------------------------
@@ -183,9 +144,9 @@ def run(
         return run_list(args, paths, tokens, real, now=now, out=out, err=err)
     if action == "show" and args.json:
         assert tokens is not None
-        return run_show_json(paths, args.queue_id, tokens, now=now, out=out, err=err)
+        return queuejson.run_show_json(paths, args.queue_id, tokens, now=now, out=out, err=err)
     if action == "stats" and args.json:
-        summary, unreadable = stats_json(paths, now, err)
+        summary, unreadable = queuejson.stats_json(paths, now, err)
         out.write(json.dumps(summary) + "\n")
         return EXIT_NOT_FOUND if unreadable else EXIT_OK
     return None
@@ -209,7 +170,7 @@ def run_list(
     for path in paths:
         name = "." if path.parent == base else str(path.parent.relative_to(base))
         try:
-            conn = _connect(path)
+            conn = connect(path)
         except sqlite3.Error as exc:
             print(f"solo-relay queue: cannot open {path}: {exc}", file=err)
             broken = True
@@ -238,20 +199,6 @@ def run_list(
     else:
         out.write(_table(rows, tokens, now, several=several, delivered=args.delivered))
     return EXIT_NOT_FOUND if broken else EXIT_OK
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """The existing database, never created (``mode=rw``: a WAL reader needs its -shm)."""
-    if not path.is_file():
-        raise sqlite3.OperationalError(f"no spool database at {path}")
-    conn = sqlite3.connect(
-        path.resolve().as_uri() + "?mode=rw",
-        uri=True,
-        isolation_level=None,
-        timeout=BUSY_TIMEOUT_MS / 1000,
-    )
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    return conn
 
 
 def _spool_rows(conn: sqlite3.Connection, spool: str) -> list[Row]:
@@ -338,18 +285,10 @@ def _filter(
             continue
         if rcpt is not None and keyed(row.rcpt) != rcpt:
             continue
-        if sender is not None and _sender(row.sender, keyed) != sender:
+        if sender is not None and sender_text(row.sender, keyed) != sender:
             continue
         kept.append(row)
     return kept
-
-
-def shown_message_id(header_id: str, addresses: Sequence[str], tokens: AddressTokens) -> str:
-    """Rule 3: the Message-ID in clear, unless it names an address of its own message."""
-    lowered = header_id.lower()
-    if any(a and a.lower() in lowered for a in addresses):
-        return tokens.redact(header_id)
-    return header_id
 
 
 def _message_ids(rows: Sequence[Row], tokens: AddressTokens) -> dict[tuple[str, str], str]:
@@ -378,18 +317,18 @@ def _table(
     table = [header]
     for r in rows:
         cells = [
-            _safe(r.message_id),
+            safe(r.message_id),
             str(r.copy_id),
             r.state,
             str(r.attempts),
-            (_when(r.finished) if delivered else _next_try(r, now)),
+            (when(r.finished) if delivered else _next_try(r, now)),
             f"{r.last_code} {r.last_enhanced}".strip() if r.last_code else "-",
-            _span(now - r.received),
-            _safe(ids[(r.spool, r.message_id)]) or "-",
-            _safe(_sender(r.sender, tokens)),
-            _safe(tokens(r.rcpt)),
+            span(now - r.received),
+            safe(ids[(r.spool, r.message_id)]) or "-",
+            safe(sender_text(r.sender, tokens)),
+            safe(tokens(r.rcpt)),
         ]
-        table.append([_safe(r.spool), *cells] if several else cells)
+        table.append([safe(r.spool), *cells] if several else cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     text = "".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
@@ -426,26 +365,26 @@ def _json(rows: Sequence[Row], tokens: AddressTokens, now: float, spools: int) -
     for r in rows:
         item: dict[str, Any] = {
             "spool": r.spool,
-            "queue_id": _safe(r.message_id),
+            "queue_id": safe(r.message_id),
             "copy": r.copy_id,
             "state": r.state,
             "attempts": r.attempts,
             "received": r.received,
-            "received_iso": _when(r.received),
+            "received_iso": when(r.received),
             "age_seconds": round(max(now - r.received, 0.0), 3),
-            "message_id": _safe(ids[(r.spool, r.message_id)]),
-            "sender": _sender(r.sender, tokens),
+            "message_id": safe(ids[(r.spool, r.message_id)]),
+            "sender": sender_text(r.sender, tokens),
             "rcpt": tokens(r.rcpt),
             "auth_user": tokens(r.auth_user) if r.auth_user else None,
             "last_code": r.last_code or None,
             "last_enhanced": r.last_enhanced or None,
-            "last_reply": _safe(tokens.redact(r.last_text)) if r.last_text else None,
+            "last_reply": safe(tokens.redact(r.last_text)) if r.last_text else None,
         }
         if r.finished:
             item["delivered"] = r.finished
-            item["delivered_iso"] = _when(r.finished)
+            item["delivered_iso"] = when(r.finished)
         else:
-            item["next_try"] = r.next_try if r.state in {s.value for s in RETRYABLE} else None
+            item["next_try"] = r.next_try if r.state in RETRYABLE else None
         copies.append(item)
     return {
         "copies": copies,
@@ -458,187 +397,10 @@ def _json(rows: Sequence[Row], tokens: AddressTokens, now: float, spools: int) -
     }
 
 
-# -- queue stats --json, queue show --json --------------------------------------------------
-
-
-def stats_json(paths: Sequence[Path], now: float, err: TextIO) -> tuple[dict[str, Any], bool]:
-    """Counts by state per spool and summed; whether a spool could not be read."""
-    spools = []
-    total = dict.fromkeys((s.value for s in CopyState), 0)
-    broken = False
-    for path in paths:
-        try:
-            conn = _connect(path)
-            try:
-                conn.execute("BEGIN")
-                counts, oldest = read_stats(conn)
-                (messages,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
-                (quarantined,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
-                kept = (
-                    conn.execute(f"SELECT COUNT(*) FROM {history.TABLE}").fetchone()[0]
-                    if history.present(conn)
-                    else 0
-                )
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
-            broken = True
-            continue
-        for state, n in counts.items():
-            total[state.value] += n
-        bodies = path.parent / BODIES
-        spools.append(
-            {
-                "spool": str(path.parent),
-                "copies": {state.value: n for state, n in counts.items()},
-                "messages": messages,
-                "oldest_live_age_seconds": None if oldest is None else round(now - oldest, 3),
-                "quarantined": quarantined,
-                "history": kept,
-                "database_bytes": sum(_size(Path(f"{path}{s}")) for s in ("", "-wal")),
-                "body_files": len(list(bodies.iterdir())) if bodies.is_dir() else 0,
-            }
-        )
-    return {"spools": spools, "total": {"copies": total}}, broken
-
-
-def show_json(
-    conn: sqlite3.Connection, path: Path, queue_id: str, tokens: AddressTokens, now: float
-) -> dict[str, Any] | None:
-    """One message as JSON (envelope, times, copies with their header sections), or None."""
-    conn.execute("BEGIN")
-    try:
-        message = conn.execute(
-            "SELECT sender, smtputf8, auth_user, received, expires,"
-            " CASE body_file WHEN 1 THEN -1 ELSE length(body) END, is_dsn"
-            " FROM messages WHERE id = ?",
-            (queue_id,),
-        ).fetchone()
-        copies = conn.execute(
-            "SELECT id, rcpt, state, attempts, next_try, last_code, last_enhanced, last_text,"
-            " headers FROM copies WHERE message = ? ORDER BY id",
-            (queue_id,),
-        ).fetchall()
-    finally:
-        conn.execute("COMMIT")
-    if message is None:
-        return None
-    sender, smtputf8, auth_user, received, expires, size, is_dsn = message
-    if size == -1:
-        size = _size(path.parent / BODIES / queue_id)
-    header_id = next(
-        (history.message_id(bytes(c[8])) for c in copies if isinstance(c[8], bytes)), ""
-    )
-    addresses = [sender, *(c[1] for c in copies)]
-    return {
-        "queue_id": _safe(queue_id),
-        "spool": str(path.parent),
-        "sender": _sender(sender, tokens),
-        "auth_user": tokens(auth_user) if auth_user else None,
-        "message_id": _safe(shown_message_id(header_id, addresses, tokens)),
-        "received": received,
-        "received_iso": _when(received),
-        "expires": expires,
-        "expires_iso": _when(expires),
-        "body_bytes": size,
-        "smtputf8": bool(smtputf8),
-        "dsn": bool(is_dsn),
-        "copies": [
-            {
-                "copy": c[0],
-                "rcpt": tokens(c[1]),
-                "state": c[2],
-                "attempts": c[3],
-                "next_try": c[4] if c[2] in {s.value for s in RETRYABLE} else None,
-                "last_code": c[5] or None,
-                "last_enhanced": c[6] or None,
-                "last_reply": _safe(tokens.redact(c[7])) if c[7] else None,
-                "headers": _safe(tokens.redact(bytes(c[8]).decode("utf-8", "replace")))
-                if isinstance(c[8], bytes)
-                else "",
-            }
-            for c in copies
-        ],
-    }
-
-
-def run_show_json(
-    paths: Sequence[Path],
-    queue_id: str,
-    tokens: AddressTokens,
-    *,
-    now: float,
-    out: TextIO,
-    err: TextIO,
-) -> int:
-    """``queue show ID --json``: the first spool that holds the message."""
-    for path in paths:
-        try:
-            conn = _connect(path)
-            try:
-                shown = show_json(conn, path, queue_id, tokens, now)
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
-            continue
-        if shown is not None:
-            out.write(json.dumps(shown, ensure_ascii=False) + "\n")
-            return EXIT_OK
-    print(f"solo-relay queue: no message {_safe(queue_id)} in the spool", file=err)
-    return EXIT_NOT_FOUND
-
-
-def show_message_id_line(
-    headers: Sequence[bytes], addresses: Sequence[str], tokens: AddressTokens
-) -> str:
-    """The ``message-id`` line of ``queue show`` (Rule 3)."""
-    header_id = next((history.message_id(h) for h in headers if h), "")
-    return f"message-id {_safe(shown_message_id(header_id, addresses, tokens)) or '-'}"
-
-
-# -- formatting ---------------------------------------------------------------------
-
-
-def _safe(text: str) -> str:
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
-
-
-def _sender(sender: str, tokens: Callable[[str], str]) -> str:
-    return "<>" if not sender else tokens(sender)
-
-
 def _next_try(row: Row, now: float) -> str:
-    if row.state not in {s.value for s in RETRYABLE}:
+    if row.state not in RETRYABLE:
         return "-"
-    return "now" if row.next_try <= now else f"in {_span(row.next_try - now)}"
-
-
-def _span(seconds: float) -> str:
-    total = max(int(seconds), 0)
-    if total < 60:
-        return f"{total}s"
-    minutes = total // 60
-    if minutes < 60:
-        return f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours}h" if hours else f"{days}d"
-
-
-def _when(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+    return "now" if row.next_try <= now else f"in {span(row.next_try - now)}"
 
 
 def _plural(count: int, one: str, many: str) -> str:
