@@ -41,7 +41,7 @@ def isolate(
         max_header_octets=options.max_header_octets,
     )
     sender = envelope.sender
-    if sender is not None and sender.key in options.keep_recipients_for:
+    if sender is not None and sender.key.lower() in options.keep_recipients_for:
         # SPEC 3's opt-out for a named sender (configuration only): To: and Cc: kept,
         # hidden recipients still checked on every copy's final bytes.
         return keep_visible(message, envelope, options, trace or Trace())

@@ -95,7 +95,7 @@ class IsolationOptions:
     dkim_action: DkimAction = DkimAction.STRIP
     signer: Signer | None = None  # the relay's key: for ``resign``, and for ``sign_all``
     sign_all: bool = False  # sign every copy, signed by the application or not
-    # Envelope senders (address keys) whose copies keep To: and Cc: as written: the
+    # Envelope senders (``Address.key`` in lower case) whose copies keep To: and Cc: as written: the
     # team-thread opt-out of SPEC 3, from configuration only (relay.senders, Rule 3).
     keep_recipients_for: frozenset[str] = frozenset()
 

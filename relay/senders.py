@@ -7,8 +7,8 @@ otherwise ``550 5.7.1``. The session's patterns are its AUTH user's
 ``by_user`` entry when it has one, else ``allow``; a session with neither is
 refused (fail closed), like Postfix's ``reject_sender_login_mismatch`` with
 ``smtpd_sender_login_maps`` and decke/smtprelay's ``allowed_sender``.
-Rule 2: a pattern is a whole address (``billing@example.com``, the local part
-exact, the domain in any case or IDNA form), a domain (``@example.com``: any
+Rule 2: a pattern is a whole address (``billing@example.com``, in any case,
+the domain in either IDNA form), a domain (``@example.com``: any
 address at it), or ``<>`` for the null sender. A whole address also allows
 its domain in ``From:``.
 Rule 3: the opt-out from isolation (``keep_recipients``) names envelope
@@ -97,12 +97,16 @@ class SenderPolicy:
 
 
 def address_key(address: str) -> str | None:
-    """Local part exact, domain as its lower-case A-label (``Address.key``); None if no "@"."""
+    """``Address.key`` in lower case (the domain as its A-label); None if no "@".
+
+    Lower case throughout, as Postfix's sender maps look addresses up: an
+    allow-list that refused ``Billing@`` for ``billing@`` would only surprise.
+    """
     text = address.strip().removeprefix("<").removesuffix(">")
     local, at, domain = text.rpartition("@")
     if not at or not local or not domain:
         return None
-    return f"{local}@{domain_key(domain)}"
+    return f"{local}@{domain_key(domain)}".lower()
 
 
 def parse_patterns(entries: Iterable[str]) -> Patterns:

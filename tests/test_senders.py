@@ -14,6 +14,7 @@ import pytest
 
 from relay.config import load
 from relay.errors import ConfigError
+from relay.senders import parse_policy
 from relay.server import Relay
 from tests.relay_harness import running_relay
 from tests.test_operator_logs import TOKENS, json_logs, lines
@@ -223,3 +224,39 @@ def test_a_malformed_sender_setting_names_its_key(variable: str, value: str, key
     with pytest.raises(ConfigError) as caught:
         load(environ={variable: value})
     assert caught.value.key == key
+
+
+# -- the pure policy ------------------------------------------------------------------
+
+
+def test_patterns_compare_domains_in_any_case_and_idna_form() -> None:
+    """A domain pattern matches in any case and in U-label or A-label form; local parts exact."""
+    policy = parse_policy(["@Bücher.example", "Billing@Example.com"], [])
+    assert policy.check_sender("", "orders@xn--bcher-kva.example") is None
+    assert policy.check_sender("", "orders@BÜCHER.example") is None
+    assert policy.check_sender("", "Billing@EXAMPLE.COM") is None
+    assert policy.check_sender("", "billing@example.com") is None  # any case, as Postfix
+    assert policy.check_sender("", "billing2@example.com") is not None
+    assert policy.check_sender("", "") is not None  # <> only when listed
+    assert policy.check_from("", ["anyone@example.com"]) is None  # an address allows its domain
+    assert policy.check_from("", []) is not None
+
+
+def test_by_user_replaces_allow_for_that_user_only() -> None:
+    """A user's entry is its whole list; others fall back to allow."""
+    policy = parse_policy(["@example.org"], ["shop: @shop.example.com"])
+    assert policy.check_sender("shop", "news@example.org") is not None
+    assert policy.check_sender("shop", "a@shop.example.com") is None
+    assert policy.check_sender("blog", "news@example.org") is None
+    assert policy.check_sender("", "news@example.org") is None
+    assert not parse_policy([], []).on
+
+
+def test_keep_recipients_names_whole_addresses_only() -> None:
+    policy = parse_policy([], [], ["Team@Example.ORG"])
+    assert policy.keeps_recipients("Team@example.org")
+    assert policy.keeps_recipients("team@example.org")
+    assert not policy.keeps_recipients("team2@example.org")
+    assert not policy.keeps_recipients("")
+    with pytest.raises(ValueError, match="not an address"):
+        parse_policy([], [], ["@example.org"])
