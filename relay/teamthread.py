@@ -10,7 +10,9 @@ removal list (``Bcc``, ``Resent-*``, ``Delivered-To``, ...) is removed as usual.
 Rule 3: the hidden recipients (envelope recipients that ``To:`` and ``Cc:``
 do not name, and every address of a removed field) appear in no copy but
 their own: each copy's final header section is read in every spelling the
-leak guard reads, and a hit refuses the whole message (``550 5.7.1``).
+leak guard reads, and a hit refuses the whole message (``550 5.7.1``); the
+guard's body and embedded-header checks watch them with the configured
+``body_check`` and ``embedded_check``.
 Rule 4: the rest is as for any message: the hop limit, the authors check,
 long kept lines folded, application DKIM signatures settled, the relay's key.
 
@@ -19,9 +21,12 @@ Pure: no I/O. Reuses the splitter's and the guard's helpers; changes neither.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 from relay.dkimsign import DkimAction
 from relay.errors import BadAddress, DkimRejected, LeakDetected, TooBig, TooManyHops
-from relay.guard import _field_spellings, _leaks, _senders
+from relay.guard import LeakGuard, _field_spellings, _leaks, _senders
 from relay.headers import CRLF, Field, ParsedMessage
 from relay.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Plan, Trace
 from relay.signatures import parse_signature
@@ -94,7 +99,31 @@ def keep_visible(
                 )
             )
         copies.append(Copy(rcpt, headers, body, tuple(changes)))
-    return Plan(tuple(copies), len(envelope.recipients) - len(unique), kept_recipients=True)
+    warnings = _check_body(message, envelope, options, copies, hidden[0])
+    merged = len(envelope.recipients) - len(unique)
+    return Plan(tuple(copies), merged, warnings, kept_recipients=True)
+
+
+def _check_body(
+    message: ParsedMessage,
+    envelope: Envelope,
+    options: IsolationOptions,
+    copies: Sequence[Copy],
+    secret: frozenset[str],
+) -> tuple[str, ...]:
+    """The guard's body and embedded-header checks, watching the hidden recipients only.
+
+    The guard is given the message without its To: and Cc: (visible to all, so
+    never "another recipient" here) and an envelope of the hidden recipients:
+    what it watches is then exactly Rule 3's set, and ``body_check`` and
+    ``embedded_check`` apply as for any message.
+    """
+    hidden_rcpts = tuple(r for r in envelope.recipients if address_key(r) in secret)
+    if not hidden_rcpts and not any(f.name in options.removed_headers for f in message.fields):
+        return ()
+    shadow = replace(message, fields=tuple(f for f in message.fields if f.name not in VISIBLE))
+    guard = LeakGuard(shadow, replace(envelope, recipients=hidden_rcpts), options)
+    return guard._check_body(copies, scan=True)
 
 
 def _hidden(

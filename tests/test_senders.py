@@ -189,6 +189,22 @@ async def test_the_opt_out_still_refuses_a_hidden_recipient_shown(
     assert plain_server.transactions == []
 
 
+async def test_the_opt_out_body_check_watches_the_hidden_recipients_only(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """body_check = reject: a body naming a To: member passes, one naming the Bcc one is refused."""
+    team = "team@example.org"
+    env = {"RELAY_SENDERS_KEEP_RECIPIENTS": team, "RELAY_ISOLATION_BODY_CHECK": "reject"}
+    visible = message(team, f"<{ALICE}>").replace("See you", f"{ALICE}: see you")
+    hidden = message(team, f"<{ALICE}>").replace("See you", f"{DAVE}: see you")
+    async with running_relay(tmp_path, plain_server.url(), env) as relay:
+        sent = await asyncio.to_thread(submit, relay.smtp_port, team, [ALICE, DAVE], visible)
+        refused = await asyncio.to_thread(submit, relay.smtp_port, team, [ALICE, DAVE], hidden)
+    assert sent == {}
+    assert isinstance(refused, smtplib.SMTPDataError) and refused.smtp_code == 550
+    assert len(plain_server.transactions) == 2  # the first message's two copies only
+
+
 async def test_no_header_can_switch_the_opt_out_on(
     tmp_path: Path, plain_server: UpstreamServer
 ) -> None:
