@@ -51,7 +51,8 @@ _LIST_EXTRA = """\
 Filters combine: --state (repeat it), --older-than/--newer-than an age (90s,
 15m, 2h, 3d), --rcpt/--sender a token or an address. --delivered lists the
 delivered history instead (copies that left the spool, kept for
-spool.history_days). --json prints one JSON object.
+spool.history_days; with --state failed, the failed ones). --json prints
+one JSON object.
 """
 
 
@@ -244,8 +245,6 @@ def _history_rows(conn: sqlite3.Connection, spool: str) -> list[Row]:
     found = conn.execute(
         "SELECT copy, message, rcpt, state, attempts, last_code, last_enhanced, last_text,"
         f" received, sender, message_id, at, auth_user FROM {history.TABLE}"
-        " WHERE state = ?",
-        (CopyState.DELIVERED.value,),
     ).fetchall()
     return [
         Row(
@@ -273,6 +272,8 @@ def _filter(
     rows: list[Row], args: argparse.Namespace, keyed: AddressTokens, now: float
 ) -> list[Row]:
     states = set(args.state or ())
+    if args.delivered and not states:  # the history holds failed copies too: --state failed
+        states = {CopyState.DELIVERED.value}
     rcpt = wanted_token(args.rcpt, keyed)
     sender = wanted_token(args.sender, keyed)
     kept = []
@@ -310,7 +311,7 @@ def _table(
         return "no delivered copies in the history\n" if delivered else "no copies in the spool\n"
     ids = _message_ids(rows, tokens)
     header = ["QUEUE ID", "COPY", "STATE", "TRIES"]
-    header += ["DELIVERED", "REPLY"] if delivered else ["NEXT TRY", "LAST REPLY"]
+    header += ["FINISHED", "REPLY"] if delivered else ["NEXT TRY", "LAST REPLY"]
     header += ["AGE", "MESSAGE-ID", "FROM", "TO"]
     if several:
         header.insert(0, "SPOOL")
@@ -381,8 +382,8 @@ def _json(rows: Sequence[Row], tokens: AddressTokens, now: float, spools: int) -
             "last_reply": safe(tokens.redact(r.last_text)) if r.last_text else None,
         }
         if r.finished:
-            item["delivered"] = r.finished
-            item["delivered_iso"] = when(r.finished)
+            item["finished"] = r.finished  # delivered (or failed) at
+            item["finished_iso"] = when(r.finished)
         else:
             item["next_try"] = r.next_try if r.state in RETRYABLE else None
         copies.append(item)

@@ -303,10 +303,11 @@ async def test_queue_list_delivered_shows_what_the_relay_delivered(
     assert sorted(c["rcpt"] for c in found["copies"]) == sorted([tokens(BOB), tokens(CAROL)])
     assert {c["message_id"] for c in found["copies"]} == {"<m1@app.example.org>"}
     assert {c["state"] for c in found["copies"]} == {"delivered"}
-    assert all(c["delivered_iso"].endswith("Z") for c in found["copies"])
+    assert all(c["finished_iso"].endswith("Z") for c in found["copies"])
     assert listing("--delivered", "--rcpt", tokens(CAROL))["total"]["copies"] == 1
+    assert listing("--delivered", "--state", "failed")["copies"] == []
     status, out, _ = run("queue", "list", "--delivered")
-    assert status == 0 and "DELIVERED" in out.splitlines()[0] and "<m1@app.example.org>" in out
+    assert status == 0 and "FINISHED" in out.splitlines()[0] and "<m1@app.example.org>" in out
 
 
 def test_queue_list_delivered_without_history_says_how_to_keep_one(spool_dir: Path) -> None:
