@@ -373,7 +373,7 @@ def _show(
             f"headers    {len(raw)} bytes",
             "",
         ]
-        text = tokens.redact(raw.decode("utf-8", "replace"))
+        text = queuefmt.redact_headers(raw.decode("utf-8", "replace"), addresses, tokens)
         lines.extend(_safe(line) for line in text.rstrip("\r\n").split("\r\n"))
     return "\n".join(lines) + "\n"
 

@@ -54,6 +54,18 @@ def shown_message_id(header_id: str, addresses: Sequence[str], tokens: AddressTo
     return header_id
 
 
+def redact_headers(text: str, addresses: Sequence[str], tokens: AddressTokens) -> str:
+    """A header section with addresses as tokens, its Message-ID line as Rule 3 says."""
+    lines = text.split("\r\n")
+    for number, line in enumerate(lines):
+        name, colon, value = line.partition(":")
+        if colon and name.strip().lower() == "message-id":
+            lines[number] = f"{name}:{shown_message_id(value, addresses, tokens)}"
+        else:
+            lines[number] = tokens.redact(line)
+    return "\r\n".join(lines)
+
+
 def message_id_line(
     headers: Sequence[bytes], addresses: Sequence[str], tokens: AddressTokens
 ) -> str:

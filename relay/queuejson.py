@@ -22,6 +22,7 @@ from relay.queuefmt import (
     RETRYABLE,
     connect,
     file_size,
+    redact_headers,
     safe,
     sender_text,
     shown_message_id,
@@ -124,7 +125,9 @@ def show_json(
                 "last_code": c[5] or None,
                 "last_enhanced": c[6] or None,
                 "last_reply": safe(tokens.redact(c[7])) if c[7] else None,
-                "headers": safe(tokens.redact(bytes(c[8]).decode("utf-8", "replace")))
+                "headers": safe(
+                    redact_headers(bytes(c[8]).decode("utf-8", "replace"), addresses, tokens)
+                )
                 if isinstance(c[8], bytes)
                 else "",
             }

@@ -182,10 +182,13 @@ def test_the_message_id_is_shown_unless_it_names_an_address_of_its_message(
     status, shown, _ = run("queue", "show", "Q1")
     assert status == 0
     assert "message-id <invoice-42.1700000000@app.example.org>\n" in shown
+    assert "\nMessage-ID: <invoice-42.1700000000@app.example.org>\n" in shown  # the header too
+    assert f"\nTo: {tokens(BOB)}\n" in shown
     status, out, _ = run("queue", "show", "Q2", "--json")
     q2 = json.loads(out)
     assert status == 0 and q2["message_id"] == f"<{tokens(DAVE)}>"
     assert [c["rcpt"] for c in q2["copies"]] == [tokens(DAVE), tokens(BOB)]
+    assert f"Message-ID: <{tokens(DAVE)}>" in q2["copies"][0]["headers"]
     assert DAVE not in out and BOB not in out
 
 
