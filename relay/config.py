@@ -219,6 +219,13 @@ class DeliveryConfig:
     lifetime: float = 172_800.0  # 2 days, then the copy fails and its sender is told
     soft_bounce: bool = False  # treat permanent failures as transient (careful rollouts)
     dsn: bool = True  # RFC 3464 notifications to the sender (never to <>)
+    # The DSN's From: ""; MAILER-DAEMON@smtp.hostname when that is a public domain,
+    # else MAILER-DAEMON@ the original sender's domain (relay.dsn.dsn_from_address).
+    dsn_from: str = ""
+    # The upstream login for DSNs; "": the message's own (passthrough), else upstream's.
+    dsn_user: str = ""
+    dsn_password: str = ""
+    dsn_password_file: str = ""
     auth_pause: float = 300.0  # after the upstream refuses our credentials (535)
     rate_per_second: float = 0.0  # copies per second to the upstream; 0: no limit
     rate_per_day: int = 0  # copies per UTC day; 0: no limit
@@ -533,6 +540,7 @@ def validate(config: Config) -> None:
         raise ConfigError("smtp.tls_cert_file", "starttls = 'certificate' needs cert and key files")
     if config.smtp.auth is AuthMode.USERS and not config.smtp.users_file:
         raise ConfigError("smtp.users_file", "auth = 'users' needs a users file")
+    _validate_dsn(config.delivery)
     if not 0 <= config.delivery.retry_jitter < 1:
         raise ConfigError("delivery.retry_jitter", "must be at least 0 and less than 1")
     signed: tuple[tuple[str, float], ...] = (
@@ -550,4 +558,23 @@ def validate(config: Config) -> None:
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             "log.level", f"must be debug, info, warning or error: {config.log.level!r}"
+        )
+
+
+def _validate_dsn(delivery: DeliveryConfig) -> None:
+    """``delivery.dsn_from`` is a plain address; a DSN login has a user and a password."""
+    author = delivery.dsn_from
+    if author:
+        local, at, domain = author.rpartition("@")
+        plain = author.isascii() and author.isprintable() and not any(c in author for c in " <>")
+        if not (plain and at and local and domain) or len(author) > 254:
+            raise ConfigError(
+                "delivery.dsn_from", f"must be a plain address like bounces@example.com: {author!r}"
+            )
+    secret = delivery.dsn_password or delivery.dsn_password_file
+    if secret and not delivery.dsn_user:
+        raise ConfigError("delivery.dsn_user", "a DSN password is set but no dsn_user")
+    if delivery.dsn_user and not secret:
+        raise ConfigError(
+            "delivery.dsn_password", "dsn_user is set but no dsn_password or dsn_password_file"
         )

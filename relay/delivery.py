@@ -1,4 +1,4 @@
-"""Delivery: the queue's workers, and direct mode (SPEC 5).
+"""Delivery: the queue's workers, and the notifications they and direct mode send (SPEC 5).
 
 Queue workers (``Deliverer``): copies due now are claimed from the spool
 (``delivering``, durably), sent through the upstream pool, and their outcome
@@ -8,16 +8,7 @@ a permanent one or once the lifetime is over. An upstream that refuses the
 relay's credentials pauses all delivery instead of burning retries. Time and
 randomness are injected, so the schedule is tested without sleeping.
 
-Direct mode (``deliver_direct``): try every copy before answering.
-
-Rule 1: never ``250`` unless at least one copy was delivered, and never a 4xx
-that would make the application resend copies that were already delivered.
-Rule 2: all copies delivered gives ``250``; none delivered (and none that
-might have been) gives the upstream's class (``451`` if any failure was
-transient, else ``554``); otherwise ``250``, and the copies not delivered go
-to the spool (``intake``).
-Rule 3: the whole attempt ends by a deadline well under the client's
-10-minute DATA timeout; a copy still in flight then is counted as transient.
+Direct mode's reply and its copies' fates are ``relay.direct``.
 
 The upstream is whatever ``Upstream`` the server opened; nothing here imports
 a network library.
@@ -33,19 +24,19 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from relay.addresses import Address, parse_address
 from relay.bodycache import BodyCache
 from relay.config import Config
-from relay.dsn import Failure, build_dsn, dsn_recipient_ok
-from relay.errors import BadAddress, Reply
+from relay.dsn import Failure, build_dsn, dsn_from_address, dsn_recipient_ok
+from relay.errors import BadAddress
 from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
 from relay.policy import RateLimiter, backoff
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, jobs_for
+from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, jobs_for
+from relay.target import dsn_credentials
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.delivery")
@@ -53,7 +44,14 @@ log = logging.getLogger("relay.delivery")
 # Failing at these stages with no reply means the upstream itself could not be reached.
 _UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
 POLL_SECONDS = 1.0  # the longest the workers sleep without a wake-up (queue CLI retries)
-RECORD_TRIES = 8  # writing down a delivered copy: about two minutes of retries
+# Writing down a delivered copy is retried (outside its connection slot) this soon, then
+# doubling to RECORD_RETRY_MAX, for as long as the process lives: a full disk that gets
+# some room back sees the record within seconds, and no slot waits for it meanwhile.
+RECORD_RETRY_FIRST = 0.25
+RECORD_RETRY_MAX = 5.0
+# At a stop, outcomes still being written get at least this long even when the drain's
+# grace is spent: a delivered copy not written down is sent again after the restart.
+RECORD_GRACE = 2.0
 # Bodies of handed-over copies held in memory at most; past this, new mail waits in the
 # spool as ``queued`` and its body is read back when its copies are claimed.
 HANDOVER_BYTES = 64 * 1024 * 1024
@@ -67,68 +65,73 @@ CLAIM_SECONDS = 0.1
 STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
 REPLY_TEXT_CHARS = 500  # of an upstream reply logged (the spool keeps as much)
 
-TIMED_OUT = Outcome(Status.TRANSIENT, Stage.DOT, 0, "", "deadline reached", ambiguous=True)
 
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    reply: Reply
-    outcomes: tuple[Outcome, ...]
-
-
-async def deliver_direct(
-    upstream: Upstream,
-    mail_from: str,
-    copies: Sequence[Copy],
+def notification(
+    config: Config,
     *,
-    smtputf8: bool,
-    credentials: Credentials | None,
-    deadline: float,
-    queue_id: str,
-    on_outcome: Callable[[Copy, Outcome, float], None],
-) -> Result:
-    """Send every copy (concurrently, the pool bounds it) and choose the reply."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    message_id: str,
+    sender: str,
+    rcpt: str,
+    headers: bytes,
+    received: float,
+    auth_user: str,
+    outcome: Outcome,
+    now: float,
+    expired: bool,
+) -> NewMessage | None:
+    """The RFC 3464 report for one failed copy, ready to store, or None (off, or to <>).
 
-    async def one(copy: Copy) -> Outcome:
-        outcome = await upstream.send(mail_from, copy, smtputf8=smtputf8, credentials=credentials)
-        on_outcome(copy, outcome, loop.time() - started)
-        return outcome
-
-    tasks = [asyncio.ensure_future(one(copy)) for copy in copies]
-    done, pending = await asyncio.wait(tasks, timeout=deadline)
-    for task in pending:
-        task.cancel()
-    outcomes = []
-    for copy, task in zip(copies, tasks, strict=True):
-        if task in done and task.exception() is None:
-            outcomes.append(task.result())
-            continue
-        # Still in flight at the deadline (or failed inside the upstream, which
-        # ``send`` promises never to do): it may have arrived, so it is ambiguous.
-        outcomes.append(TIMED_OUT)
-        on_outcome(copy, TIMED_OUT, loop.time() - started)
-    return Result(choose_reply(outcomes, queue_id), tuple(outcomes))
-
-
-def choose_reply(outcomes: Sequence[Outcome], queue_id: str) -> Reply:
-    """Rule 2 as a table over the copies' outcomes.
-
-    A copy with no reply after its final dot may have arrived: like a delivered
-    one, it rules out a 4xx (the application would send it again).
+    The report is a message of its own from ``<>`` to ``sender``. It is sent like any
+    copy: queued, retried, with the credentials of the message it reports on
+    (``auth_user``, the passthrough login) unless ``delivery.dsn_user`` names its own.
+    Its ``From:`` follows ``dsn_from_address`` (``delivery.dsn_from``).
     """
-    delivered = sum(1 for o in outcomes if o.status is Status.DELIVERED)
-    total = len(outcomes)
-    if delivered == total:
-        return Reply(250, "2.0.0", f"OK: queued as {queue_id}, {total} copies delivered")
-    if delivered or any(o.ambiguous for o in outcomes):
-        return Reply(
-            250, "2.0.0", f"OK: queued as {queue_id}, {delivered} of {total} copies delivered"
+    policy = config.delivery
+    if not policy.dsn or not dsn_recipient_ok(sender):
+        return None
+    status = outcome.enhanced or ("4.4.7" if expired else "5.0.0")
+    if expired and not status.startswith("4."):
+        status = "4.4.7"
+    diagnostic = f"{outcome.code} {outcome.enhanced} {outcome.text}".strip() if outcome.code else ""
+    queue_id = new_queue_id()
+    hostname = config.smtp.hostname
+    try:
+        author = dsn_from_address(policy.dsn_from, hostname, sender)
+        data = build_dsn(
+            Failure(
+                queue_id=message_id,
+                sender=sender,
+                recipient=rcpt,
+                status=status,
+                diagnostic=diagnostic,
+                remote_mta="",
+                arrival_date=datetime.fromtimestamp(received, UTC),
+                last_attempt=datetime.fromtimestamp(now, UTC),
+                expired=expired,
+                original_headers=headers,
+            ),
+            reporting_mta=hostname,
+            now=datetime.fromtimestamp(now, UTC),
+            message_id=f"{queue_id}@{author.rpartition('@')[2]}",
+            from_address=author,
         )
-    if any(o.status is Status.TRANSIENT for o in outcomes):
-        return Reply(451, "4.4.0", "Upstream did not take the message; nothing was delivered")
-    return Reply(554, "5.0.0", "Upstream refused every copy; nothing was delivered")
+    except ValueError:
+        # build_dsn refuses what it cannot write safely (a sender over 254 octets):
+        # the copy still fails and is counted; only the notification is lost.
+        log.exception("no DSN possible", extra={"fields": {"queue_id": message_id}})
+        return None
+    split = data.index(b"\r\n\r\n") + 4
+    return NewMessage(
+        id=queue_id,
+        sender="",
+        smtputf8=not sender.isascii(),
+        received=now,
+        expires=now + policy.lifetime,
+        body=data[split:],
+        copies=(NewCopy(rcpt=sender, headers=data[:split], next_try=now),),
+        auth_user=auth_user,
+        is_dsn=True,
+    )
 
 
 class Deliverer:
@@ -159,6 +162,11 @@ class Deliverer:
         self._limiter = RateLimiter(self._policy.rate_per_second, self._policy.rate_per_day)
         self._concurrency = self._policy.concurrency or config.upstream.pool_size
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        # Outcomes being written down, by copy: each its own task, so a slow or failing
+        # spool never holds a connection slot. A copy here is ``delivering`` in the spool
+        # and nothing releases it, so it is never claimed (or sent) again meanwhile.
+        self._settling: dict[int, asyncio.Task[None]] = {}
+        self.unrecorded = 0  # delivered copies whose record failed at least once, not yet written
         self._wake = asyncio.Event()
         self._stopping = False
         self._stats_at = 0.0
@@ -182,9 +190,14 @@ class Deliverer:
         self.upstream_reachable = True
         # Passthrough: the application's credentials, by user, as last seen at AUTH (memory only).
         self.credentials: dict[str, Credentials] = {}
+        # ``delivery.dsn_user``: the login for notifications, instead of their message's.
+        self._dsn_credentials = dsn_credentials(config.delivery)
 
     def __repr__(self) -> str:
-        return f"<Deliverer in_flight={len(self._in_flight)} paused_until={self.paused_until:.0f}>"
+        return (
+            f"<Deliverer in_flight={len(self._in_flight)} settling={len(self._settling)}"
+            f" paused_until={self.paused_until:.0f}>"
+        )
 
     def wake(self) -> None:
         self._wake.set()
@@ -233,8 +246,16 @@ class Deliverer:
                 if self.reports_gauges and now - self._stats_at >= STATS_SECONDS:
                     await self.refresh_gauges(now)
                 next_due = None if started else await self._spool.next_due()
+            except SpoolError as exc:  # a full disk, a busy lock: one line, not a traceback
+                log.error(
+                    "delivery loop: spool unavailable; retrying",
+                    extra={"fields": {"error": str(exc)}},
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
+                continue
             except Exception:
-                # A full disk, a busy lock, a damaged row: the workers must outlive them all.
+                # A damaged row, a bug: the workers must outlive them all.
                 log.exception("delivery loop error; retrying")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=POLL_SECONDS)
@@ -258,7 +279,9 @@ class Deliverer:
             return 0
         free = self._concurrency - len(self._in_flight)
         if self.probing:  # one probe copy, one login, until the credentials work again
-            free = min(free, 1 - len(self._in_flight))
+            # Its outcome is written (and a refusal pauses) after its slot is free: no
+            # other copy starts until that record is done either.
+            free = min(free, 1 - len(self._in_flight) - len(self._settling))
         allowed = self._limiter.take(now, free) if free > 0 else 0
         self._limited = free > 0 and allowed <= 0
         if allowed <= 0:
@@ -317,33 +340,63 @@ class Deliverer:
     async def run_once(self, now: float) -> int:
         """Claim what is due at ``now`` and wait for every delivery (for tests and tools)."""
         started = await self.step(now)
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight.values())
+        while self._in_flight or self._settling:
+            await asyncio.gather(*self._in_flight.values(), *self._settling.values())
         return started
 
     async def drain(self, grace: float) -> None:
-        """Stop claiming; let deliveries finish until ``grace``; put the rest back in the queue."""
+        """Stop claiming; let deliveries finish until ``grace``; put the rest back in the queue.
+
+        A spool that cannot be written (a full disk) leaves copies ``delivering``, which
+        the next start puts back in the queue; the drain itself never raises for it.
+        """
         self._stopping = True
         self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         waiting = [job.copy_id for job in self._ready] + sorted(self._unreleased)
         self._unreleased.clear()
         for job in self._ready:
             self._bodies.done(job.message_id)
         self._ready.clear()
-        if waiting:
-            await self._spool.release(waiting, self._clock())
+        await self._release_quietly(waiting)
         in_flight = dict(self._in_flight)
-        if not in_flight:
+        if in_flight:
+            _, pending = await asyncio.wait(in_flight.values(), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            # Taken from the snapshot: a finished task's callback has left ``_in_flight``.
+            leftover = [copy_id for copy_id, task in in_flight.items() if task in pending]
+            await self._release_quietly(leftover)
+        settling = dict(self._settling)
+        if settling:
+            _, pending = await asyncio.wait(
+                settling.values(), timeout=max(deadline - loop.time(), RECORD_GRACE)
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.error(
+                    "delivered copies not yet recorded at stop: left 'delivering' for the"
+                    " next start, which sends them again",
+                    extra={"fields": {"copies": len(pending)}},
+                )
+        await self._release_quietly(sorted(self._unreleased))
+        self._unreleased.clear()
+
+    async def _release_quietly(self, copy_ids: Sequence[int]) -> None:
+        if not copy_ids:
             return
-        _, pending = await asyncio.wait(in_flight.values(), timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        # Taken from the snapshot: a finished task's callback has left ``_in_flight``.
-        leftover = [copy_id for copy_id, task in in_flight.items() if task in pending]
-        if leftover:
-            await self._spool.release(leftover, self._clock())
+        try:
+            await self._spool.release(copy_ids, self._clock())
+        except Exception as exc:
+            log.error(
+                "cannot put copies back in the queue; the next start does",
+                extra={"fields": {"copies": len(copy_ids), "error": str(exc)}},
+            )
 
     async def refresh_gauges(self, now: float) -> None:
         self._stats_at = now
@@ -357,6 +410,7 @@ class Deliverer:
         self._metrics.quarantine_present(await self._spool.quarantine_present())
 
     async def _deliver(self, job: Job) -> None:
+        """One copy's attempt, holding a slot; its outcome is written by ``_record``, without."""
         started = self._clock()
         try:
             outcome = await self._attempt(job)
@@ -365,29 +419,54 @@ class Deliverer:
         except Exception as exc:  # a bug must not lose the copy: it stays for a retry
             log.exception("delivery error", extra={"fields": {"queue_id": job.message_id}})
             outcome = Outcome(Status.TRANSIENT, Stage.CONNECT, text=type(exc).__name__)
-        for attempt in range(RECORD_TRIES):
+        # From here the slot is free (this task ends now); the record is a task of its own,
+        # not cancelled by a drain's cut of deliveries in progress.
+        task = asyncio.create_task(self._record(job, outcome, self._clock() - started))
+        self._settling[job.copy_id] = task
+        task.add_done_callback(lambda _: self._settling.pop(job.copy_id, None))
+
+    async def _record(self, job: Job, outcome: Outcome, latency: float) -> None:
+        """Write down one outcome; a delivered copy's record is retried until it holds."""
+        self._metrics.copy_outcome(outcome, latency)
+        self.note_reachability(outcome)
+        if not job.auth_user and outcome.auth_failed:
+            self.probing = True  # when the pause ends, one copy tries the credentials first
+        elif not job.auth_user and outcome.stage not in _UNREACHABLE:
+            self.probing = False  # past AUTH: the credentials work again
+        delay = RECORD_RETRY_FIRST
+        failed = False
+        while True:
             try:
-                # Shielded: a drain that cancels this task must not cancel the record of
-                # what already happened at the upstream.
-                await asyncio.shield(self._settle(job, outcome, self._clock() - started))
+                await self._settle(job, outcome)
+                if failed:
+                    self.unrecorded -= 1
                 return
             except asyncio.CancelledError:
+                if failed:
+                    self.unrecorded -= 1
                 raise
-            except Exception:
-                log.exception(
-                    "recording a delivery failed", extra={"fields": {"queue_id": job.message_id}}
+            except Exception as exc:
+                log.error(
+                    "recording a delivery failed",
+                    extra={"fields": {"queue_id": job.message_id, "error": str(exc)}},
                 )
             if outcome.status is not Status.DELIVERED:
                 break  # not sent: back to the queue is safe
-            # Sent: putting it back would send it again. Keep trying to write it down;
-            # if the spool never recovers, it stays ``delivering`` for the next start.
-            if attempt + 1 < RECORD_TRIES:
-                await asyncio.sleep(min(2.0**attempt, 30.0))
-        if outcome.status is not Status.DELIVERED:
+            # Sent: putting it back would send it again. It stays ``delivering`` (never
+            # claimed) and the record is tried again; at a stop, the next start has it.
+            if not failed:
+                failed = True
+                self.unrecorded += 1
             try:
-                await self._spool.release([job.copy_id], self._clock())
-            except Exception:  # the spool is in trouble: the loop tries again (``run``)
-                self._unreleased.add(job.copy_id)
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                self.unrecorded -= 1
+                raise
+            delay = min(delay * 2, RECORD_RETRY_MAX)
+        try:
+            await self._spool.release([job.copy_id], self._clock())
+        except Exception:  # the spool is in trouble: the loop tries again (``run``)
+            self._unreleased.add(job.copy_id)
 
     async def _body(self, message_id: str) -> memoryview | None:
         """The message body as one shared view: the upstream prepares it once per message.
@@ -424,7 +503,9 @@ class Deliverer:
         if rcpt is None:
             return Outcome(Status.PERMANENT, Stage.RCPT, 553, "5.1.3", "stored recipient invalid")
         credentials = None
-        if job.auth_user:
+        if job.is_dsn and self._dsn_credentials is not None:
+            credentials = self._dsn_credentials
+        elif job.auth_user:
             credentials = self.credentials.get(job.auth_user)
             if credentials is None:
                 return Outcome(
@@ -442,14 +523,9 @@ class Deliverer:
     def note_reachability(self, outcome: Outcome) -> None:
         self.upstream_reachable = outcome.stage not in _UNREACHABLE or outcome.code >= 200
 
-    async def _settle(self, job: Job, outcome: Outcome, latency: float) -> None:
+    async def _settle(self, job: Job, outcome: Outcome) -> None:
+        """Write ``outcome`` down (``_record`` retries it: nothing here counts it twice)."""
         now = self._clock()
-        self._metrics.copy_outcome(outcome, latency)
-        self.note_reachability(outcome)
-        if not job.auth_user and outcome.auth_failed:
-            self.probing = True  # when the pause ends, one copy tries the credentials first
-        elif not job.auth_user and outcome.stage not in _UNREACHABLE:
-            self.probing = False  # past AUTH: the credentials work again
         fields: dict[str, object] = {
             "queue_id": job.message_id,
             "rcpt": self._tokens(job.rcpt),
@@ -463,6 +539,8 @@ class Deliverer:
             await self._spool.record_delivered(
                 job.copy_id, now=now, attempts=job.attempts + 1, outcome=outcome
             )
+            if job.is_dsn:  # counted once the upstream took it, not when it was queued
+                self._metrics.dsn_sent()
             log.info("copy delivered", extra={"fields": fields})
             return
         # The upstream's own words on every failure and deferral, addresses as tokens.
@@ -471,7 +549,7 @@ class Deliverer:
             # SPEC 5: the relay's own credentials refused: pause everything, no attempt
             # spent. An application's passthrough login refused: only its mail waits.
             resume = now + self._policy.auth_pause
-            if not job.auth_user:
+            if not job.auth_user and not (job.is_dsn and self._dsn_credentials):
                 self.paused_until = resume
                 self._metrics.upstream_auth_paused(True)
             await self._spool.record(
@@ -526,7 +604,6 @@ class Deliverer:
         if not recorded:  # the copy left the spool meanwhile (deleted, quarantined): no DSN
             dsn = None
         if dsn is not None:
-            self._metrics.dsn_sent()
             self.wake()
         log.warning(
             "copy failed",
@@ -537,46 +614,17 @@ class Deliverer:
         self, job: Job, outcome: Outcome, now: float, *, expired: bool
     ) -> NewMessage | None:
         """The RFC 3464 report for this copy, or None (off, a DSN itself, or the sender is <>)."""
-        if not self._policy.dsn or job.is_dsn or not dsn_recipient_ok(job.sender):
+        if job.is_dsn:
             return None
-        status = outcome.enhanced or ("4.4.7" if expired else "5.0.0")
-        if expired and not status.startswith("4."):
-            status = "4.4.7"
-        diagnostic = (
-            f"{outcome.code} {outcome.enhanced} {outcome.text}".strip() if outcome.code else ""
-        )
-        queue_id = new_queue_id()
-        try:
-            data = build_dsn(
-                Failure(
-                    queue_id=job.message_id,
-                    sender=job.sender,
-                    recipient=job.rcpt,
-                    status=status,
-                    diagnostic=diagnostic,
-                    remote_mta="",
-                    arrival_date=datetime.fromtimestamp(job.received, UTC),
-                    last_attempt=datetime.fromtimestamp(now, UTC),
-                    expired=expired,
-                    original_headers=job.headers,
-                ),
-                reporting_mta=self._config.smtp.hostname,
-                now=datetime.fromtimestamp(now, UTC),
-                message_id=f"{queue_id}@{self._config.smtp.hostname}",
-            )
-        except ValueError:
-            # build_dsn refuses what it cannot write safely (a sender over 254 octets):
-            # the copy still fails and is counted; only the notification is lost.
-            log.exception("no DSN possible", extra={"fields": {"queue_id": job.message_id}})
-            return None
-        split = data.index(b"\r\n\r\n") + 4
-        return NewMessage(
-            id=queue_id,
-            sender="",
-            smtputf8=not job.sender.isascii(),
-            received=now,
-            expires=now + self._policy.lifetime,
-            body=data[split:],
-            copies=(NewCopy(rcpt=job.sender, headers=data[:split], next_try=now),),
-            is_dsn=True,
+        return notification(
+            self._config,
+            message_id=job.message_id,
+            sender=job.sender,
+            rcpt=job.rcpt,
+            headers=job.headers,
+            received=job.received,
+            auth_user=job.auth_user,
+            outcome=outcome,
+            now=now,
+            expired=expired,
         )

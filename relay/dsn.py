@@ -17,6 +17,9 @@ Rule 3: the bytes are exact: CRLF line endings only, no line over 998 octets
 (RFC 5322 2.1.1), and a MIME boundary that occurs nowhere in the content.
 Rule 4: never a DSN to the null sender ``<>`` (RFC 5321 4.5.5), nor to a
 ``MAILER-DAEMON`` (see ``dsn_recipient_ok``).
+Rule 5: the ``From:`` is an address a provider can accept (``dsn_from_address``):
+the one configured, else ``MAILER-DAEMON@`` the relay's host name when that is
+a public domain name, else ``MAILER-DAEMON@`` the original sender's domain.
 
 The result is 7-bit unless an input is not ASCII: a non-ASCII recipient is
 written as the RFC 6533 ``utf-8`` address type (in its 7-bit xtext form) in the
@@ -34,7 +37,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-__all__ = ["DIAGNOSTIC_MAX", "Failure", "build_dsn", "dsn_recipient_ok"]
+__all__ = [
+    "DIAGNOSTIC_MAX",
+    "Failure",
+    "build_dsn",
+    "dsn_from_address",
+    "dsn_recipient_ok",
+    "is_public_domain",
+]
 
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets. A longer diagnostic
 # (a multi-line reply joined into one) is cut, which also keeps the folded
@@ -57,6 +67,31 @@ _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]+")  # a host name or an IP address lite
 _MESSAGE_ID = re.compile(r"[!-;=?-~]+")  # printable ASCII except "<" and ">"
 _BOUNDARY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _REDACTED = "[address removed]"
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")  # RFC 1123 2.1
+# Names no provider will take as a sender's domain: special-use and reserved names
+# (RFC 6761 6.2-6.4, RFC 2606 2, RFC 6762 3 ".local", RFC 7686 ".onion", RFC 9476
+# ".alt", RFC 8375 "home.arpa", ICANN's 2024 ".internal"), and names commonly used
+# inside private networks that the root zone will not delegate.
+_PRIVATE_SUFFIXES = frozenset(
+    {
+        "localhost",
+        "invalid",
+        "test",
+        "example",
+        "local",
+        "onion",
+        "alt",
+        "internal",
+        "arpa",
+        "localdomain",
+        "lan",
+        "home",
+        "corp",
+        "intranet",
+        "private",
+    }
+)
+MAILER_DAEMON = "MAILER-DAEMON"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +127,55 @@ def dsn_recipient_ok(sender: str) -> bool:
     return local.strip('"').lower() != "mailer-daemon"
 
 
-def build_dsn(failure: Failure, *, reporting_mta: str, now: datetime, message_id: str) -> bytes:
+def is_public_domain(name: str) -> bool:
+    """Whether ``name`` is a DNS domain a provider could accept in a sender address.
+
+    At least two labels of letters, digits and inner hyphens (RFC 1123 2.1), at
+    most 253 octets, a top-level label that is not all digits (so no IP address),
+    and no special-use or private top-level name (``_PRIVATE_SUFFIXES``): a
+    Kubernetes pod name (one label) or ``solo-relay.localhost`` is not one.
+    """
+    name = name.rstrip(".")
+    labels = name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_LABEL.fullmatch(x) for x in labels):
+        return False
+    top = labels[-1].lower()
+    return not top.isdigit() and top not in _PRIVATE_SUFFIXES
+
+
+def dsn_from_address(configured: str, hostname: str, sender: str) -> str:
+    """The ``From:`` address of a DSN to ``sender`` (Rule 5).
+
+    ``configured`` (``delivery.dsn_from``) when set; else ``MAILER-DAEMON@hostname``
+    when ``hostname`` (``smtp.hostname``) is a public domain name; else
+    ``MAILER-DAEMON@`` the domain of ``sender``, the original envelope sender: a
+    domain the application already sends from through this provider. When even
+    that is not a domain (an address literal), ``MAILER-DAEMON@hostname``.
+    """
+    if configured:
+        return configured
+    if is_public_domain(hostname):
+        return f"{MAILER_DAEMON}@{hostname}"
+    domain = sender.strip().strip("<>").rpartition("@")[2]
+    if domain and _HOST.fullmatch(domain) and not domain.startswith("["):
+        return f"{MAILER_DAEMON}@{domain}"
+    return f"{MAILER_DAEMON}@{hostname}"
+
+
+def build_dsn(
+    failure: Failure,
+    *,
+    reporting_mta: str,
+    now: datetime,
+    message_id: str,
+    from_address: str = "",
+) -> bytes:
     """The DSN for ``failure`` as message bytes, ready for the spool.
 
-    ``reporting_mta`` is this relay's host name (the DSN comes from
-    ``MAILER-DAEMON@`` it), ``now`` is the DSN's ``Date:``, and ``message_id``
-    its ``Message-ID`` without angle brackets. Dates must be timezone-aware.
+    ``reporting_mta`` is this relay's host name, ``from_address`` the DSN's
+    ``From:`` (default ``MAILER-DAEMON@reporting_mta``; see ``dsn_from_address``),
+    ``now`` is the DSN's ``Date:``, and ``message_id`` its ``Message-ID``
+    without angle brackets. Dates must be timezone-aware.
 
     Raises ``ValueError`` when an argument could not be written safely (a naive
     date, an address with control characters or over 254 octets, a bad or
@@ -116,6 +194,8 @@ def build_dsn(failure: Failure, *, reporting_mta: str, now: datetime, message_id
             raise ValueError(f"{name} is not a host name")
     if _MESSAGE_ID.fullmatch(message_id) is None or len(message_id) > HOST_MAX:
         raise ValueError("message_id is not a bare id-left@id-right")
+    author = from_address or f"{MAILER_DAEMON}@{reporting_mta}"
+    _check_address("from_address", author)
     for name, when in (
         ("now", now),
         ("arrival_date", failure.arrival_date),
@@ -137,7 +217,7 @@ def build_dsn(failure: Failure, *, reporting_mta: str, now: datetime, message_id
     boundary = _boundary(failure.queue_id, parts)
     eight_bit = not all(part.isascii() for part in parts)
     head = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
+        f"From: Mail Delivery System <{author}>",
         f"To: <{failure.sender}>",
         "Subject: Undelivered Mail Returned to Sender",
         f"Date: {format_datetime(now)}",

@@ -43,6 +43,8 @@ from relay.spellings import Spellings, address_key, key, primaries, spellings
 _ENTITY_HINT = re.compile(r"&(?:#|commat;|period;)", re.IGNORECASE)
 # An address with no URL break, "=" or "%" in it: its only reading is the address itself.
 _PLAIN = re.compile(r"[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+")
+# What stands for the copy's own "<address>" in a field read once for every copy.
+_OWN_BRACKETED = b"<\x00>"
 # Where one field of an embedded header section ends: a line break not followed by a blank.
 _FIELD_END = re.compile(rb"\r?\n(?![ \t])")
 
@@ -148,14 +150,21 @@ class LeakGuard:
         if own not in named or not primaries(named) <= readings:
             raise LeakDetected(f"copy {number}: To: is not exactly the copy's recipient")
         others = len(self._watched) > (own in self._watched)  # anyone but ``own``
+        # "<own>" of a plain address reads as that address and nothing else, and its
+        # brackets keep it apart from its neighbours in every view: a field that differs
+        # between copies only there (the relay's Received: ... for <own>) is read once.
+        own_bracketed = b"<" + copy.recipient.text.encode() + b">" if readings == {own} else None
         for f in fields:
             if f.name in self._options.removed_headers:
                 raise LeakDetected(f"copy {number}: removed field {f.name} is still present")
             if not others or f.name == "to":
                 continue
-            hits = self._hits.get(f.raw)
+            raw = f.raw
+            if own_bracketed is not None and own_bracketed in raw:
+                raw = raw.replace(own_bracketed, _OWN_BRACKETED)
+            hits = self._hits.get(raw)
             if hits is None:
-                hits = self._field_hits(f.raw)
+                hits = self._field_hits(raw)
             if hits and _leaks(hits, own, exempt):
                 raise LeakDetected(f"copy {number}: {f.display_name} names another recipient")
         return others

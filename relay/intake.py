@@ -5,9 +5,18 @@ code, a metric and one log line, and nothing is stored or sent.
 Rule 2: ``250`` only once the relay owns the message: in ``queue`` mode after
 the spool write is durable; in ``direct`` mode after every copy was
 delivered, or some were and the rest are durably spooled. A spool failure
-is ``451 4.3.0``, never ``250``.
+before anything was sent is ``451 4.3.0``, never ``250``.
 Rule 3: one log line per message and one per copy, tied by the queue id;
 addresses appear only as keyed tokens.
+Rule 4: once its final dot has arrived, a message is handled as one unit that
+the session cannot cancel: a client that hangs up then changes nothing but who
+hears the reply. Isolation, the spool write, the delivery, the state of each
+copy, the log line and the metrics all happen as if it were still there.
+Rule 5: in ``direct`` mode the reply says what the upstream did
+(``direct.choose_reply``), whatever the spool does after: a write that fails
+after the upstream's reply is retried while the process lives, and until it
+lands the copies stay ``delivering``, which nothing sends while the process
+lives. A copy the upstream accepted or refused for good is never sent again.
 
 Between the inbound shell and delivery; it holds no socket of its own.
 """
@@ -17,13 +26,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import logging
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from relay.config import Config, Mode
-from relay.delivery import REPLY_TEXT_CHARS, Deliverer, deliver_direct
+from relay.delivery import REPLY_TEXT_CHARS, Deliverer, notification
+from relay.direct import Fate, Result, deliver_direct
+from relay.dsn import dsn_recipient_ok
 from relay.errors import (
     BadAddress,
     BadData,
@@ -49,10 +62,17 @@ from relay.model import (
     Trace,
     new_queue_id,
 )
+from relay.policy import backoff
 from relay.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
 from relay.upstream import Upstream
 
 log = logging.getLogger("relay.intake")
+
+# Seconds between the tries of a spool write that failed after the upstream's reply
+# (direct mode); then every last one while the process lives.
+SETTLE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+Write = Callable[[], Awaitable[object]]  # one spool write, ready to try (again)
 
 # Isolate big messages, and big fan-outs, in a thread so the loop keeps serving.
 OFFLOAD_OCTETS = 1 << 20
@@ -83,6 +103,7 @@ class Intake:
         deliverer: Deliverer,
         options: IsolationOptions,
         now: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         self._config = config
         self._options = options
@@ -92,8 +113,22 @@ class Intake:
         self._spool = spool
         self._deliverer = deliverer
         self._now = now
+        self._rand = rand
+        # Messages being taken, and spool writes being retried (Rules 4 and 5).
+        self._tasks: set[asyncio.Task[object]] = set()
 
     async def accept(self, submission: Submission) -> Reply:
+        """The reply to a message whose final dot has arrived.
+
+        Rule 4: the work is one task the session cannot cancel; a session cancelled
+        meanwhile (the client hung up) only loses the reply.
+        """
+        task = asyncio.ensure_future(self._handle(submission))
+        self._tasks.add(task)
+        task.add_done_callback(self._taken)
+        return await asyncio.shield(task)
+
+    async def _handle(self, submission: Submission) -> Reply:
         queue_id = new_queue_id()
         now = self._now()
         envelope = Envelope(submission.sender, submission.recipients, submission.smtputf8)
@@ -116,6 +151,34 @@ class Intake:
                 plan = isolate(envelope, submission.data, self._options, trace)
         except Rejected as exc:
             return self._refused(queue_id, submission, exc)
+        return await self._take(queue_id, submission, plan, now)
+
+    def _taken(self, task: asyncio.Task[Reply]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("taking a message failed", exc_info=task.exception())
+
+    async def drain(self, grace: float) -> None:
+        """Let messages being taken finish for up to ``grace`` seconds (a direct-mode
+        delivery included), then cancel them and the spool writes still being retried:
+        those copies stay ``delivering``, and the next start puts them back in the queue."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._tasks and loop.time() < deadline:  # a take may start a retry meanwhile
+            await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+        left = set(self._tasks)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+            log.error(
+                "stopping with messages or spool writes unfinished: their copies stay"
+                " 'delivering' until the next start",
+                extra={"fields": {"unfinished": len(left)}},
+            )
+
+    async def _take(self, queue_id: str, submission: Submission, plan: Plan, now: float) -> Reply:
+        size = len(submission.data)
         if plan.kept_recipients:  # SPEC 3's opt-out, from configuration: each use is seen
             self._metrics.recipient_list_kept()
             log.warning(
@@ -224,25 +287,18 @@ class Intake:
             queue_id, copies, sender=sender, submission=submission, plan=plan, now=now
         )
         addresses = [c.recipient for c in plan.copies]
-
-        async def custody() -> None:
-            ids = await self._spool.store(message)
-            if not handover:
-                self._deliverer.wake()
-            elif not self._deliverer.hand_over(message, ids, addresses):
-                # Delivery stopped meanwhile: back to ``queued`` (or, if even that write
-                # fails, ``delivering``, which the next start puts back in the queue).
-                with contextlib.suppress(SpoolError):
-                    await self._spool.release(ids, now)
-
-        # Shielded: a session cancelled mid-write (the client hung up, a timeout) must not
-        # separate a store of ``delivering`` copies from their hand-over, or they would
-        # wait for the next start. The write goes on; only the reply is lost.
         try:
-            await asyncio.shield(asyncio.ensure_future(custody()))
+            ids = await self._spool.store(message)
         except SpoolError as exc:
             log.error("spool write failed", extra={"fields": {"queue_id": queue_id}})
             return exc.reply
+        if not handover:
+            self._deliverer.wake()
+        elif not self._deliverer.hand_over(message, ids, addresses):
+            # Delivery stopped meanwhile: back to ``queued`` (or, if even that write
+            # fails, ``delivering``, which the next start puts back in the queue).
+            with contextlib.suppress(SpoolError):
+                await self._spool.release(ids, now)
         return Reply(250, "2.0.0", f"OK: queued as {queue_id}")
 
     async def _direct(
@@ -274,33 +330,119 @@ class Intake:
             on_outcome=lambda copy, outcome, latency: self._record(
                 queue_id, copy, outcome, latency
             ),
+            soft_bounce=self._config.delivery.soft_bounce,
+            notifies=self._config.delivery.dsn and dsn_recipient_ok(sender),
         )
-        if result.reply.code != 250:
-            # Nothing delivered, and nothing that might have been: the application
-            # keeps the message (451 or 554), so the relay lets go of it.
-            await self._spool.discard(queue_id)
-            return result.reply
-        left = 0
-        retry = now + self._config.delivery.retry_initial
-        for copy_id, outcome in zip(ids, result.outcomes, strict=True):
-            if outcome.status is Status.DELIVERED:
-                state, next_try = CopyState.DELIVERED, 0.0
-            elif outcome.status is Status.TRANSIENT:
-                state, next_try = CopyState.DEFERRED, retry
-            else:  # tried once more from the queue, which then sends the notification
-                state, next_try = CopyState.QUEUED, now
-            left += state is not CopyState.DELIVERED
-            try:
-                await self._spool.record(
-                    copy_id, state, now=now, next_try=next_try, attempts=1, outcome=outcome
+        await self._settle(message, ids, plan.copies, result, now)
+        return result.reply
+
+    async def _settle(
+        self,
+        message: NewMessage,
+        ids: Sequence[int],
+        copies: Sequence[Copy],
+        result: Result,
+        now: float,
+    ) -> None:
+        """Write down each copy's fate (Rule 5); the reply does not wait for a failed write."""
+        decision = result.decision
+        if not decision.taken or all(f is Fate.DELIVERED for f in decision.fates):
+            # Nothing left to do for any copy: the application keeps the message (4xx,
+            # 5xx), or every copy arrived. One write drops it all.
+            await self._write(message.id, "discard", lambda: self._spool.discard(message.id))
+            return
+        policy = self._config.delivery
+        writes: list[Awaitable[bool]] = []
+        for copy_id, copy, outcome, fate in zip(
+            ids, copies, result.outcomes, decision.fates, strict=True
+        ):
+            write: Write
+            if fate is Fate.DELIVERED:
+                write = functools.partial(
+                    self._spool.record_delivered, copy_id, now=now, attempts=1, outcome=outcome
                 )
-            except SpoolError:
-                # The copy stays ``delivering``: the next start puts it back in the queue.
-                log.error("spool record failed", extra={"fields": {"queue_id": queue_id}})
-        if not left:
-            return result.reply
+            elif fate is Fate.RETRY:
+                # The queue's first backoff, jittered: copies deferred together do not
+                # all come back together; never past the message's lifetime.
+                delay = backoff(
+                    1,
+                    initial=policy.retry_initial,
+                    maximum=policy.retry_max,
+                    jitter=policy.retry_jitter,
+                    rand=self._rand(),
+                )
+                self._metrics.retry_scheduled()
+                write = functools.partial(
+                    self._spool.record,
+                    copy_id,
+                    CopyState.DEFERRED,
+                    now=now,
+                    next_try=min(now + delay, message.expires),
+                    attempts=1,
+                    outcome=outcome,
+                )
+            else:  # refused for good: failed now, and its sender is told
+                dsn = notification(
+                    self._config,
+                    message_id=message.id,
+                    sender=message.sender,
+                    rcpt=copy.recipient.text,
+                    headers=copy.headers,
+                    received=message.received,
+                    auth_user=message.auth_user,
+                    outcome=outcome,
+                    now=now,
+                    expired=False,
+                )
+                write = functools.partial(
+                    self._spool.record,
+                    copy_id,
+                    CopyState.FAILED,
+                    now=now,
+                    attempts=1,
+                    outcome=outcome,
+                    also_store=dsn,
+                )
+            writes.append(self._write(message.id, fate.value, write))
+        await asyncio.gather(*writes)  # concurrent: the spool commits them together
         self._deliverer.wake()
-        return Reply(250, "2.0.0", f"OK: queued as {queue_id}, {left} copies queued for retry")
+
+    async def _write(self, queue_id: str, what: str, write: Write) -> bool:
+        """Try a spool write once; if it fails, retry it in the background (Rule 5)."""
+        try:
+            await write()
+            return True
+        except Exception:  # a full disk, an I/O error, a bug: the copies stay "delivering"
+            log.exception(
+                "spool write failed after the upstream's reply; retrying",
+                extra={"fields": {"queue_id": queue_id, "write": what}},
+            )
+        task = asyncio.ensure_future(self._retry(queue_id, what, write))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return False
+
+    async def _retry(self, queue_id: str, what: str, write: Write) -> None:
+        """Try ``write`` after each of ``SETTLE_DELAYS``, then every last one, until it lands."""
+        attempt = 0
+        while True:
+            await asyncio.sleep(SETTLE_DELAYS[min(attempt, len(SETTLE_DELAYS) - 1)])
+            attempt += 1
+            try:
+                await write()
+            except Exception:
+                if attempt == len(SETTLE_DELAYS):  # once at the last delay, not every time
+                    log.exception(
+                        "spool write still failing",
+                        extra={"fields": {"queue_id": queue_id, "write": what}},
+                    )
+                continue
+            log.info(
+                "spool write done at a retry",
+                extra={"fields": {"queue_id": queue_id, "write": what, "tries": attempt + 1}},
+            )
+            self._deliverer.wake()
+            return
 
     def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
         self._metrics.copy_outcome(outcome, latency)

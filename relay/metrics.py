@@ -289,7 +289,7 @@ class Metrics:
         )
         self._dsns = Counter(
             f"{p}_dsn_sent_total",
-            "Delivery status notifications queued to senders (failed or expired copies).",
+            "Delivery status notifications the upstream accepted (failed or expired copies).",
             registry=registry,
         )
         self._quarantined = Counter(
@@ -421,7 +421,7 @@ class Metrics:
         self._retries.inc()
 
     def dsn_sent(self) -> None:
-        """Count one delivery status notification queued to a sender."""
+        """Count one delivery status notification the upstream accepted."""
         self._dsns.inc()
 
     def quarantined(self, count: int) -> None:

@@ -4,6 +4,8 @@ Rule 1: 4xx, no reply, any failure before MAIL, and ``552`` at RCPT (RFC 5321
 4.5.3.1.10) are transient; other 5xx are permanent.
 Rule 2: an AUTH refusal is transient, and a 5xx one (``535``) sets
 ``auth_failed``: bad credentials pause delivery instead of bouncing mail.
+So does ``530`` (RFC 4954 6: authentication required) at any later stage:
+the credentials are missing, which is no fault of the copy.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from relay.model import Outcome, Stage, Status
 
 DAY = 86_400.0
+AUTH_REQUIRED = 530  # RFC 4954 6
 
 _ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?= |$)")  # RFC 3463
 
@@ -33,6 +36,8 @@ def classify_reply(stage: Stage, code: int, text: str) -> Outcome:
     enhanced, text = split_enhanced(code, text)
     if stage is Stage.AUTH:  # bad credentials: pause and alert, never bounce (SPEC 5)
         return Outcome(Status.TRANSIENT, stage, code, enhanced, text, auth_failed=code >= 500)
+    if code == AUTH_REQUIRED and stage not in (Stage.CONNECT, Stage.TLS):
+        return Outcome(Status.TRANSIENT, stage, code, enhanced, text, auth_failed=True)
     permanent = (
         500 <= code < 600
         and stage not in (Stage.CONNECT, Stage.TLS)  # about the connection, not this copy

@@ -30,11 +30,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from relay import queuefmt, queueview
+from relay import queuefmt, queueview, recovery
 from relay.config import Config, load
 from relay.errors import ConfigError
 from relay.logs import AddressTokens, load_key
-from relay.spool import BODIES, BUSY_TIMEOUT_MS, LIVE, CopyRow, CopyState, read_stats
+from relay.spool import (
+    BODIES,
+    BUSY_TIMEOUT_MS,
+    LIVE,
+    CopyRow,
+    CopyState,
+    SpoolError,
+    add_recovered,
+    read_stats,
+)
 from relay.workers import spool_dirs
 
 EXIT_OK = 0
@@ -76,6 +85,15 @@ _DELETE_HELP = """\
 Remove one message and all its copies from the spool; prints how many
 copies. A copy the relay is sending at that moment may still arrive; its
 outcome is then not recorded. No delivery status notification is sent.
+"""
+_RECOVER_HELP = """\
+Bring the readable records of a quarantined spool database (PATH, one of
+spool.dir/quarantine/spool-*.db, with its .bodies directory beside it) back
+into the live spool: every live copy whose checksums hold is queued again,
+due now. PATH is read from a copy and never changed. A copy that was being
+delivered when the spool was damaged may be sent twice. Messages the spool
+already holds are left alone. Works beside a running relay. Prints what was
+recovered and what was not; exit status 0 when PATH could be read, 1 when not.
 """
 _STATS_HELP = """\
 Copies by state (all five), messages, the age of the oldest message with a
@@ -138,6 +156,13 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "stats", parents=[common], help="counts by state", description=_STATS_HELP
     )
     queueview.add_json_option(p)
+    p = actions.add_parser(
+        "recover",
+        parents=[common],
+        help="bring back what a quarantined spool holds",
+        description=_RECOVER_HELP,
+    )
+    p.add_argument("path", type=Path, metavar="PATH", help="a quarantined spool-*.db")
 
 
 def run(
@@ -156,6 +181,8 @@ def run(
         print(f"solo-relay: configuration error: {exc}", file=err)
         return EXIT_CONFIG
     directory = Path(config.spool.dir)
+    if args.queue_action == "recover":
+        return _recover(args.path, directory, out, err, config.spool.fsync)
     # One spool per worker (relay.workers): spool.dir itself, then spool.dir/worker-K.
     paths = [d / DB_NAME for d in spool_dirs(config) if (d / DB_NAME).is_file()]
     if not paths:
@@ -214,6 +241,30 @@ def run(
     if not found:
         print(f"solo-relay queue: no message {_safe(args.queue_id)} in the spool", file=err)
         return EXIT_NOT_FOUND
+    return EXIT_OK
+
+
+def _recover(source: Path, directory: Path, out: TextIO, err: TextIO, fsync: bool) -> int:
+    """``solo-relay queue recover PATH``: salvage ``PATH`` into the spool in ``directory``."""
+    try:
+        found = recovery.salvage(source)
+    except (OSError, sqlite3.Error) as exc:
+        print(
+            f"solo-relay queue: cannot read {source}: {exc} (try: sqlite3 {source} .recover)",
+            file=err,
+        )
+        return EXIT_NOT_FOUND
+    try:
+        added = add_recovered(directory, found.messages, fsync=fsync)
+    except (OSError, sqlite3.Error, SpoolError) as exc:
+        print(f"solo-relay queue: cannot write to {directory / DB_NAME}: {exc}", file=err)
+        return EXIT_NOT_FOUND
+    out.write(
+        f"recovered {added} messages ({found.copies} live copies read) from {source}\n"
+        f"already in the spool: {len(found.messages) - added} messages\n"
+        f"damaged records left behind: {found.damaged}\n"
+        f"finished copies not brought back: {found.finished}\n"
+    )
     return EXIT_OK
 
 

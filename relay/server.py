@@ -47,6 +47,9 @@ log = logging.getLogger("relay.server")
 FREE_SPACE_SECONDS = 1.0  # how long a reading of the spool's free space stands
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 QUEUE_FULL = Reply(451, "4.3.2", "Queue is full, try again later")
+# Seconds a message taken from a session that has ended may still take at a stop, even
+# when the sessions used up their grace: a spool write and a hand-over fit in it.
+INTAKE_GRACE = 1.0
 
 
 class Relay:
@@ -79,6 +82,7 @@ class Relay:
         self._upstream: Upstream | None = None
         self.spool: Spool | None = None
         self.deliverer: Deliverer | None = None
+        self._intake: Intake | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._log_flusher: asyncio.Task[None] | None = None
         self._status: asyncio.Task[None] | None = None
@@ -119,7 +123,7 @@ class Relay:
         await self.deliverer.refresh_gauges(time.time())
         for directory in self._orphans:
             self._deliver_orphan(directory, tokens)
-        intake = Intake(
+        self._intake = intake = Intake(
             config,
             upstream=self._upstream,
             metrics=self.metrics,
@@ -280,14 +284,23 @@ class Relay:
             self._gate.close_all()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._intake is not None:  # messages taken from sessions that ended first
+            await self._intake.drain(max(deadline - loop.time(), INTAKE_GRACE))
         drains = [d.drain(self.config.delivery.drain_grace) for _, d, _ in self._orphan_delivery]
         if self.deliverer is not None:
             drains.append(self.deliverer.drain(self.config.delivery.drain_grace))
-        await asyncio.gather(*drains)
+        # A drain that cannot write (a full disk) leaves its copies ``delivering``: the
+        # next start puts them back in the queue. The stop goes on either way (exit 0).
+        for result in await asyncio.gather(*drains, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error(
+                    "drain could not write to the spool; the next start requeues what is left",
+                    extra={"fields": {"error": str(result)}},
+                )
         if self._delivering is not None:
-            await self._delivering
+            await asyncio.gather(self._delivering, return_exceptions=True)
         for spool, _, task in self._orphan_delivery:
-            await task
+            await asyncio.gather(task, return_exceptions=True)
             spool.close()
         if self.spool is not None:
             self.spool.close()

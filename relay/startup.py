@@ -23,7 +23,13 @@ from relay.config import AuthMode, Config, StartTLS
 from relay.errors import ConfigError
 from relay.logs import check_key
 from relay.model import IsolationOptions
-from relay.target import Target, configured_credentials, parse_upstream_url, tls_context
+from relay.target import (
+    Target,
+    configured_credentials,
+    dsn_credentials,
+    parse_upstream_url,
+    tls_context,
+)
 from relay.tlsconf import server_context
 
 
@@ -54,6 +60,7 @@ def prepare(config: Config) -> Prepared:
         if upstream.password_file:
             _readable("upstream.password_file", upstream.password_file)
         configured_credentials(upstream, target)
+        dsn_credentials(config.delivery)  # the bounce login's password file, if any
         if target.scheme != "smtp+plain":
             if upstream.ca_file:
                 _readable("upstream.ca_file", upstream.ca_file)

@@ -18,7 +18,7 @@ import ssl
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
-from relay.config import HostPort, UpstreamConfig
+from relay.config import DeliveryConfig, HostPort, UpstreamConfig
 from relay.errors import ConfigError
 from relay.model import Credentials
 
@@ -138,6 +138,21 @@ def configured_credentials(config: UpstreamConfig, target: Target) -> Credential
     if target.scheme == "smtp+plain" and not target.is_loopback:
         raise ConfigError("upstream.url", "smtp+plain:// would send the password in clear")
     return Credentials(target.username, password)
+
+
+def dsn_credentials(delivery: DeliveryConfig) -> Credentials | None:
+    """The login for delivery status notifications (``delivery.dsn_user``), or None.
+
+    None: a DSN goes with the credentials of the message it reports on. Raises
+    ``ConfigError`` when the password file cannot be read.
+    """
+    if not delivery.dsn_user:
+        return None
+    try:
+        password = read_secret(delivery.dsn_password_file) if delivery.dsn_password_file else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("delivery.dsn_password_file", f"cannot read it: {exc}") from None
+    return Credentials(delivery.dsn_user, password or delivery.dsn_password)
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:

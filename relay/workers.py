@@ -43,6 +43,7 @@ from relay.config import LISTEN_BACKLOG, SHUTDOWN_GRACE, Config, Mode
 from relay.health import HealthServer, read_status
 from relay.logs import flush as flush_logs
 from relay.logs import flush_periodically
+from relay.spool import check_unlocked
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,8 @@ class Supervisor:
 
     async def _start(self) -> None:
         config = self.config
+        for index in range(config.workers):  # another relay on a worker's spool: one line
+            check_unlocked(spool_dir(config, index))
         listen = config.listen_address
         self._sock = socket.create_server(
             (listen.host, listen.port), backlog=LISTEN_BACKLOG, reuse_port=False

@@ -264,9 +264,10 @@ async def test_expiry_at_a_retry_fails_and_notifies_the_sender(tmp_path: Path) -
         assert now == T0 + 600
         assert len(w.upstream.to(BOB)) == 5
         assert w.metric("copies_total", outcome="transient") == 5
-        assert w.metric("dsn_sent_total") == 1
+        assert w.metric("dsn_sent_total") == 0  # queued; counted once the upstream takes it
         # The DSN is a new message from <> to the original sender, due at once.
         assert await w.run_at(now) == 1
+        assert w.metric("dsn_sent_total") == 1
         (dsn,) = w.upstream.to(SENDER)
         assert dsn.mail_from == ""
         report, (per_message, per_recipient) = parse_dsn(dsn.data)
@@ -291,6 +292,7 @@ async def test_last_retry_is_at_the_end_of_the_lifetime_not_before(tmp_path: Pat
         assert w.metric("dsn_sent_total") == 0
         await w.run_at(T0 + 100)
         assert w.row(ALICE) is None
+        await w.run_at(T0 + 100)  # the DSN goes out
         assert w.metric("dsn_sent_total") == 1
 
 
@@ -303,8 +305,9 @@ async def test_permanent_failure_fails_at_once_with_dsn(tmp_path: Path) -> None:
         assert len(w.upstream.to(BOB)) == 1
         assert w.metric("retries_total") == 0
         assert w.metric("copies_total", outcome="permanent") == 1
-        assert w.metric("dsn_sent_total") == 1
+        assert w.metric("dsn_sent_total") == 0
         assert await w.run_at(T0) == 1
+        assert w.metric("dsn_sent_total") == 1
         (dsn,) = w.upstream.to(SENDER)
         assert dsn.mail_from == ""
         _, (_, per_recipient) = parse_dsn(dsn.data)
@@ -337,13 +340,13 @@ async def test_dsn_switched_off(tmp_path: Path) -> None:
 
 
 async def test_failed_dsn_gets_no_dsn(tmp_path: Path) -> None:
-    """A DSN that itself bounces is dropped: no notification loop between two systems."""
+    """A DSN that itself bounces is dropped (and never counted as sent): no notification loop."""
     with world(tmp_path, script={BOB: [PERMANENT], SENDER: [PERMANENT]}) as w:
         await w.store("M1", [BOB])
         await w.run_at(T0)
         await w.run_at(T0)
         assert len(w.upstream.to(SENDER)) == 1
-        assert w.metric("dsn_sent_total") == 1
+        assert w.metric("dsn_sent_total") == 0
         assert await w.spool.stats() == (dict.fromkeys(CopyState, 0), None)
 
 
@@ -555,6 +558,7 @@ async def test_failed_state_write_puts_the_copy_back(tmp_path: Path) -> None:
         assert w.metric("dsn_sent_total") == 0
         await w.run_at(T0)  # tried again: now it fails for good, with its DSN
         assert w.row(BOB) is None
+        await w.run_at(T0)  # the DSN goes out
         assert w.metric("dsn_sent_total") == 1
 
 
@@ -653,7 +657,10 @@ class FailingRecords(Spool):
             raise SpoolError("database or disk is full")
         return await super().record(copy_id, state, **kwargs)
 
+    delivered_failures = 0
+
     async def record_delivered(self, copy_id: int, **kwargs: Any) -> bool:
+        self.delivered_failures += 1
         raise SpoolError("database or disk is full")
 
 
@@ -661,13 +668,69 @@ async def test_delivered_copy_that_cannot_be_recorded_is_not_sent_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The upstream took it but the spool would not note it: it stays delivering, not re-queued."""
-    monkeypatch.setattr(delivery_module, "RECORD_TRIES", 1)
-    with world(tmp_path, spool=FailingRecords(tmp_path)) as w:
+    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    spool = FailingRecords(tmp_path)
+    with world(tmp_path, spool=spool) as w:
         await w.store("M1", [ALICE])
-        await w.run_at(T0)
+        assert await w.deliverer.step(T0) == 1
+        async with asyncio.timeout(10):
+            while spool.delivered_failures < 3:  # the record is retried, outside the slot
+                await asyncio.sleep(0.01)
         assert w.row(ALICE) is not None and w.row(ALICE)[0] == "delivering"  # type: ignore[index]
-        assert await w.run_at(T0 + 3600) == 0
+        assert await w.deliverer.step(T0 + 3600) == 0
         assert len(w.upstream.to(ALICE)) == 1
+        assert w.deliverer.unrecorded == 1
+        await w.deliverer.drain(0.05)
+        assert w.deliverer.unrecorded == 0
+
+
+class SlowRecords(Spool):
+    """A spool on a disk that is full, then gets room back: ALICE's delivered record fails
+    once, and its retry waits until ``room`` is set."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.room = asyncio.Event()
+        self.alice: int | None = None
+        self.tries = 0
+
+    async def record_delivered(self, copy_id: int, **kwargs: Any) -> bool:
+        if copy_id == self.alice:
+            self.tries += 1
+            if self.tries == 1:
+                raise SpoolError("database or disk is full")
+            await self.room.wait()
+        return await super().record_delivered(copy_id, **kwargs)
+
+
+async def test_a_delivered_record_being_retried_holds_no_connection_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slot: while ALICE's delivered record is retried, BOB is sent (issue 13, section 3).
+
+    (Before, the retries slept inside the delivery task, which held the slot: with the
+    disk full, every slot waited out the record's back-off and delivery stalled.)
+    """
+    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    spool = SlowRecords(tmp_path)
+    with world(tmp_path, {"RELAY_DELIVERY_CONCURRENCY": "1"}, spool=spool) as w:
+        await w.store("M1", [ALICE])
+        spool.alice = 1  # the first copy stored
+        await w.store("M2", [BOB])
+        assert await w.deliverer.step(T0) == 1
+        async with asyncio.timeout(5):
+            while spool.tries < 2:  # the first record failed; its retry waits for room
+                await asyncio.sleep(0.01)
+            while await w.deliverer.step(T0) == 0:
+                await asyncio.sleep(0.01)
+            while not w.upstream.to(BOB):
+                await asyncio.sleep(0.01)
+        assert w.row(ALICE) is not None and w.row(ALICE)[0] == "delivering"  # type: ignore[index]
+        assert await w.deliverer.step(T0 + 3600) == 0  # ALICE is not claimed again
+        spool.room.set()
+        await w.deliverer.run_once(T0 + 3600)
+        assert w.row(ALICE) is None and w.row(BOB) is None  # both recorded, messages done
+        assert [s.rcpt for s in w.upstream.sent] == [ALICE, BOB]
 
 
 async def test_refused_passthrough_login_holds_only_its_own_mail(tmp_path: Path) -> None:

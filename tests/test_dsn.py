@@ -8,6 +8,7 @@ import email.policy
 import re
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage, Message
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay import dsn
+from relay.config import load
 from relay.dsn import Failure, build_dsn, dsn_recipient_ok
+from relay.errors import ConfigError
+from relay.target import dsn_credentials
 
 ARRIVED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 NOW = ARRIVED + timedelta(days=2, minutes=1)
@@ -404,3 +408,90 @@ def test_any_diagnostic_gives_a_clean_message(diagnostic: str, remote: str) -> N
         "Diagnostic-Code",
         "Last-Attempt-Date",
     }
+
+
+# -- the From: address (Rule 5) and its configuration -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "public"),
+    [
+        ("mail.example.com", True),
+        ("example.org", True),
+        ("relay.example.net.", True),  # a trailing dot is the root
+        ("solo-relay.localhost", False),  # the default smtp.hostname
+        ("solo-relay-7d9f8c6b5-x2x4q", False),  # a Kubernetes pod name: one label
+        ("relay.local", False),
+        ("relay.internal", False),
+        ("relay.example.test", False),
+        ("host.lan", False),
+        ("printer.home.arpa", False),
+        ("10.0.0.1", False),
+        ("[192.0.2.1]", False),
+        ("-bad.example.com", False),
+        ("a..example.com", False),
+        ("", False),
+    ],
+)
+def test_is_public_domain(name: str, public: bool) -> None:
+    """Two or more RFC 1123 labels under a top-level name that is no private or special one."""
+    assert dsn.is_public_domain(name) is public
+
+
+@pytest.mark.parametrize(
+    ("configured", "hostname", "sender", "author"),
+    [
+        ("bounces@example.net", "mail.example.com", "app@example.org", "bounces@example.net"),
+        ("", "mail.example.com", "app@example.org", "MAILER-DAEMON@mail.example.com"),
+        ("", "solo-relay.localhost", "app@example.org", "MAILER-DAEMON@example.org"),
+        ("", "pod-7d9f8", "App@Mail.Example.org", "MAILER-DAEMON@Mail.Example.org"),
+        ("", "solo-relay.localhost", "app@[192.0.2.1]", "MAILER-DAEMON@solo-relay.localhost"),
+    ],
+)
+def test_dsn_from_address(configured: str, hostname: str, sender: str, author: str) -> None:
+    """Configured, else MAILER-DAEMON@ a public host name, else @ the sender's own domain."""
+    assert dsn.dsn_from_address(configured, hostname, sender) == author
+
+
+def test_the_from_address_is_written_and_checked() -> None:
+    """build_dsn writes the From: it is given, and refuses one that could inject a header."""
+    msg = parse(build_dsn(make_failure(), **ARGS, from_address="bounces@example.net"))
+    assert msg["From"] == "Mail Delivery System <bounces@example.net>"
+    with pytest.raises(ValueError, match="from_address"):
+        build_dsn(make_failure(), **ARGS, from_address="x@example.net>\r\nBcc: y@example.com")
+
+
+ARGS: dict[str, Any] = {
+    "reporting_mta": "relay.example.org",
+    "now": NOW,
+    "message_id": "dsn.Q7F3A@relay.example.org",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"RELAY_DELIVERY_DSN_FROM": "MAILER-DAEMON"}, "delivery.dsn_from"),
+        ({"RELAY_DELIVERY_DSN_FROM": "Bounces <b@example.net>"}, "delivery.dsn_from"),
+        ({"RELAY_DELIVERY_DSN_USER": "bounces@example.net"}, "delivery.dsn_password"),
+        ({"RELAY_DELIVERY_DSN_PASSWORD": "secret"}, "delivery.dsn_user"),
+    ],
+)
+def test_dsn_settings_that_cannot_work_stop_the_start(env: dict[str, str], key: str) -> None:
+    """A From that is no plain address, or half a bounce login, is a ConfigError naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        load(environ=env)
+    assert caught.value.key == key
+
+
+def test_an_unreadable_bounce_password_file_stops_the_start(tmp_path: Path) -> None:
+    """delivery.dsn_password_file that cannot be read: ConfigError naming it, at start."""
+    config = load(
+        environ={
+            "RELAY_DELIVERY_DSN_USER": "bounces@example.net",
+            "RELAY_DELIVERY_DSN_PASSWORD_FILE": str(tmp_path / "missing"),
+        }
+    )
+    with pytest.raises(ConfigError) as caught:
+        dsn_credentials(config.delivery)
+    assert caught.value.key == "delivery.dsn_password_file"

@@ -365,3 +365,19 @@ def test_a_legitimate_newsletter_is_delivered_to_everyone_unchanged() -> None:
         for line in [*fields[:3], *fields[5:]]:  # To: rebuilt, Subject: folded
             assert line.encode() + b"\r\n" in copy.headers
         assert f"\r\nTo: {copy.recipient.text}\r\n".encode() in copy.headers
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "X-Pair: <alice@example.com><bob@example.net>",
+        "X-Pair: <alice@example.com>bob@example.net",
+        "Received: from a.example.org by b.example.org for <alice@example.com>,\r\n"
+        " <bob@example.net>; Mon, 2 Nov 2026 10:00:00 +0000",
+    ],
+)
+def test_a_bracketed_own_address_beside_another_recipient_is_still_refused(field: str) -> None:
+    """The guard reads a field with the copy's own "<address>" set aside once for every copy;
+    the other recipient next to it is still found in both copies."""
+    err = rejected(RCPTS, message(FROM, "To: x@example.com", field))
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")

@@ -254,18 +254,16 @@ async def test_upstream_421_at_greeting_gives_451(
 async def test_one_recipient_refused_permanently_still_gives_250(
     tmp_path: Path, plain_server: UpstreamServer
 ) -> None:
-    """One copy 550 at RCPT, the other delivered: 250 (no resend); the refused one is spooled."""
+    """One copy 550 at RCPT, the other delivered: 250 (no resend); the refused one fails, and
+    its sender gets a DSN instead of a second try."""
     plain_server.script("RCPT", [550])
     env = {"RELAY_UPSTREAM_POOL_SIZE": "1"}
     async with running_relay(tmp_path, plain_server.url(), env) as relay:
         reply = await raw_send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
-        assert reply.startswith("250 2.0.0") and "1 copies queued for retry" in reply
-        # The queue tries the refused copy once more (this upstream now takes it).
+        assert reply.startswith("250 2.0.0") and "1 refused" in reply
         await wait_until(lambda: len(plain_server.transactions) == 2)
-    assert sorted(t.rcpt_tos[0] for t in plain_server.transactions) == [
-        "alice@example.com",
-        "bob@example.com",
-    ]
+    rcpts = {t.rcpt_tos[0] for t in plain_server.transactions}  # either copy may be the one
+    assert "news@example.org" in rcpts and rcpts & {"alice@example.com", "bob@example.com"}
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -278,16 +276,16 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> No
 @pytest.mark.parametrize(
     ("stage", "code", "expected"),
     [
-        ("RCPT", 550, "554 5.0.0"),
-        ("DOT", 451, "451 4.4.0"),
-        ("MAIL", 452, "451 4.4.0"),
+        ("RCPT", 550, "550 5.0.0"),
+        ("DOT", 451, "451 4.0.0"),
+        ("MAIL", 452, "452 4.0.0"),
         ("DATA", 554, "554 5.0.0"),
     ],
 )
 async def test_every_copy_failing_gives_the_upstreams_class(
     tmp_path: Path, plain_server: UpstreamServer, stage: str, code: int, expected: str
 ) -> None:
-    """All copies refused: 451 when the upstream said 4xx, 554 when it said 5xx."""
+    """All copies refused alike: the application gets the upstream's own code and class."""
     plain_server.script(stage, [code] * 4)
     async with running_relay(tmp_path, plain_server.url()) as relay:
         reply = await raw_send(relay.smtp_port, ["alice@example.com", "bob@example.com"])

@@ -32,6 +32,7 @@ import base64
 import contextlib
 import inspect
 import ssl
+import warnings
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -261,8 +262,10 @@ class UpstreamServer:
         auth_require_tls: bool = True,
         smtputf8: bool = True,
         pipelining: bool = True,
+        auth_required: bool = False,
     ) -> None:
         self.tls_context = tls_context
+        self.auth_required = auth_required  # MAIL before AUTH: 530 5.7.0, as providers answer
         self.pipelining = pipelining  # offered in EHLO, as by the large providers
         self.implicit_tls = implicit_tls
         self.users = {USER: PASSWORD} if users is None else users
@@ -337,7 +340,14 @@ class UpstreamServer:
         record = Connection(len(self.connections))
         self.connections.append(record)
         excluded = {"PLAIN", "LOGIN", "XOAUTH2", "CRAM-MD5"} - self.auth_mechanisms
-        protocol = _RecordingSMTP(
+        with warnings.catch_warnings():  # auth_required in clear: what a test provider may do
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+            protocol = self._new_protocol(record, excluded)
+        self._protocols.append(protocol)
+        return protocol
+
+    def _new_protocol(self, record: Connection, excluded: set[str]) -> _RecordingSMTP:
+        return _RecordingSMTP(
             self,
             record,
             hostname="upstream.example.net",
@@ -346,11 +356,10 @@ class UpstreamServer:
             # Implicit TLS is TLS from the first byte, which aiosmtpd cannot see.
             auth_require_tls=self.auth_require_tls and not self.implicit_tls,
             auth_exclude_mechanism=excluded,
+            auth_required=self.auth_required,
             authenticator=self._authenticate,
             loop=asyncio.get_running_loop(),
         )
-        self._protocols.append(protocol)
-        return protocol
 
     async def start(self) -> UpstreamServer:
         if self._server is None:

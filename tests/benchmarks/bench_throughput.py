@@ -242,7 +242,7 @@ class SinkTarget:
 class Relay:
     """``solo-relay serve`` as a process with its defaults, delivering to ``upstream_port``."""
 
-    def __init__(self, upstream_port: int, pool_size: int, workers: int = 1) -> None:
+    def __init__(self, upstream_port: int, pool_size: int | None, workers: int | None = 1) -> None:
         self.spool = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
         self.port = free_port()
         self.metrics_port = free_port()
@@ -252,8 +252,9 @@ class Relay:
             "RELAY_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "RELAY_SPOOL_DIR": str(self.spool),
             "RELAY_UPSTREAM": f"smtp+plain://127.0.0.1:{upstream_port}",
-            "RELAY_UPSTREAM_POOL_SIZE": str(pool_size),
-            "RELAY_WORKERS": str(workers),
+            # None: the relay's own default (--defaults).
+            **({"RELAY_UPSTREAM_POOL_SIZE": str(pool_size)} if pool_size is not None else {}),
+            **({"RELAY_WORKERS": str(workers)} if workers is not None else {}),
             # Room for the load: 20 sessions + the probe, 100 recipients a message.
             "RELAY_SMTP_MAX_CONNECTIONS": "1000",
             "RELAY_SMTP_MAX_RECIPIENTS": "1000",
@@ -393,10 +394,14 @@ class Probe(threading.Thread):
         raise RuntimeError("connection closed")
 
 
-def source(binary: str, port: int, sessions: int, messages: int, case: Case) -> None:
+def source(
+    binary: str, port: int, sessions: int, messages: int, case: Case, *, reuse: bool = True
+) -> None:
     command = [
         binary,
-        "-d",  # keep the session open for the next message
+        # -d: keep the session open for the next message; without it, smtp-source's own
+        # default, a new connection per message (as most mail libraries do).
+        *(["-d"] if reuse else []),
         "-s",
         str(sessions),
         "-m",
@@ -428,10 +433,11 @@ def measure(
     *,
     sessions: int,
     messages: int,
-    pool: int,
+    pool: int | None,
     timeout: float,
     delay_ms: float = 0.0,
-    workers: int = 1,
+    workers: int | None = 1,
+    reuse: bool = True,
 ) -> Result:
     sink = Sink(tools["smtp-sink"])
     target: Target | None = None
@@ -462,7 +468,7 @@ def measure(
         cpu = target.cpu_seconds()
         started = time.perf_counter()
         probe.start()
-        source(tools["smtp-source"], target.port, sessions, messages, case)
+        source(tools["smtp-source"], target.port, sessions, messages, case, reuse=reuse)
         accepted = time.perf_counter()
         probe.stop()
         total = messages + probe.sent
@@ -524,7 +530,19 @@ def main() -> int:
     )
     parser.add_argument("--pools", default="5,10,20,40", help="pool sizes for --delay-ms")
     parser.add_argument("--install", action="store_true", help="apt-get install postfix if needed")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="the relay exactly as shipped: its own workers and pool size (ignores both flags)",
+    )
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="smtp-source's default: a new connection per message (no -d), for every target",
+    )
     args = parser.parse_args()
+    if args.defaults:
+        args.workers = args.pool_size = None
 
     tools = find_tools()
     if tools is None and args.install:
@@ -545,11 +563,15 @@ def main() -> int:
         targets.insert(1, "postfix")
 
     cases = [CASES[int(n) - 1] for n in args.cases.split(",")]
+    tuning = (
+        "its default workers and pool"
+        if args.defaults
+        else f"{args.workers} workers, upstream pool {args.pool_size} in all"
+    )
+    mode = "a new connection per message" if args.new_connections else "-d"
     print(
-        f"smtp-source -s {args.sessions} -d into: {', '.join(targets)}"
-        f" (relay: queue mode, fsynced spool, {args.workers} workers,"
-        f" upstream pool {args.pool_size} in all);"
-        f" {os.cpu_count()} CPUs"
+        f"smtp-source -s {args.sessions} {mode} into: {', '.join(targets)}"
+        f" (relay: queue mode, fsynced spool, {tuning}); {os.cpu_count()} CPUs"
     )
     print(HEADER)
     results: dict[tuple[str, str], Result] = {}
@@ -565,6 +587,7 @@ def main() -> int:
                 pool=args.pool_size,
                 timeout=args.timeout,
                 workers=args.workers,
+                reuse=not args.new_connections,
             )
             results[(case.label, name)] = result
             print(result.row(), flush=True)
