@@ -69,6 +69,23 @@ MAX_DOMAIN_OCTETS = 253  # RFC 1035 2.3.4, less the root's length octet and fina
 
 # Loopback addresses: the only networks a relay may serve with no allow-list or AUTH.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+# Networks no Internet host sends from: loopback, RFC 1918, RFC 6598 shared space
+# (Kubernetes pod ranges often live there), link-local, IPv6 unique local
+# (RFC 4193). Without AUTH, smtp.allow_networks must stay inside them.
+NON_PUBLIC = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
 
 
 class Mode(enum.Enum):
@@ -86,6 +103,11 @@ class StartTLS(enum.Enum):
     OFF = "off"
     SELF_SIGNED = "self-signed"
     CERTIFICATE = "certificate"
+
+
+class TlsProfile(enum.Enum):
+    INTERMEDIATE = "intermediate"  # Mozilla's: TLS 1.2 (ECDHE, AEAD) and 1.3
+    MODERN = "modern"  # Mozilla's: TLS 1.3 only
 
 
 class AuthMode(enum.Enum):
@@ -118,6 +140,9 @@ class SmtpConfig:
     max_message_size: int = 36_700_160  # 35 MiB: what large providers accept (Gmail: 35 MB)
     max_recipients: int = 1000
     max_connections: int = 100
+    max_connections_per_client: int = 50  # off loopback only (Postfix's anvil default)
+    overload_threshold: float = 0.8  # of max_connections: overload (stress) mode from here
+    overload_idle_timeout: float = 10.0  # idle before MAIL under overload (Postfix stress: 10 s)
     idle_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     data_timeout: float = 600.0  # RFC 5321 4.5.3.2.6: 10 minutes for the whole DATA phase
     allow_networks: tuple[str, ...] = LOOPBACK
@@ -126,8 +151,13 @@ class SmtpConfig:
     starttls: StartTLS = StartTLS.OFF
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    tls_profile: TlsProfile = TlsProfile.INTERMEDIATE
     auth: AuthMode = AuthMode.OFF
-    users_file: str = ""  # lines of "user:password"; only with auth = "users"
+    users_file: str = ""  # lines of "user:password" or "user:bcrypt hash"; auth = "users"
+    # Seconds before the first failed AUTH's reply (Postfix smtpd_error_sleep_time).
+    auth_failure_delay: float = 1.0
+    auth_failure_delay_max: float = 30.0  # the delay doubles per failure from one client, to this
+    auth_failure_limit: int = 3  # failures in one session, then 421 4.7.0 and the session ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +507,51 @@ def valid_helo_name(name: str) -> bool:
     return len(name) <= MAX_DOMAIN_OCTETS and all(_HELO_LABEL.fullmatch(x) for x in labels)
 
 
+def _validate_open_relay(
+    config: Config, listen: HostPort, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> None:
+    """SPEC 4: never an open relay. Off loopback, name the clients or require AUTH.
+
+    The allowed networks send without AUTH, so their union must not cover a whole
+    address family (``0.0.0.0/1`` and ``128.0.0.0/1`` are ``0.0.0.0/0``), with
+    AUTH or without; and without AUTH none may hold a public address.
+    """
+    v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+    for version, everything, covered in (
+        (4, "0.0.0.0/0", list(ipaddress.collapse_addresses(v4))),
+        (6, "::/0", list(ipaddress.collapse_addresses(v6))),
+    ):
+        if any(n.prefixlen == 0 for n in covered):
+            raise ConfigError(
+                "smtp.allow_networks",
+                f"together these networks are all of IPv{version} ({everything}):"
+                " any client could send without AUTH, an open relay",
+            )
+    if config.smtp.auth is AuthMode.OFF:
+        if config.smtp.allow_networks == LOOPBACK:
+            raise ConfigError(
+                "smtp.allow_networks",
+                f"listening on {listen} needs the client networks listed here, or smtp.auth",
+            )
+        for network in networks:
+            if not any(
+                network.version == private.version and network.subnet_of(private)  # type: ignore[arg-type]
+                for private in NON_PUBLIC
+            ):
+                raise ConfigError(
+                    "smtp.allow_networks",
+                    f"{network} holds public addresses: without smtp.auth only private,"
+                    " shared or link-local networks may send (an open relay otherwise)",
+                )
+    elif config.smtp.starttls is StartTLS.OFF:
+        raise ConfigError(
+            "smtp.starttls",
+            f"smtp.auth on {listen} needs STARTTLS (a certificate): off loopback AUTH is"
+            " offered only inside TLS, so no client could ever authenticate",
+        )
+
+
 def validate(config: Config) -> None:
     """Checks that involve more than one key, or a value's range."""
     listen = config.listen_address
@@ -491,6 +566,8 @@ def validate(config: Config) -> None:
         ("smtp.max_message_size", config.smtp.max_message_size),
         ("smtp.max_recipients", config.smtp.max_recipients),
         ("smtp.max_connections", config.smtp.max_connections),
+        ("smtp.auth_failure_limit", config.smtp.auth_failure_limit),
+        ("smtp.max_connections_per_client", config.smtp.max_connections_per_client),
         ("upstream.pool_size", config.upstream.pool_size),
         ("upstream.max_messages_per_connection", config.upstream.max_messages_per_connection),
         ("isolation.max_header_size", config.isolation.max_header_size),
@@ -505,6 +582,7 @@ def validate(config: Config) -> None:
     for key, seconds in (
         ("smtp.idle_timeout", config.smtp.idle_timeout),
         ("smtp.data_timeout", config.smtp.data_timeout),
+        ("smtp.overload_idle_timeout", config.smtp.overload_idle_timeout),
         ("upstream.connect_timeout", config.upstream.connect_timeout),
         ("upstream.command_timeout", config.upstream.command_timeout),
         ("upstream.data_timeout", config.upstream.data_timeout),
@@ -523,17 +601,8 @@ def validate(config: Config) -> None:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError as exc:
             raise ConfigError("smtp.allow_networks", f"{text!r} is not a network") from exc
-    if not listen.is_loopback and config.smtp.auth is AuthMode.OFF:
-        # SPEC 4: never an open relay. Off loopback, name the clients or require AUTH.
-        if config.smtp.allow_networks == LOOPBACK:
-            raise ConfigError(
-                "smtp.allow_networks",
-                f"listening on {listen} needs the client networks listed here, or smtp.auth",
-            )
-        if any(n.prefixlen == 0 for n in networks):
-            raise ConfigError(
-                "smtp.allow_networks", "every network without AUTH would make an open relay"
-            )
+    if not listen.is_loopback:
+        _validate_open_relay(config, listen, networks)
     if config.smtp.starttls is StartTLS.CERTIFICATE and not (
         config.smtp.tls_cert_file and config.smtp.tls_key_file
     ):
@@ -541,10 +610,14 @@ def validate(config: Config) -> None:
     if config.smtp.auth is AuthMode.USERS and not config.smtp.users_file:
         raise ConfigError("smtp.users_file", "auth = 'users' needs a users file")
     _validate_dsn(config.delivery)
+    if not 0 < config.smtp.overload_threshold <= 1:
+        raise ConfigError("smtp.overload_threshold", "must be more than 0 and at most 1")
     if not 0 <= config.delivery.retry_jitter < 1:
         raise ConfigError("delivery.retry_jitter", "must be at least 0 and less than 1")
     signed: tuple[tuple[str, float], ...] = (
         ("delivery.concurrency", config.delivery.concurrency),
+        ("smtp.auth_failure_delay", config.smtp.auth_failure_delay),
+        ("smtp.auth_failure_delay_max", config.smtp.auth_failure_delay_max),
         ("delivery.rate_per_second", config.delivery.rate_per_second),
         ("delivery.rate_per_day", config.delivery.rate_per_day),
         ("spool.min_free_bytes", config.spool.min_free_bytes),

@@ -10,6 +10,14 @@ only when complete: a client that drops or half-closes mid-DATA leaves
 nothing behind.
 Rule 4: every reply has an enhanced status code; an internal error is
 ``451 4.3.0`` with no internal text.
+Rule 5: one TLS layer per session (RFC 3207 4.2); a handshake that fails is
+one log line and a count, never a traceback, and ends the session.
+Rule 6: no AUTH failure is answered at once, and a session gets a fixed
+number of them (delays per client in ``relay.auth``); a user name is logged
+only as a keyed token.
+Rule 7: once a session's connection is gone, no timer is armed for it.
+
+Who may hold a session (limits, overload) is ``relay.gate``'s decision.
 
 Past this module the relay sees ``Submission`` values and ``Reply`` values.
 """
@@ -17,27 +25,38 @@ Past this module the relay sees ``Submission`` values and ``Reply`` values.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
+import base64
+import binascii
 import collections
-import hmac
-import ipaddress
 import logging
+import math
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, syntax
 
 from relay.addresses import Address, parse_address, parse_recipient
+from relay.auth import FailureDelays, Users
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
 from relay.errors import BadAddress, Rejected, Reply
+from relay.gate import TOO_MANY_FROM_CLIENT, Gate, overload_at
 from relay.headers import parse_message
 from relay.logs import AddressTokens, token
-from relay.metrics import ConnectionResult, MessageResult, Metrics, Refusal
+from relay.metrics import (
+    AuthFailure,
+    ConnectionResult,
+    MessageResult,
+    Metrics,
+    Refusal,
+    SessionClosed,
+    TlsFailure,
+)
 from relay.model import Credentials
-from relay.startup import read_users
 
 log = logging.getLogger("relay.inbound")
 
@@ -45,6 +64,7 @@ READ_BLOCK = 65536  # one socket read; lines of any length fit, in as many block
 # RFC 5321 4.5.3.1.4's 512 octets, plus what SIZE= (RFC 1870) and SMTPUTF8 (RFC 6531) add.
 MAIL_COMMAND_LIMIT = SMTP.command_size_limit + 26 + 10
 NULL_SENDER = "<>"
+DATA_CLOSED = "connection closed during DATA: nothing was taken"
 BUSY_TIMEOUT = 3600.0  # the idle timer while the relay itself works on a message
 CALL_LIMITS = {  # per session; MAIL/RCPT/DATA are bounded by the message and recipient limits
     "NOOP": 100,
@@ -75,13 +95,24 @@ _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
 # What ``admit`` answers at MAIL, by enhanced code (relay.server's SPOOL_FULL, QUEUE_FULL).
 _CUSTODY_REFUSALS = {"4.3.1": Refusal.SPOOL_FULL, "4.3.2": Refusal.QUEUE_FULL}
 
-TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout during DATA, closing connection")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 NOT_ALLOWED = Reply(550, "5.7.1", "Relaying not allowed from your network")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+# RFC 4954 4 keeps AUTH within RFC 5321's command line; one limit for the AUTH
+# command and for each response to a challenge, and one reply for both.
+AUTH_LINE_LIMIT = SMTP.command_size_limit
+AUTH_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")  # RFC 4954 4
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64")
+AUTH_BAD_PLAIN = Reply(501, "5.5.2", "Cannot split the PLAIN response")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")  # RFC 4954 4: the client sent "*"
+AUTH_LIMIT = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+AUTH_HANDLED = AuthResult(success=False, handled=True)  # the reply was already sent
+TOO_LONG_STATUS = "500 Command line too long"  # what aiosmtpd's command loop says
+TLS_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")  # RFC 3207 4.2; Postfix's words
 INTERNAL = Reply(451, "4.3.0", "Internal error, try again later")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
@@ -105,36 +136,6 @@ class Submission:
 Accept = Callable[[Submission], Awaitable[Reply]]
 
 
-class Gate:
-    """Connection limit and client networks, shared by every session of one listener."""
-
-    def __init__(
-        self, max_connections: int, networks: Sequence[str], metrics: Metrics | None = None
-    ) -> None:
-        self.max_connections = max_connections
-        self.metrics = metrics
-        self.sessions: set[RelaySMTP] = set()
-        self._networks = [ipaddress.ip_network(n, strict=False) for n in networks]
-
-    @property
-    def open(self) -> int:
-        return len(self.sessions)
-
-    def close_all(self) -> None:
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
-
-    def allows(self, peer: Any) -> bool:
-        try:
-            ip = ipaddress.ip_address(peer[0] if isinstance(peer, tuple) else str(peer))
-        except (ValueError, IndexError, TypeError):
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self._networks)
-
-
 class CommandReader(asyncio.StreamReader):
     r"""Command lines end only at CRLF, and the end of the stream ends the session.
 
@@ -145,11 +146,27 @@ class CommandReader(asyncio.StreamReader):
     ever: a cancellation ends the session the way aiosmtpd ends it at EOF.
     """
 
+    auth_line = False  # the line read last (or being read, when too long) is an AUTH command
+    _overrun = False  # a line over the limit is being read in pieces
+
     async def readuntil(self, separator: Any = b"\n") -> bytes:  # typeshed's type is private
         try:
-            return await super().readuntil(b"\r\n" if separator == b"\n" else separator)
+            line = await super().readuntil(b"\r\n" if separator == b"\n" else separator)
         except asyncio.IncompleteReadError as exc:
             raise asyncio.CancelledError from exc
+        except asyncio.LimitOverrunError:
+            if not self._overrun:
+                self.auth_line = _is_auth(bytes(self._buffer[:5]))  # type: ignore[attr-defined]
+            self._overrun = True
+            raise
+        if not self._overrun:
+            self.auth_line = _is_auth(line[:5])
+        self._overrun = False
+        return line
+
+
+def _is_auth(start: bytes) -> bool:
+    return start.upper() in (b"AUTH ", b"AUTH\r")
 
 
 class RelaySMTP(SMTP):
@@ -160,6 +177,10 @@ class RelaySMTP(SMTP):
         self._gate = gate
         self._config = config
         self._plain_replies = False
+        self._session_over = False  # connection_lost has run: no timer may be armed again
+        self._auth_failures = 0  # in this session (smtp.auth_failure_limit)
+        self._last_active = 0.0  # loop time of the last command (relay.gate's idle order)
+        self.client = "unknown"
         # aiosmtpd makes its own StreamReader; give it CRLF-only command lines.
         self._stream_reader.__class__ = CommandReader  # type: ignore[attr-defined]
         # aiosmtpd widens MAIL's limit at every EHLO on a class-wide dict, so
@@ -170,34 +191,60 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starting = self.transport is None
+        if starting:
+            self.client = _peer_ip(transport.get_extra_info("peername"))
         super().connection_made(transport)
         if not starting:
             return  # the TLS transport after STARTTLS: the same session
-        metrics = self._gate.metrics
-        if self._gate.open >= self._gate.max_connections:
+        refusal = self._gate.admit(self, self.loop.time())
+        if refusal is not None:
             writer = cast("asyncio.WriteTransport", transport)  # uvloop's is no asyncio.Transport
-            writer.write(f"{TOO_MANY_CONNECTIONS}\r\n".encode())
+            writer.write(f"{refusal}\r\n".encode())
             writer.close()
-            if metrics is not None:
-                metrics.connection(ConnectionResult.REFUSED_LIMIT)
-                metrics.refused(Refusal.CONNECTION_LIMIT)
-            log_refusal(
-                "connect",
-                TOO_MANY_CONNECTIONS,
-                Refusal.CONNECTION_LIMIT,
-                _peer_ip(transport.get_extra_info("peername")),
+            reason = (
+                Refusal.CLIENT_LIMIT
+                if refusal is TOO_MANY_FROM_CLIENT
+                else Refusal.CONNECTION_LIMIT
             )
-            return
-        self._gate.sessions.add(self)
-        if metrics is not None:
-            metrics.connection(ConnectionResult.ACCEPTED)
+            if self._gate.metrics is not None:
+                self._gate.metrics.refused(reason)
+            log_refusal("connect", refusal, reason, self.client)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self in self._gate.sessions:
-            self._gate.sessions.discard(self)
-            if self._gate.metrics is not None:
-                self._gate.metrics.connection_closed()
+        if self._session_over:
+            return  # a failed handshake ended the session already (_tls_failed)
+        self._session_over = True
+        self._gate.release(self)
         super().connection_lost(error)
+
+    # -- what relay.gate asks of a session (GatedSession) --
+
+    def idle_since(self) -> float | None:
+        """The time of the last command, while no transaction (MAIL) is open; else None."""
+        if self._session_over or (self.envelope is not None and self.envelope.mail_from):
+            return None
+        return self._last_active
+
+    def shrink_idle_timer(self, timeout: float) -> None:
+        """Overload: the idle timer runs out ``timeout`` after the last command, if idle."""
+        since = self.idle_since()
+        if since is None or self._timeout_handle is None:
+            return
+        self._timeout_handle.cancel()
+        remaining = max(since + timeout - self.loop.time(), 0.0)
+        self._timeout_handle = self.loop.call_later(remaining, self._timeout_cb)
+
+    def evict(self, reply: Reply) -> None:
+        """Closed to make room (overload): the reply, then the connection closes."""
+        if self._handshaking:
+            self._abort_handshake()  # no reply can go through a TLS layer not yet up
+            return
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        transport = cast("asyncio.WriteTransport | None", self.transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(f"{reply}\r\n".encode())
+            transport.close()
 
     def eof_received(self) -> bool | None:
         """The client closed its side: the session is over, so close ours too.
@@ -211,12 +258,118 @@ class RelaySMTP(SMTP):
         super().eof_received()
         return False
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Arm the idle timer, unless the session is over (issue 13 section 7).
+
+        ``smtp_DATA`` re-arms it after custody, which can end after the client
+        reset the connection; a timer on that dead session would fire into
+        aiosmtpd's ``transport is not None`` assertion.
+        """
+        if self._session_over:
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            return
+        self._last_active = self.loop.time()
+        if duration is None and self._gate.overloaded and self.idle_since() is not None:
+            duration = self._gate.overload_idle_timeout  # Postfix's stress-mode smtpd_timeout
+        super()._reset_timeout(duration)
+
     def _timeout_cb(self) -> None:
+        if self._handshaking:
+            # Still in the handshake: the app transport cannot carry a 421.
+            self._tls_failed(TimeoutError("TLS handshake timed out"))
+            return
+        if self._gate.metrics is not None:
+            self._gate.metrics.session_closed(SessionClosed.IDLE)
         # Duck-typed: uvloop's transports are not subclasses of ``asyncio.Transport``.
         transport = cast("asyncio.WriteTransport | None", self.transport)
         if transport is not None and not transport.is_closing():
             transport.write(f"{IDLE_TIMEOUT}\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]  # aiosmtpd leaves it untyped
+
+    @property
+    def starttls_offered(self) -> bool:
+        """STARTTLS is listed (EHLO, HELP) and taken only before TLS is active (RFC 3207 4.2)."""
+        return self.tls_context is not None and self._tls_protocol is None
+
+    @syntax("STARTTLS", when="starttls_offered")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, refused once TLS is active, and quiet when the handshake fails.
+
+        aiosmtpd answers a second STARTTLS with 220 and stacks another TLS layer,
+        and a failed handshake reaches ``handle_exception`` as a traceback (a
+        scanner sending garbage fills the log); here a failure is one log line
+        and a counter, and the session ends.
+        """
+        if self._tls_protocol is not None:
+            await self.push(str(TLS_ACTIVE))
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls_context is None:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        await self.push("220 Ready to start TLS")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        tls = asyncio.sslproto.SSLProtocol(
+            loop,
+            self,
+            self.tls_context,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=math.ceil(self._config.smtp.idle_timeout),  # typeshed: int
+        )
+        self._tls_protocol = tls
+        original = self.transport
+        assert original is not None
+        self._original_transport = original
+        original.set_protocol(tls)
+        self.transport = tls._app_transport  # aiosmtpd does the same
+        tls.connection_made(original)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # every handshake failure ends the same way
+            self._tls_failed(error)
+            return
+        if self.session is None or self.session.ssl is None:
+            # The connection was lost mid-handshake with no error: the waiter just ends.
+            self._tls_failed(ConnectionResetError("connection lost during the TLS handshake"))
+
+    def _tls_failed(self, error: BaseException) -> None:
+        """One log line and one count for a failed handshake, then the session ends."""
+        if self._session_over:
+            return  # the idle timer ended the handshake; its waiter fails after
+        reason = TlsFailure.of(error)
+        detail = getattr(error, "reason", None) or type(error).__name__
+        log.info(
+            "TLS handshake failed",
+            extra={
+                "fields": {
+                    "client": _peer_ip(self.session.peer if self.session else None),
+                    "reason": reason.value,
+                    "detail": str(detail)[:80],
+                }
+            },
+        )
+        if self._gate.metrics is not None:
+            self._gate.metrics.tls_failed(reason)
+        self._abort_handshake()
+
+    @property
+    def _handshaking(self) -> bool:
+        return self._tls_protocol is not None and self.session is not None and not self.session.ssl
+
+    def _abort_handshake(self) -> None:
+        """Drop the connection under an unfinished TLS handshake, and end the session."""
+        if self._original_transport is not None:
+            self._original_transport.abort()  # type: ignore[attr-defined]
+        # The TLS layer never made the session its application, so it will not say
+        # the connection is lost: this session says so itself, once.
+        self.connection_lost(None)
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._plain_replies = True  # the EHLO keyword list takes no enhanced codes
@@ -235,10 +388,122 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         """Every reply carries an enhanced status code (RFC 2034), aiosmtpd's own too."""
+        if status == TOO_LONG_STATUS and cast("CommandReader", self._reader).auth_line:
+            # The AUTH command itself was over the limit: the AUTH exchange's reply.
+            await self._auth_failed(AuthFailure.TOO_LONG, None, AUTH_TOO_LONG)
+            return
         if isinstance(status, str) and not self._plain_replies:
             await super().push(with_enhanced_code(status))
         else:
             await super().push(status)
+
+    # -- AUTH (RFC 4954, 4616): aiosmtpd's PLAIN and LOGIN, with the failure policy --
+
+    async def auth_PLAIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        """RFC 4616: ``authzid NUL authcid NUL password``; an authzid must be the authcid."""
+        blob = await (self._auth_response(b"") if len(args) == 1 else self._auth_decode(args[1]))
+        if blob is None:
+            return AUTH_HANDLED
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            return await self._auth_failed(AuthFailure.MALFORMED, None, AUTH_BAD_PLAIN)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # Acting for another identity is not something this relay grants anyone.
+            return await self._auth_failed(AuthFailure.AUTHZID, login, AUTH_INVALID)
+        return await self._auth_check(login, password)
+
+    async def auth_LOGIN(self, _: SMTP, args: list[str]) -> AuthResult:
+        """The LOGIN mechanism: user name and password, each answering a challenge."""
+        if len(args) == 1:
+            login = await self._auth_response(self.AuthLoginUsernameChallenge.encode())
+        else:
+            login = await self._auth_decode(args[1])
+        if login is None:
+            return AUTH_HANDLED
+        password = await self._auth_response(self.AuthLoginPasswordChallenge.encode())
+        if password is None:
+            return AUTH_HANDLED
+        return await self._auth_check(login, password)
+
+    async def _auth_response(self, challenge: bytes) -> bytes | None:
+        """Send a 334 challenge; the decoded answer, or None once a failure was answered."""
+        await self.push(b"334 " + base64.b64encode(challenge))
+        try:
+            line: bytes | None = await self._reader.readuntil(b"\r\n")
+        except asyncio.LimitOverrunError as error:
+            line = None
+            await self._reader.read(error.consumed)
+            while True:  # read to the end of the line, as aiosmtpd does for commands
+                try:
+                    await self._reader.readuntil(b"\r\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.read(more.consumed)
+        if line is None or len(line) - 2 > AUTH_LINE_LIMIT:
+            await self._auth_failed(AuthFailure.TOO_LONG, None, AUTH_TOO_LONG)
+            return None
+        answer = line.strip()
+        if answer == b"*":
+            await self._auth_failed(AuthFailure.ABORTED, None, AUTH_ABORTED)
+            return None
+        return await self._auth_decode(answer.decode("ascii", "replace"))
+
+    async def _auth_decode(self, text: str) -> bytes | None:
+        try:
+            return base64.b64decode(text.encode("ascii", "replace"), validate=True)
+        except (binascii.Error, ValueError):
+            await self._auth_failed(AuthFailure.MALFORMED, None, AUTH_BAD_BASE64)
+            return None
+
+    async def _auth_check(self, login: bytes, password: bytes) -> AuthResult:
+        handler = cast("InboundHandler", self.event_handler)
+        result = await handler.check_credentials(login, password)
+        if result.success:
+            self._gate.auth_failures.succeeded(
+                _peer_ip(self.session.peer if self.session else None)
+            )
+            return result
+        return await self._auth_failed(AuthFailure.CREDENTIALS, login, AUTH_INVALID)
+
+    async def _auth_failed(
+        self, reason: AuthFailure, login: bytes | None, reply: Reply
+    ) -> AuthResult:
+        """One failure: a log line (user as a token), a count, the delay owed, the reply, the cap.
+
+        Rule: no AUTH failure answers at once, and a session gets
+        ``smtp.auth_failure_limit`` of them (Postfix's ``smtpd_hard_error_limit``).
+        """
+        self._auth_failures += 1
+        client = _peer_ip(self.session.peer if self.session else None)
+        wait = self._gate.auth_failures.failed(client)
+        user = self._gate.tokens(login.decode("utf-8", "replace")) if login else "-"
+        log.warning(
+            "AUTH failed",
+            extra={
+                "fields": {
+                    "client": client,
+                    "user": user,
+                    "reason": reason.value,
+                    "failures": self._auth_failures,
+                    "delay": round(wait, 3),
+                }
+            },
+        )
+        metrics = self._gate.metrics
+        if metrics is not None:
+            metrics.auth_failed(reason)
+        await asyncio.sleep(wait)
+        if self._session_over:
+            return AUTH_HANDLED
+        await self.push(str(reply))
+        if self._auth_failures >= self._config.smtp.auth_failure_limit:
+            await self.push(str(AUTH_LIMIT))
+            if metrics is not None:
+                metrics.session_closed(SessionClosed.AUTH_LIMIT)
+            if self.transport is not None:
+                self.transport.close()
+        return AUTH_HANDLED
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The address exactly as sent (validated later, with the right reply); "<>" for null."""
@@ -278,13 +543,17 @@ class RelaySMTP(SMTP):
                 # when the read has just completed (Python 3.11).
                 async with asyncio.timeout(max(remaining, 0)):
                     block = await self._reader.read(READ_BLOCK)
+            except asyncio.CancelledError:
+                # aiosmtpd cancels the session at EOF or reset, before the read returns.
+                log.info(DATA_CLOSED)
+                raise
             except TimeoutError:
                 await self.push(str(DATA_TIMEOUT))
                 assert self.transport is not None
                 self.transport.close()
                 return
             if not block:
-                log.info("connection closed during DATA: nothing was taken")
+                log.info(DATA_CLOSED)
                 return
             self._reset_timeout()
             rest = collector.feed(block)
@@ -305,9 +574,10 @@ class RelaySMTP(SMTP):
         try:
             status = await self._call_handler_hook("DATA")
         finally:
-            self._reset_timeout()
-            # The transaction is over even when the hook failed (451 4.3.0).
+            # The transaction is over even when the hook failed (451 4.3.0); the
+            # session is back before MAIL, so under overload its timer is the short one.
             self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self._reset_timeout()
         await self.push(status)
 
 
@@ -329,9 +599,16 @@ class InboundHandler:
         self._admit = admit
         self._auth = config.smtp.auth is not AuthMode.OFF
         self._local_domains = frozenset(d.lower() for d in config.smtp.local_domains)
-        self._users = (
-            _read_users(config.smtp.users_file) if config.smtp.auth is AuthMode.USERS else {}
-        )
+        self._users = Users({})
+        if config.smtp.auth is AuthMode.USERS:
+            self._users = Users.load(config.smtp.users_file)  # ConfigError at start
+            if self._users.plain:
+                log.warning(
+                    "the users file holds plain-text passwords: use bcrypt hashes",
+                    extra={
+                        "fields": {"file": config.smtp.users_file, "entries": self._users.plain}
+                    },
+                )
         self._senders = config.senders.policy()
 
     async def handle_EHLO(
@@ -511,18 +788,13 @@ class InboundHandler:
         log.error("internal error in SMTP session: %s", type(error).__name__, exc_info=error)
         return str(INTERNAL)
 
-    def authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
-    ) -> AuthResult:
+    async def check_credentials(self, login: bytes, password: bytes) -> AuthResult:
         """PLAIN/LOGIN: configured users, or passthrough of the application's own credentials."""
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        username = auth_data.login.decode("utf-8", "replace")
-        password = auth_data.password.decode("utf-8", "replace")
+        username = login.decode("utf-8", "replace")
         if self._config.smtp.auth is AuthMode.PASSTHROUGH:
-            return AuthResult(success=True, auth_data=Credentials(username, password))
-        expected = self._users.get(username)
-        if expected is not None and hmac.compare_digest(expected.encode(), password.encode()):
+            secret = password.decode("utf-8", "replace")
+            return AuthResult(success=True, auth_data=Credentials(username, secret))
+        if await self._users.verify(username, password):
             return AuthResult(success=True, auth_data=username)  # for [senders] by_user
         return AuthResult(success=False, handled=False)
 
@@ -541,10 +813,6 @@ def log_refusal(
     if detail:
         fields["detail"] = detail
     log.info("refused", extra={"fields": {**fields, **(addresses or {})}})
-
-
-def _read_users(path: str) -> dict[str, str]:
-    return read_users(path)  # relay.startup validated it at start (line and key named)
 
 
 def with_enhanced_code(status: str) -> str:
@@ -605,7 +873,18 @@ def make_protocol_factory(
     ``admit`` is asked at each MAIL whether new mail can be taken into custody
     (spool space, queue bound); a reply it returns refuses the transaction.
     """
-    gate = Gate(config.smtp.max_connections, config.smtp.allow_networks, metrics)
+    smtp = config.smtp
+    gate = Gate(
+        smtp.max_connections,
+        smtp.allow_networks,
+        metrics,
+        # anvil's per-client limit off loopback; on loopback every client is the application.
+        per_client=None if config.listen_address.is_loopback else smtp.max_connections_per_client,
+        overload_at=overload_at(smtp.max_connections, smtp.overload_threshold),
+        overload_idle_timeout=smtp.overload_idle_timeout,
+        auth_failures=FailureDelays(smtp.auth_failure_delay, smtp.auth_failure_delay_max),
+        tokens=tokens,
+    )
     handler = InboundHandler(config, gate, accept, admit, token if tokens is None else tokens)
     auth_on = config.smtp.auth is not AuthMode.OFF
     loopback = config.listen_address.is_loopback
@@ -624,7 +903,7 @@ def make_protocol_factory(
             timeout=config.smtp.idle_timeout,
             auth_required=False,  # Rule 1 is applied at MAIL: networks or AUTH
             auth_require_tls=not loopback,  # 538 5.7.11 for AUTH in clear off loopback
-            authenticator=handler.authenticate if auth_on else None,
+            # AUTH PLAIN and LOGIN are RelaySMTP's own (auth_PLAIN, auth_LOGIN).
             auth_exclude_mechanism=None if auth_on else ["PLAIN", "LOGIN"],
             command_call_limit=CALL_LIMITS,
         )

@@ -25,6 +25,8 @@ Closed label sets:
   ``To`` is only rebuilt, ``Received`` only added, a signature only stripped,
   kept or signed), so no series is exported that can never move.
 - ``result`` of an inbound connection: the values of ``ConnectionResult``.
+- ``reason`` of an inbound TLS, AUTH or session-close event: the values of
+  ``TlsFailure``, ``AuthFailure`` and ``SessionClosed``.
 - ``reason`` of a refusal in an SMTP session: the values of ``Refusal``.
 - ``version`` of ``solo_relay_build_info``: the one running version.
 
@@ -82,12 +84,51 @@ class ConnectionResult(enum.Enum):
     ACCEPTED = "accepted"
     REFUSED_LIMIT = "refused_limit"  # smtp.max_connections reached
     REFUSED_NETWORK = "refused_network"  # the peer is outside smtp.allow_networks
+    REFUSED_CLIENT_LIMIT = "refused_client_limit"  # smtp.max_connections_per_client reached
+
+
+class TlsFailure(enum.Enum):
+    """Why an inbound TLS handshake failed (the ``reason`` label)."""
+
+    HANDSHAKE = "handshake"  # not TLS, or no protocol, cipher or group in common
+    ABORTED = "aborted"  # the client closed or reset the connection mid-handshake
+    TIMEOUT = "timeout"  # the handshake took longer than smtp.idle_timeout
+
+    @classmethod
+    def of(cls, error: BaseException) -> TlsFailure:
+        """The reason for the error a failed handshake raised."""
+        if isinstance(error, TimeoutError) or (
+            isinstance(error, ConnectionAbortedError) and "longer than" in str(error)
+        ):
+            return cls.TIMEOUT  # asyncio.sslproto's handshake timeout
+        if isinstance(error, ConnectionError | EOFError):
+            return cls.ABORTED
+        return cls.HANDSHAKE
+
+
+class AuthFailure(enum.Enum):
+    """Why an inbound AUTH exchange failed (the ``reason`` label)."""
+
+    CREDENTIALS = "credentials"  # unknown user or wrong password: 535 5.7.8
+    AUTHZID = "authzid"  # PLAIN with an authorization identity not the user's own: 535 5.7.8
+    TOO_LONG = "too_long"  # a line of the exchange over the limit: 500 5.5.6
+    MALFORMED = "malformed"  # not base64, or PLAIN without its three parts: 501
+    ABORTED = "aborted"  # the client answered a challenge with "*": 501
+
+
+class SessionClosed(enum.Enum):
+    """Why the relay closed an inbound session itself (the ``reason`` label)."""
+
+    IDLE = "idle"  # the idle timeout (shorter under overload) ran out
+    OVERLOAD = "overload"  # the longest-idle session, closed to make room at the limit
+    AUTH_LIMIT = "auth_limit"  # smtp.auth_failure_limit failures in one session
 
 
 class Refusal(enum.Enum):
     """Why the relay refused a connection, MAIL, RCPT or DATA in the session (``reason``)."""
 
     CONNECTION_LIMIT = "connection_limit"  # 421 4.7.0 at connect: smtp.max_connections
+    CLIENT_LIMIT = "client_limit"  # 421 at connect: smtp.max_connections_per_client
     NETWORK = "network"  # 550 5.7.1 at MAIL: outside smtp.allow_networks, no AUTH
     AUTH_REQUIRED = "auth_required"  # 530 5.7.0 at MAIL: outside the networks, AUTH is on
     SPOOL_FULL = "spool_full"  # 452 4.3.1 at MAIL: spool.min_free_bytes
@@ -271,6 +312,30 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self._inbound_tls = Counter(
+            f"{p}_inbound_tls_failures_total",
+            "Inbound STARTTLS handshakes that failed, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self._inbound_auth = Counter(
+            f"{p}_inbound_auth_failures_total",
+            "Inbound AUTH exchanges that failed, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self._inbound_closed = Counter(
+            f"{p}_inbound_sessions_closed_total",
+            "Inbound sessions the relay closed itself, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self._overload = Gauge(
+            f"{p}_inbound_overload",
+            "1 while open sessions are near smtp.max_connections (shorter idle timeouts), else 0.",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
         self._auth_failures = Counter(
             f"{p}_upstream_auth_failures_total",
             "Times the upstream refused the relay's credentials.",
@@ -328,6 +393,12 @@ class Metrics:
             self._headers.labels(header, change)
         for connection in ConnectionResult:
             self._connections.labels(connection.value)
+        for tls in TlsFailure:
+            self._inbound_tls.labels(tls.value)
+        for auth in AuthFailure:
+            self._inbound_auth.labels(auth.value)
+        for closed in SessionClosed:
+            self._inbound_closed.labels(closed.value)
         for refusal in Refusal:
             self._refusals.labels(refusal.value)
 
@@ -398,6 +469,22 @@ class Metrics:
     def connection_closed(self) -> None:
         """An accepted connection closed (call once per ``connection(ACCEPTED)``)."""
         self._open.dec()
+
+    def tls_failed(self, reason: TlsFailure) -> None:
+        """Count one inbound TLS handshake that failed."""
+        self._inbound_tls.labels(reason.value).inc()
+
+    def auth_failed(self, reason: AuthFailure) -> None:
+        """Count one inbound AUTH exchange that failed."""
+        self._inbound_auth.labels(reason.value).inc()
+
+    def session_closed(self, reason: SessionClosed) -> None:
+        """Count one inbound session the relay closed itself."""
+        self._inbound_closed.labels(reason.value).inc()
+
+    def overload(self, on: bool) -> None:
+        """Set the overload gauge: 1 while the listener is near its connection limit."""
+        self._overload.set(1 if on else 0)
 
     def upstream_auth_failed(self) -> None:
         """Count an auth refusal that no copy's outcome carries (a probe, a pool warm-up)."""

@@ -26,8 +26,9 @@ from relay import __version__
 from relay.config import LISTEN_BACKLOG, SHUTDOWN_GRACE, Config, Mode
 from relay.delivery import Deliverer
 from relay.errors import ConfigError, Reply
+from relay.gate import Gate
 from relay.health import STATUS_SECONDS, HealthServer, write_status
-from relay.inbound import Gate, make_protocol_factory
+from relay.inbound import make_protocol_factory
 from relay.intake import Intake
 from relay.logs import AddressTokens, Verbatim, flush_periodically, load_key
 from relay.logs import flush as flush_logs

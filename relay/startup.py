@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.auth import Users
 from relay.config import AuthMode, Config, StartTLS
 from relay.errors import ConfigError
 from relay.logs import check_key
@@ -40,7 +40,7 @@ class Prepared:
     target: Target
     options: IsolationOptions
     tls: ssl.SSLContext | None
-    users: Mapping[str, str]
+    users: Users
 
 
 def prepare(config: Config) -> Prepared:
@@ -50,7 +50,7 @@ def prepare(config: Config) -> Prepared:
         _readable("smtp.tls_cert_file", smtp.tls_cert_file)
         _readable("smtp.tls_key_file", smtp.tls_key_file)
     tls = server_context(smtp)
-    users = read_users(smtp.users_file) if smtp.auth is AuthMode.USERS else {}
+    users = Users.load(smtp.users_file) if smtp.auth is AuthMode.USERS else Users({})
     options = config.isolation_options()  # loads and tries the DKIM key
     upstream = config.upstream
     target = parse_upstream_url(upstream.url, insecure=upstream.insecure)
@@ -68,40 +68,6 @@ def prepare(config: Config) -> Prepared:
     _writable_directory("spool.dir", config.spool.dir)
     check_key(config.log, Path(config.spool.dir))
     return Prepared(target, options, tls, users)
-
-
-def read_users(path: str) -> dict[str, str]:
-    """The ``smtp.users_file``: ``user:password`` lines; ``#`` comments and blank lines.
-
-    Raises ``ConfigError("smtp.users_file", ...)`` naming the file and the line
-    (never the line's content, which holds a password).
-    """
-    key = "smtp.users_file"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(key, f"{path} is not UTF-8 text") from exc
-    users: dict[str, str] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        name, colon, secret = line.partition(":")
-        where = f"{path} line {number}"
-        if not colon:
-            raise ConfigError(key, f"{where}: expected user:password, found no ':'")
-        if not name or name != name.strip():
-            raise ConfigError(key, f"{where}: the user name is empty or has spaces around it")
-        if not secret:
-            raise ConfigError(key, f"{where}: user {name!r} has an empty password")
-        if name in users:
-            raise ConfigError(key, f"{where}: user {name!r} is listed twice")
-        users[name] = secret
-    if not users:
-        raise ConfigError(key, f"{path} lists no user:password line")
-    return users
 
 
 def _readable(key: str, path: str) -> None:

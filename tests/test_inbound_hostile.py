@@ -306,6 +306,7 @@ async def test_auth_before_tls_off_loopback_needs_tls(
         "RELAY_SMTP_ALLOW_NETWORKS": "127.0.0.0/8",
         "RELAY_SMTP_AUTH": "users",
         "RELAY_SMTP_USERS_FILE": str(users),
+        "RELAY_SMTP_STARTTLS": "self-signed",
     }
     async with relay_for(tmp_path, plain_server, env) as relay:
         client = await RawClient.connect(relay.smtp_port)

@@ -17,11 +17,14 @@ from relay.metrics import (
     HEADER_CHANGES,
     HEADER_LABELS,
     REPLY_CLASSES,
+    AuthFailure,
     ConnectionResult,
     MessageResult,
     Metrics,
     Refusal,
+    SessionClosed,
     SpoolState,
+    TlsFailure,
     header_label,
 )
 from relay.model import (
@@ -151,7 +154,7 @@ def test_label_values_come_from_the_closed_sets(registry: CollectorRegistry) -> 
         "header": set(HEADER_LABELS),
         "change": {k.value for k in ChangeKind},
         "version": {__version__},
-        "reason": {r.value for r in Refusal},
+        "reason": {r.value for e in (TlsFailure, AuthFailure, SessionClosed, Refusal) for r in e},
         "le": None,
     }
     for _, labels in series(registry):
