@@ -649,6 +649,37 @@ async def test_real_upstream_535_pauses(tmp_path: Path, plain_server: UpstreamSe
         assert plain_server.transactions == []
 
 
+async def test_real_upstream_after_the_pause_one_login_not_pool_size(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """On the wire: four copies, wrong password; at the pause's end one AUTH, not four."""
+    env = {
+        "RELAY_UPSTREAM": plain_server.url(user=USER),
+        "RELAY_UPSTREAM_PASSWORD": PASSWORD + "-wrong",
+        "RELAY_UPSTREAM_POOL_SIZE": "4",
+    }
+    rcpts = [f"user{i}@example.com" for i in range(4)]
+    with world(tmp_path, env, real_upstream=True) as w:
+        try:
+            await w.store("M1", rcpts)
+            assert await w.run_at(T0) == 4
+            first = len(plain_server.auths)
+            resume = w.deliverer.paused_until
+            assert resume == T0 + w.config.delivery.auth_pause
+            assert await w.run_at(resume) == 1
+            assert len(plain_server.auths) == first + 1  # one probe login
+            assert w.deliverer.paused_until == resume + w.config.delivery.auth_pause
+            plain_server.users[USER] = PASSWORD + "-wrong"  # the provider takes it now
+            assert await w.run_at(w.deliverer.paused_until) == 1
+            assert not w.deliverer.probing
+            assert await w.run_at(w.deliverer.paused_until) == 3
+        finally:
+            assert w.real is not None
+            await w.real.aclose()
+    assert sorted(t.rcpt_tos[0] for t in plain_server.transactions) == rcpts
+    assert first >= 1
+
+
 class FailingRecords(Spool):
     """A real spool whose writes of a delivered copy's state fail (a disk gone bad)."""
 
