@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from relay import __version__, eventloop, preview, queuectl, startup, workers
+from relay import __version__, eventloop, preview, queuectl, startup, tokencmd, workers
 from relay.config import Config, env_notices, load
 from relay.dkimsign import DkimAction
 from relay.errors import ConfigError, RelayError
@@ -155,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "--upstream", action="store_true", help="also connect to the upstream: TLS, AUTH"
     )
     queuectl.add_parser(commands)
+    tokencmd.add_token_parser(commands)
     return parser
 
 
@@ -353,4 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config, args.upstream)
     if args.command == "queue":
         return queuectl.run(args)
+    if args.command == "token":
+        config = _load(args.config)
+        if config is None:
+            return EXIT_CONFIG
+        return tokencmd.run_token(config, args.addresses, sys.stdout, sys.stderr)
     return 2  # pragma: no cover - argparse requires a known command

@@ -40,6 +40,7 @@ from relay.model import (
     BodyCheck,
     IsolationOptions,
 )
+from relay.senders import SenderPolicy, parse_policy
 
 ENV_PREFIX = "RELAY_"
 ENV_ALIASES = {"RELAY_UPSTREAM": ("upstream", "url")}
@@ -199,6 +200,33 @@ class IsolationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SendersConfig:
+    # Envelope senders and From: domains every client may use ("a@example.com",
+    # "@example.com", "<>"); empty with no by_user: anyone may send as anyone.
+    allow: tuple[str, ...] = ()
+    # "USER: PATTERN PATTERN ..." per AUTH user, used instead of allow for that user.
+    by_user: tuple[str, ...] = ()
+    # Named envelope senders whose copies keep To: and Cc: as written (a team thread).
+    keep_recipients: tuple[str, ...] = ()
+
+    def policy(self) -> SenderPolicy:
+        """The policy (``ConfigError`` naming the key of a malformed entry)."""
+        for key, entries in (
+            ("senders.allow", self.allow),
+            ("senders.by_user", self.by_user),
+            ("senders.keep_recipients", self.keep_recipients),
+        ):
+            try:
+                parse_policy(*(entries if k == key else () for k in _SENDER_KEYS))
+            except ValueError as exc:
+                raise ConfigError(key, str(exc)) from exc
+        return parse_policy(self.allow, self.by_user, self.keep_recipients)
+
+
+_SENDER_KEYS = ("senders.allow", "senders.by_user", "senders.keep_recipients")
+
+
+@dataclass(frozen=True, slots=True)
 class DkimConfig:
     action: DkimAction = DkimAction.STRIP  # an app signature over a changed header
     sign_all: bool = False  # sign every copy with the relay's key
@@ -246,6 +274,7 @@ class SpoolConfig:
     fsync: bool = True  # off only to measure what durability costs
     min_free_bytes: int = 100 * 1024 * 1024  # below this, MAIL gets 452 4.3.1
     max_bytes: int = 0  # cap on the database; 0: the disk is the limit
+    history_days: float = 0.0  # keep delivered and failed copies this long (queue list --delivered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +295,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    senders: SendersConfig = field(default_factory=SendersConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -278,7 +308,11 @@ class Config:
         if self.dkim.signs:
             signer = load_signer(self.dkim.domain, self.dkim.selector, self.dkim.key_file)
         return replace(
-            options, dkim_action=self.dkim.action, signer=signer, sign_all=self.dkim.sign_all
+            options,
+            dkim_action=self.dkim.action,
+            signer=signer,
+            sign_all=self.dkim.sign_all,
+            keep_recipients_for=self.senders.policy().keep_recipients,
         )
 
     @property
@@ -588,10 +622,12 @@ def validate(config: Config) -> None:
         ("delivery.rate_per_day", config.delivery.rate_per_day),
         ("spool.min_free_bytes", config.spool.min_free_bytes),
         ("spool.max_bytes", config.spool.max_bytes),
+        ("spool.history_days", config.spool.history_days),
     )
     for key, amount in signed:
         if amount < 0:
             raise ConfigError(key, "must not be negative")
+    config.senders.policy()  # raises ConfigError naming the [senders] key at fault
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             "log.level", f"must be debug, info, warning or error: {config.log.level!r}"

@@ -63,6 +63,7 @@ READY_COPIES = 5000
 # slots, at least one).
 CLAIM_SECONDS = 0.1
 STATS_SECONDS = 5.0  # how often the spool gauges are refreshed
+REPLY_TEXT_CHARS = 500  # of an upstream reply logged (the spool keeps as much)
 
 
 def notification(
@@ -182,6 +183,9 @@ class Deliverer:
         self._claim_after = 0.0
         self._quarantined_seen = 0
         self.paused_until = 0.0
+        # After a pause for refused credentials: one copy at a time (one login) until an
+        # attempt gets past AUTH, instead of ``concurrency`` logins at once (issue 14.8).
+        self.probing = False
         # The last copy's verdict on the upstream itself (for /readyz): reached or not.
         self.upstream_reachable = True
         # Passthrough: the application's credentials, by user, as last seen at AUTH (memory only).
@@ -274,6 +278,10 @@ class Deliverer:
         if self.paused_until > now or self._stopping:
             return 0
         free = self._concurrency - len(self._in_flight)
+        if self.probing:  # one probe copy, one login, until the credentials work again
+            # Its outcome is written (and a refusal pauses) after its slot is free: no
+            # other copy starts until that record is done either.
+            free = min(free, 1 - len(self._in_flight) - len(self._settling))
         allowed = self._limiter.take(now, free) if free > 0 else 0
         self._limited = free > 0 and allowed <= 0
         if allowed <= 0:
@@ -421,6 +429,10 @@ class Deliverer:
         """Write down one outcome; a delivered copy's record is retried until it holds."""
         self._metrics.copy_outcome(outcome, latency)
         self.note_reachability(outcome)
+        if not job.auth_user and outcome.auth_failed:
+            self.probing = True  # when the pause ends, one copy tries the credentials first
+        elif not job.auth_user and outcome.stage not in _UNREACHABLE:
+            self.probing = False  # past AUTH: the credentials work again
         delay = RECORD_RETRY_FIRST
         failed = False
         while True:
@@ -514,7 +526,7 @@ class Deliverer:
     async def _settle(self, job: Job, outcome: Outcome) -> None:
         """Write ``outcome`` down (``_record`` retries it: nothing here counts it twice)."""
         now = self._clock()
-        fields = {
+        fields: dict[str, object] = {
             "queue_id": job.message_id,
             "rcpt": self._tokens(job.rcpt),
             "stage": outcome.stage.value,
@@ -531,6 +543,8 @@ class Deliverer:
                 self._metrics.dsn_sent()
             log.info("copy delivered", extra={"fields": fields})
             return
+        # The upstream's own words on every failure and deferral, addresses as tokens.
+        fields["reply"] = self._tokens.redact(outcome.text[:REPLY_TEXT_CHARS])
         if outcome.auth_failed and now < job.expires:
             # SPEC 5: the relay's own credentials refused: pause everything, no attempt
             # spent. An application's passthrough login refused: only its mail waits.

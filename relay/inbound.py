@@ -43,10 +43,19 @@ from relay.addresses import Address, parse_address, parse_recipient
 from relay.auth import FailureDelays, Users
 from relay.config import AuthMode, Config
 from relay.dotstream import DataCollector
-from relay.errors import BadAddress, Reply
-from relay.gate import Gate, overload_at
-from relay.logs import AddressTokens
-from relay.metrics import AuthFailure, ConnectionResult, Metrics, SessionClosed, TlsFailure
+from relay.errors import BadAddress, Rejected, Reply
+from relay.gate import TOO_MANY_FROM_CLIENT, Gate, overload_at
+from relay.headers import parse_message
+from relay.logs import AddressTokens, token
+from relay.metrics import (
+    AuthFailure,
+    ConnectionResult,
+    MessageResult,
+    Metrics,
+    Refusal,
+    SessionClosed,
+    TlsFailure,
+)
 from relay.model import Credentials
 
 log = logging.getLogger("relay.inbound")
@@ -83,6 +92,8 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
+# What ``admit`` answers at MAIL, by enhanced code (relay.server's SPOOL_FULL, QUEUE_FULL).
+_CUSTODY_REFUSALS = {"4.3.1": Refusal.SPOOL_FULL, "4.3.2": Refusal.QUEUE_FULL}
 
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout during DATA, closing connection")
@@ -119,6 +130,7 @@ class Submission:
     client_ip: str
     protocol: str  # RFC 3848 / RFC 6531 "with" keyword for the Received line
     credentials: Credentials | None
+    auth_user: str = ""  # the AUTH user name ("" when the client did not authenticate)
 
 
 Accept = Callable[[Submission], Awaitable[Reply]]
@@ -189,6 +201,14 @@ class RelaySMTP(SMTP):
             writer = cast("asyncio.WriteTransport", transport)  # uvloop's is no asyncio.Transport
             writer.write(f"{refusal}\r\n".encode())
             writer.close()
+            reason = (
+                Refusal.CLIENT_LIMIT
+                if refusal is TOO_MANY_FROM_CLIENT
+                else Refusal.CONNECTION_LIMIT
+            )
+            if self._gate.metrics is not None:
+                self._gate.metrics.refused(reason)
+            log_refusal("connect", refusal, reason, self.client)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_over:
@@ -565,9 +585,15 @@ class InboundHandler:
     """aiosmtpd hooks: validate the envelope, then hand the message to ``accept``."""
 
     def __init__(
-        self, config: Config, gate: Gate, accept: Accept, admit: Callable[[], Reply | None]
+        self,
+        config: Config,
+        gate: Gate,
+        accept: Accept,
+        admit: Callable[[], Reply | None],
+        tokens: Callable[[str], str] = token,
     ) -> None:
         self._config = config
+        self._tokens = tokens
         self._gate = gate
         self._accept = accept
         self._admit = admit
@@ -583,6 +609,7 @@ class InboundHandler:
                         "fields": {"file": config.smtp.users_file, "entries": self._users.plain}
                     },
                 )
+        self._senders = config.senders.policy()
 
     async def handle_EHLO(
         self,
@@ -606,13 +633,14 @@ class InboundHandler:
     ) -> str:
         if not self._gate.allows(session.peer) and not session.authenticated:
             if self._config.smtp.auth is not AuthMode.OFF:
-                return str(AUTH_REQUIRED)
+                return self._refuse(session, "mail", AUTH_REQUIRED, Refusal.AUTH_REQUIRED, address)
             if self._gate.metrics is not None:
                 self._gate.metrics.connection(ConnectionResult.REFUSED_NETWORK)
-            return str(NOT_ALLOWED)
+            return self._refuse(session, "mail", NOT_ALLOWED, Refusal.NETWORK, address)
         refusal = self._admit()
         if refusal is not None:
-            return str(refusal)
+            reason = _CUSTODY_REFUSALS.get(refusal.enhanced, Refusal.UNAVAILABLE)
+            return self._refuse(session, "mail", refusal, reason, address)
         for option in options:
             name, _, value = option.partition("=")
             if (
@@ -620,7 +648,7 @@ class InboundHandler:
                 and value.isdigit()
                 and int(value) > self._config.smtp.max_message_size
             ):
-                return str(TOO_BIG)
+                return self._refuse(session, "mail", TOO_BIG, Refusal.TOO_BIG, address)
         try:
             parse_address(
                 "" if address == NULL_SENDER else address,
@@ -629,7 +657,16 @@ class InboundHandler:
                 single_label=True,
             )
         except BadAddress as exc:
-            return str(exc.reply)
+            return self._refuse(
+                session, "mail", exc.reply, Refusal.BAD_SENDER, address, detail=exc.reason
+            )
+        user = _auth_user(session)
+        denied = self._senders.check_sender(user, address)
+        if denied is not None:  # SPEC 3: [senders] allow, by_user
+            detail = f"AUTH user {user}" if user else "no AUTH"
+            return self._refuse(
+                session, "mail", denied, Refusal.SENDER_NOT_ALLOWED, address, detail=detail
+            )
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(SENDER_OK)
@@ -637,14 +674,25 @@ class InboundHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        if options:
+        sender = envelope.mail_from or ""
+        if options:  # aiosmtpd refuses every RCPT parameter itself, before this hook
             return "555 5.5.4 RCPT TO parameters not supported"
         try:
             parse_recipient(address, smtputf8=envelope.smtp_utf8, local_domains=self._local_domains)
         except BadAddress as exc:
-            return str(exc.reply)
+            return self._refuse(
+                session,
+                "rcpt",
+                exc.reply,
+                Refusal.BAD_RECIPIENT,
+                sender,
+                detail=exc.reason,
+                rcpt=address,
+            )
         if len(envelope.rcpt_tos) >= self._config.smtp.max_recipients:
-            return str(TOO_MANY_RCPTS)
+            return self._refuse(
+                session, "rcpt", TOO_MANY_RCPTS, Refusal.TOO_MANY_RECIPIENTS, sender, rcpt=address
+            )
         envelope.rcpt_tos.append(address)
         return str(RECIPIENT_OK)
 
@@ -663,6 +711,17 @@ class InboundHandler:
             assert rcpt is not None
             recipients.append(rcpt)
         assert isinstance(envelope.original_content, bytes)
+        user = _auth_user(session)
+        denied = self._from_denied(user, envelope.original_content, smtputf8)
+        if denied is not None:
+            if self._gate.metrics is not None:
+                self._gate.metrics.message_received(
+                    MessageResult.REJECTED_POLICY, len(envelope.original_content), len(recipients)
+                )
+            detail = f"AUTH user {user}" if user else "no AUTH"
+            return self._refuse(
+                session, "data", denied, Refusal.FROM_NOT_ALLOWED, mail_from, detail=detail
+            )
         submission = Submission(
             sender=sender,
             recipients=tuple(recipients),
@@ -672,8 +731,58 @@ class InboundHandler:
             client_ip=_peer_ip(session.peer),
             protocol=_protocol(smtputf8, session.ssl is not None, bool(session.authenticated)),
             credentials=session.auth_data if isinstance(session.auth_data, Credentials) else None,
+            auth_user=user,
         )
         return str(await self._accept(submission))
+
+    def _from_denied(self, user: str, data: bytes, smtputf8: bool) -> Reply | None:
+        """SPEC 3: every From: mailbox at a domain the session may use (policy on only).
+
+        A header section the isolation core would refuse anyway is left to it (its
+        reply names the defect).
+        """
+        if not self._senders.on:
+            return None
+        isolation = self._config.isolation
+        try:
+            message = parse_message(
+                data,
+                smtputf8=smtputf8,
+                normalize=isolation.normalize_line_endings,
+                max_header_octets=isolation.max_header_size,
+            )
+        except Rejected:
+            return None
+        mailboxes: list[str] = []
+        for f in message.fields:
+            if f.name == "from":
+                found = [address for _, address in f.mailboxes(utf8=smtputf8)]
+                if not found:  # a From: that does not parse names no allowed domain
+                    return self._senders.check_from(user, [])
+                mailboxes += found
+        return self._senders.check_from(user, mailboxes)
+
+    def _refuse(
+        self,
+        session: Session,
+        stage: str,
+        reply: Reply,
+        reason: Refusal,
+        sender: str,
+        *,
+        detail: str = "",
+        rcpt: str | None = None,
+    ) -> str:
+        """Count and log one refusal (addresses as tokens); the reply to send."""
+        if self._gate.metrics is not None:
+            self._gate.metrics.refused(reason)
+        addresses = {"sender": self._tokens(sender if sender != NULL_SENDER else "")}
+        if rcpt is not None:
+            addresses["rcpt"] = self._tokens(rcpt)
+        log_refusal(
+            stage, reply, reason, _peer_ip(session.peer), detail=detail, addresses=addresses
+        )
+        return str(reply)
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("internal error in SMTP session: %s", type(error).__name__, exc_info=error)
@@ -686,8 +795,24 @@ class InboundHandler:
             secret = password.decode("utf-8", "replace")
             return AuthResult(success=True, auth_data=Credentials(username, secret))
         if await self._users.verify(username, password):
-            return AuthResult(success=True, auth_data=None)
+            return AuthResult(success=True, auth_data=username)  # for [senders] by_user
         return AuthResult(success=False, handled=False)
+
+
+def log_refusal(
+    stage: str,
+    reply: Reply,
+    reason: Refusal,
+    client: str,
+    *,
+    detail: str = "",
+    addresses: dict[str, str] | None = None,
+) -> None:
+    """One line per refusal: where, the reply, why; addresses already tokens (issue 14.6)."""
+    fields = {"stage": stage, "reply": str(reply), "reason": reason.value, "client": client}
+    if detail:
+        fields["detail"] = detail
+    log.info("refused", extra={"fields": {**fields, **(addresses or {})}})
 
 
 def with_enhanced_code(status: str) -> str:
@@ -712,6 +837,16 @@ def _closing_bracket(text: str) -> int:
         elif char == ">" and not quoted:
             return index
     return -1
+
+
+def _auth_user(session: Session) -> str:
+    """The session's AUTH user name, or "" when it did not authenticate."""
+    if not session.authenticated:
+        return ""
+    data = session.auth_data
+    if isinstance(data, Credentials):
+        return data.username
+    return data if isinstance(data, str) else ""
 
 
 def _peer_ip(peer: Any) -> str:
@@ -750,7 +885,7 @@ def make_protocol_factory(
         auth_failures=FailureDelays(smtp.auth_failure_delay, smtp.auth_failure_delay_max),
         tokens=tokens,
     )
-    handler = InboundHandler(config, gate, accept, admit)
+    handler = InboundHandler(config, gate, accept, admit, token if tokens is None else tokens)
     auth_on = config.smtp.auth is not AuthMode.OFF
     loopback = config.listen_address.is_loopback
 

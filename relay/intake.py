@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from relay.config import Config, Mode
-from relay.delivery import Deliverer, notification
+from relay.delivery import REPLY_TEXT_CHARS, Deliverer, notification
 from relay.direct import Fate, Result, deliver_direct
 from relay.dsn import dsn_recipient_ok
 from relay.errors import (
@@ -58,6 +58,7 @@ from relay.model import (
     IsolationOptions,
     Outcome,
     Plan,
+    Status,
     Trace,
     new_queue_id,
 )
@@ -178,6 +179,19 @@ class Intake:
 
     async def _take(self, queue_id: str, submission: Submission, plan: Plan, now: float) -> Reply:
         size = len(submission.data)
+        if plan.kept_recipients:  # SPEC 3's opt-out, from configuration: each use is seen
+            self._metrics.recipient_list_kept()
+            log.warning(
+                "recipient list kept",
+                extra={
+                    "fields": {
+                        "queue_id": queue_id,
+                        "sender": self._tokens(submission.sender.text if submission.sender else ""),
+                        "copies": len(plan.copies),
+                        "setting": "senders.keep_recipients",
+                    }
+                },
+            )
         for warning in plan.warnings:
             self._metrics.body_warning()
             log.warning("body check", extra={"fields": {"queue_id": queue_id, "warning": warning}})
@@ -203,6 +217,12 @@ class Intake:
                 "fields": {
                     "queue_id": queue_id,
                     "sender": self._tokens(sender),
+                    # SPEC 3: who sent it, as a token too (``solo-relay token USER``).
+                    **(
+                        {"auth_user": self._tokens(submission.auth_user)}
+                        if submission.auth_user
+                        else {}
+                    ),
                     "size": size,
                     "copies": len(plan.copies),
                     "merged_duplicates": plan.merged_duplicates,
@@ -439,6 +459,11 @@ class Intake:
                     "enhanced": outcome.enhanced,
                     "ambiguous": outcome.ambiguous,
                     "latency": round(latency, 4),
+                    **(
+                        {}
+                        if outcome.status is Status.DELIVERED
+                        else {"reply": self._tokens.redact(outcome.text[:REPLY_TEXT_CHARS])}
+                    ),
                 }
             },
         )

@@ -6,6 +6,9 @@ Rule 3: the leak guard runs after the split, on the final bytes of every
 copy, and a single failure rejects the whole message: either every copy is
 safe or none is made.
 
+The one exception to Rule 1 is configuration's, never a header's: a sender
+named in ``[senders] keep_recipients`` keeps To: and Cc: (``relay.teamthread``).
+
 Pure: no sockets, no event loop, no files, no logging. Every refusal is a
 ``Rejected`` carrying the reply the application should get.
 """
@@ -16,6 +19,7 @@ from relay.guard import LeakGuard
 from relay.headers import parse_message
 from relay.model import Envelope, IsolationOptions, Plan, Trace
 from relay.split import split_message
+from relay.teamthread import keep_visible
 
 
 def isolate(
@@ -36,6 +40,11 @@ def isolate(
         normalize=options.normalize,
         max_header_octets=options.max_header_octets,
     )
+    sender = envelope.sender
+    if sender is not None and sender.key.lower() in options.keep_recipients_for:
+        # SPEC 3's opt-out for a named sender (configuration only): To: and Cc: kept,
+        # hidden recipients still checked on every copy's final bytes.
+        return keep_visible(message, envelope, options, trace or Trace())
     copies, merged = split_message(message, envelope, options, trace or Trace())
     warnings = LeakGuard(message, envelope, options).check(copies)
     return Plan(copies, merged, warnings)

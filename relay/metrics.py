@@ -27,6 +27,7 @@ Closed label sets:
 - ``result`` of an inbound connection: the values of ``ConnectionResult``.
 - ``reason`` of an inbound TLS, AUTH or session-close event: the values of
   ``TlsFailure``, ``AuthFailure`` and ``SessionClosed``.
+- ``reason`` of a refusal in an SMTP session: the values of ``Refusal``.
 - ``version`` of ``solo_relay_build_info``: the one running version.
 
 With ``workers`` above 1 each worker process writes its series to files in
@@ -121,6 +122,24 @@ class SessionClosed(enum.Enum):
     IDLE = "idle"  # the idle timeout (shorter under overload) ran out
     OVERLOAD = "overload"  # the longest-idle session, closed to make room at the limit
     AUTH_LIMIT = "auth_limit"  # smtp.auth_failure_limit failures in one session
+
+
+class Refusal(enum.Enum):
+    """Why the relay refused a connection, MAIL, RCPT or DATA in the session (``reason``)."""
+
+    CONNECTION_LIMIT = "connection_limit"  # 421 4.7.0 at connect: smtp.max_connections
+    CLIENT_LIMIT = "client_limit"  # 421 at connect: smtp.max_connections_per_client
+    NETWORK = "network"  # 550 5.7.1 at MAIL: outside smtp.allow_networks, no AUTH
+    AUTH_REQUIRED = "auth_required"  # 530 5.7.0 at MAIL: outside the networks, AUTH is on
+    SPOOL_FULL = "spool_full"  # 452 4.3.1 at MAIL: spool.min_free_bytes
+    QUEUE_FULL = "queue_full"  # 451 4.3.2 at MAIL: delivery.max_queued
+    UNAVAILABLE = "unavailable"  # any other 4xx that custody gives at MAIL
+    TOO_BIG = "too_big"  # 552 5.3.4 at MAIL: SIZE= over smtp.max_message_size
+    BAD_SENDER = "bad_sender"  # 553 at MAIL: an address the relay will not carry
+    SENDER_NOT_ALLOWED = "sender_not_allowed"  # 550 5.7.1 at MAIL: [senders] allow-list
+    BAD_RECIPIENT = "bad_recipient"  # 553 at RCPT
+    TOO_MANY_RECIPIENTS = "too_many_recipients"  # 452 4.5.3 at RCPT: smtp.max_recipients
+    FROM_NOT_ALLOWED = "from_not_allowed"  # 550 5.7.1 at DATA: From: domain not allowed
 
 
 class SpoolState(enum.Enum):
@@ -265,6 +284,11 @@ class Metrics:
             "Messages the leak guard refused (550 5.7.1): nothing of them was sent.",
             registry=registry,
         )
+        self._kept_lists = Counter(
+            f"{p}_recipient_lists_kept_total",
+            "Messages of a sender named in senders.keep_recipients: copies kept To: and Cc:.",
+            registry=registry,
+        )
         self._body_warnings = Counter(
             f"{p}_body_check_warnings_total",
             "Messages whose body names a recipient of another copy (body_check = warn).",
@@ -274,6 +298,12 @@ class Metrics:
             f"{p}_inbound_connections_total",
             "Inbound SMTP connections, by result.",
             ["result"],
+            registry=registry,
+        )
+        self._refusals = Counter(
+            f"{p}_smtp_refusals_total",
+            "Connections, MAIL, RCPT and DATA commands the relay refused, by reason.",
+            ["reason"],
             registry=registry,
         )
         self._open = Gauge(
@@ -369,6 +399,8 @@ class Metrics:
             self._inbound_auth.labels(auth.value)
         for closed in SessionClosed:
             self._inbound_closed.labels(closed.value)
+        for refusal in Refusal:
+            self._refusals.labels(refusal.value)
 
     def message_received(self, result: MessageResult, size: int, recipients: int) -> None:
         """Count one message by ``result``; observe its size and recipient count.
@@ -416,6 +448,10 @@ class Metrics:
         """Count one message the leak guard refused."""
         self._leaks.inc()
 
+    def recipient_list_kept(self) -> None:
+        """Count one message whose copies kept their visible recipient list (the opt-out)."""
+        self._kept_lists.inc()
+
     def body_warning(self) -> None:
         """Count one message whose body check warned."""
         self._body_warnings.inc()
@@ -425,6 +461,10 @@ class Metrics:
         self._connections.labels(result.value).inc()
         if result is ConnectionResult.ACCEPTED:
             self._open.inc()
+
+    def refused(self, reason: Refusal) -> None:
+        """Count one refusal in an SMTP session (a connection, MAIL, RCPT or DATA)."""
+        self._refusals.labels(reason.value).inc()
 
     def connection_closed(self) -> None:
         """An accepted connection closed (call once per ``connection(ACCEPTED)``)."""

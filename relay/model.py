@@ -95,6 +95,9 @@ class IsolationOptions:
     dkim_action: DkimAction = DkimAction.STRIP
     signer: Signer | None = None  # the relay's key: for ``resign``, and for ``sign_all``
     sign_all: bool = False  # sign every copy, signed by the application or not
+    # Envelope senders (``Address.key`` in lower case) whose copies keep To: and Cc: as written: the
+    # team-thread opt-out of SPEC 3, from configuration only (relay.senders, Rule 3).
+    keep_recipients_for: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         lowered = frozenset(name.lower() for name in self.removed_headers)
@@ -171,6 +174,8 @@ class Plan:
     copies: tuple[Copy, ...]
     merged_duplicates: int = 0
     warnings: tuple[str, ...] = field(default=())
+    # The team-thread opt-out made these copies: To: and Cc: kept (relay.teamthread).
+    kept_recipients: bool = False
 
 
 class Status(enum.Enum):

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from relay import recovery
+from relay import queuefmt, queueview, recovery
 from relay.config import Config, load
 from relay.errors import ConfigError
 from relay.logs import AddressTokens, load_key
@@ -67,7 +67,9 @@ database; 2: bad configuration or usage.
 _LIST_HELP = """\
 One line per copy still in the spool (queued, delivering, deferred, and failed
 copies of messages that still have live ones): queue id, copy id, state,
-attempts, next try, last reply code, age, sender and recipient.
+attempts, next try, last reply code, age, the application's Message-ID, sender
+and recipient; every worker's spool in one listing (a SPOOL column), then the
+totals by state.
 """
 _SHOW_HELP = """\
 Print one message: its envelope, body size, times, and for each copy its
@@ -124,9 +126,14 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     queue.add_argument("--config", metavar="PATH", help=config_help)
     actions = queue.add_subparsers(dest="queue_action", required=True, metavar="ACTION")
-    actions.add_parser(
-        "list", parents=[common, show], help="one line per copy", description=_LIST_HELP
+    p = actions.add_parser(
+        "list",
+        parents=[common, show],
+        help="one line per copy",
+        description=_LIST_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    queueview.add_list_options(p)  # filters, --json, --delivered (relay.queueview)
     p = actions.add_parser(
         "show",
         parents=[common, show],
@@ -134,6 +141,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=_SHOW_HELP,
     )
     p.add_argument("queue_id", metavar="ID", help="the queue id")
+    queueview.add_json_option(p)
     p = actions.add_parser(
         "retry", parents=[common], help="make copies due now", description=_RETRY_HELP
     )
@@ -144,7 +152,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "delete", parents=[common], help="remove a message", description=_DELETE_HELP
     )
     p.add_argument("queue_id", metavar="ID", help="the queue id")
-    actions.add_parser("stats", parents=[common], help="counts by state", description=_STATS_HELP)
+    p = actions.add_parser(
+        "stats", parents=[common], help="counts by state", description=_STATS_HELP
+    )
+    queueview.add_json_option(p)
     p = actions.add_parser(
         "recover",
         parents=[common],
@@ -189,6 +200,18 @@ def run(
         except ConfigError as exc:
             print(f"solo-relay: configuration error: {exc}", file=err)
             return EXIT_CONFIG
+    # list (every spool in one listing), show --json, stats --json: relay.queueview.
+    handled = queueview.run(
+        args,
+        paths,
+        tokens,
+        keyed=lambda: _tokens(config, directory, show=False),
+        now=clock(),
+        out=out,
+        err=err,
+    )
+    if handled is not None:
+        return handled
     found = False
     broken = False  # a spool that could not be read: the others are still shown
     for path in paths:
@@ -375,8 +398,10 @@ def _show(
     sender, smtputf8, auth_user, received, expires, size, is_dsn = message
     if size == -1:  # a large body is a file of its own (relay.spool, Rule 3)
         size = _file_size(path.parent / BODIES / message_id)
+    addresses = [sender, *(c.rcpt for c in copies)]
     lines = [
         f"queue id   {_safe(message_id)}",
+        queuefmt.message_id_line([bytes(h) for h in headers.values()], addresses, tokens),
         f"sender     {_safe(_sender(sender, tokens))}",
         f"received   {_when(received)} ({_span(now - received)} ago)",
         f"expires    {_when(expires)} ({_relative(expires, now)})",
@@ -399,7 +424,7 @@ def _show(
             f"headers    {len(raw)} bytes",
             "",
         ]
-        text = tokens.redact(raw.decode("utf-8", "replace"))
+        text = queuefmt.redact_headers(raw.decode("utf-8", "replace"), addresses, tokens)
         lines.extend(_safe(line) for line in text.rstrip("\r\n").split("\r\n"))
     return "\n".join(lines) + "\n"
 

@@ -114,7 +114,10 @@ class Relay:
         )
         self._upstream = open_upstream(config.upstream)
         self.spool = Spool(
-            Path(config.spool.dir), fsync=config.spool.fsync, max_bytes=config.spool.max_bytes
+            Path(config.spool.dir),
+            fsync=config.spool.fsync,
+            max_bytes=config.spool.max_bytes,
+            history_days=config.spool.history_days,
         )
         self.spool.open()
         self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)
@@ -174,11 +177,15 @@ class Relay:
         return target.redacted()
 
     def _ready(self) -> tuple[bool, str]:
-        """SPEC 7: listening, spool directory writable, upstream reached at the last try."""
+        """SPEC 7: listening, spool directory writable, not paused for refused credentials,
+        upstream reached at the last try."""
         if self._server is None or not self._server.is_serving():
             return False, "not listening"
         if not os.access(self.config.spool.dir, os.W_OK):
             return False, "spool directory not writable"
+        if self.deliverer is not None and self.deliverer.paused_until > time.time():
+            # SPEC 5's pause after a 535: nothing is delivered until it ends (issue 14.8).
+            return False, "delivery paused: the upstream refused the relay's credentials"
         if self.deliverer is not None and not self.deliverer.upstream_reachable:
             return False, "upstream unreachable at the last delivery attempt"
         return True, "ready"
@@ -205,7 +212,12 @@ class Relay:
         """Deliver what a spool no worker serves any more holds (mail already acknowledged)."""
         assert self._upstream is not None
         config = self.config
-        spool = Spool(directory, fsync=config.spool.fsync, max_bytes=config.spool.max_bytes)
+        spool = Spool(
+            directory,
+            fsync=config.spool.fsync,
+            max_bytes=config.spool.max_bytes,
+            history_days=config.spool.history_days,
+        )
         try:
             spool.open()
         except SpoolError:

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import quote
 
+from relay import history
 from relay.addresses import Address
 from relay.errors import RelayError, Reply
 from relay.model import Outcome
@@ -325,8 +326,13 @@ class _BodyFiles:
 class Spool:
     """The spool database. ``open`` it, then ``await`` its methods from the event loop."""
 
-    def __init__(self, directory: Path, *, fsync: bool = True, max_bytes: int = 0) -> None:
+    def __init__(
+        self, directory: Path, *, fsync: bool = True, max_bytes: int = 0, history_days: float = 0.0
+    ) -> None:
         self.directory = directory
+        # ``spool.history_days``: final copies kept as rows of ``history`` (relay.history).
+        self._history_seconds = history_days * history.DAY
+        self._pruned_at = 0.0
         self.path = directory / "spool.db"
         self._fsync = fsync
         self._max_bytes = max_bytes
@@ -493,6 +499,8 @@ class Spool:
         conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'OFF'}")
         conn.executescript(SCHEMA)
+        if self._history_seconds:
+            conn.executescript(history.SCHEMA)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
         if "body_file" not in columns:  # a spool made before bodies could be files
             conn.execute("ALTER TABLE messages ADD COLUMN body_file INTEGER NOT NULL DEFAULT 0")
@@ -655,6 +663,15 @@ class Spool:
         )
         if not any(c.state in LIVE for c in message.copies):
             self._drop_if_done(conn, message.id)
+
+    def _keep_history(self, conn: sqlite3.Connection, copy_ids: list[int], now: float) -> None:
+        """Final copies into ``history`` (``spool.history_days``); old rows out, once a minute."""
+        if not self._history_seconds:
+            return
+        history.keep(conn, copy_ids, now)
+        if abs(now - self._pruned_at) >= history.PRUNE_SECONDS:
+            history.prune(conn, now - self._history_seconds)
+            self._pruned_at = now
 
     def _drop_if_done(self, conn: sqlite3.Connection, message_id: str) -> None:
         """A message whose copies are all final leaves the spool (its story is in logs, metrics)."""
@@ -960,6 +977,8 @@ class Spool:
             if also_store is not None:
                 self._insert(conn, also_store)  # the DSN commits with the failure, or neither
                 self._added += len(also_store.copies)
+            if state in FINAL:
+                self._keep_history(conn, [copy_id], now)
             self._drop_if_done(conn, row[0])
             return True
 
@@ -1018,6 +1037,8 @@ class Spool:
             ],
         )
         self._added -= sum(state in _LIVE_BYTES for _, state in found.values())
+        if found:
+            self._keep_history(conn, sorted(found), max(item[1] for item in items))
         for message_id in {message_id for message_id, _ in found.values()}:
             self._drop_if_done(conn, message_id)
         return set(found)

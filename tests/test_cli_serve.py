@@ -343,7 +343,7 @@ def test_bare_command_lists_the_commands_and_v_gives_the_version(
     status, out, err = in_process()
     assert status == 0 and not err
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
-    assert listed == ["preview", "serve", "check", "queue"]
+    assert listed == ["preview", "serve", "check", "queue", "token"]
     for flag in ("-V", "--version"):
         with pytest.raises(SystemExit) as info:
             in_process(flag)

@@ -382,11 +382,35 @@ async def test_bad_credentials_pause_delivery_without_spending_attempts(tmp_path
         assert w.metric("upstream_auth_paused") == 1
         assert w.metric("upstream_auth_failures_total") == 1
         assert w.metric("retries_total") == 0
-        assert await w.run_at(T0 + 300) == 2
+        assert await w.run_at(T0 + 300) == 1  # the probe: one login first
+        assert await w.run_at(T0 + 300) == 1  # it got past AUTH: the rest goes
         assert w.row(ALICE) is None and w.row(BOB) is None
         assert sorted(s.rcpt for s in w.upstream.sent) == [ALICE, ALICE, BOB]
         await w.deliverer.refresh_gauges(T0 + 300)
         assert w.metric("upstream_auth_paused") == 0
+
+
+async def test_after_an_auth_pause_one_probe_copy_logs_in_first(tmp_path: Path) -> None:
+    """Pause over: one copy (one login) is tried, not concurrency logins at once (issue 14.8).
+
+    A probe refused again pauses again; a probe that gets past AUTH lets the rest go at once.
+    """
+    rcpts = [f"user{i}@example.com" for i in range(6)]
+    script = {rcpt: [BAD_CREDENTIALS] for rcpt in rcpts[:4]} | {rcpts[4]: [BAD_CREDENTIALS]}
+    with world(tmp_path, {"RELAY_DELIVERY_CONCURRENCY": "4"}, script) as w:
+        await w.store("M1", rcpts)
+        assert await w.run_at(T0) == 4  # in flight together when the first 535 came
+        assert w.deliverer.paused_until == T0 + 300
+        assert w.deliverer.probing
+        resume = T0 + 300
+        assert await w.run_at(resume) == 1  # one probe, and it is refused too
+        assert w.deliverer.paused_until == resume + 300
+        assert await w.run_at(resume + 300) == 1  # the next probe gets through
+        assert not w.deliverer.probing
+        assert await w.run_at(resume + 300) == 4  # now every slot again
+        assert await w.run_at(resume + 300) == 1  # the fifth copy waiting
+        assert len(w.upstream.sent) == 11
+        assert all(w.row(rcpt) is None for rcpt in rcpts)
 
 
 async def test_rate_limit_per_second(tmp_path: Path) -> None:
@@ -623,6 +647,37 @@ async def test_real_upstream_535_pauses(tmp_path: Path, plain_server: UpstreamSe
         assert w.deliverer.paused_until == T0 + w.config.delivery.auth_pause
         assert w.row(BOB) == ("queued", 0, w.deliverer.paused_until)
         assert plain_server.transactions == []
+
+
+async def test_real_upstream_after_the_pause_one_login_not_pool_size(
+    tmp_path: Path, plain_server: UpstreamServer
+) -> None:
+    """On the wire: four copies, wrong password; at the pause's end one AUTH, not four."""
+    env = {
+        "RELAY_UPSTREAM": plain_server.url(user=USER),
+        "RELAY_UPSTREAM_PASSWORD": PASSWORD + "-wrong",
+        "RELAY_UPSTREAM_POOL_SIZE": "4",
+    }
+    rcpts = [f"user{i}@example.com" for i in range(4)]
+    with world(tmp_path, env, real_upstream=True) as w:
+        try:
+            await w.store("M1", rcpts)
+            assert await w.run_at(T0) == 4
+            first = len(plain_server.auths)
+            resume = w.deliverer.paused_until
+            assert resume == T0 + w.config.delivery.auth_pause
+            assert await w.run_at(resume) == 1
+            assert len(plain_server.auths) == first + 1  # one probe login
+            assert w.deliverer.paused_until == resume + w.config.delivery.auth_pause
+            plain_server.users[USER] = PASSWORD + "-wrong"  # the provider takes it now
+            assert await w.run_at(w.deliverer.paused_until) == 1
+            assert not w.deliverer.probing
+            assert await w.run_at(w.deliverer.paused_until) == 3
+        finally:
+            assert w.real is not None
+            await w.real.aclose()
+    assert sorted(t.rcpt_tos[0] for t in plain_server.transactions) == rcpts
+    assert first >= 1
 
 
 class FailingRecords(Spool):

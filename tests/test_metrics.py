@@ -21,6 +21,7 @@ from relay.metrics import (
     ConnectionResult,
     MessageResult,
     Metrics,
+    Refusal,
     SessionClosed,
     SpoolState,
     TlsFailure,
@@ -102,6 +103,7 @@ def traffic(metrics: Metrics, n: int) -> bytes:
     metrics.connection(ConnectionResult.ACCEPTED)
     metrics.connection(ConnectionResult.REFUSED_LIMIT)
     metrics.connection(ConnectionResult.REFUSED_NETWORK)
+    metrics.refused(Refusal.NETWORK)
     metrics.message_received(MessageResult.ACCEPTED, len(data), n)
     metrics.message_received(MessageResult.REJECTED_LEAK, len(data), n)
     metrics.leak_rejected()
@@ -152,7 +154,7 @@ def test_label_values_come_from_the_closed_sets(registry: CollectorRegistry) -> 
         "header": set(HEADER_LABELS),
         "change": {k.value for k in ChangeKind},
         "version": {__version__},
-        "reason": {r.value for e in (TlsFailure, AuthFailure, SessionClosed) for r in e},
+        "reason": {r.value for e in (TlsFailure, AuthFailure, SessionClosed, Refusal) for r in e},
         "le": None,
     }
     for _, labels in series(registry):

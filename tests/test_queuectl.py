@@ -154,10 +154,12 @@ def test_list_shows_tokens_not_addresses(spool_dir: Path) -> None:
         "LAST",
         "REPLY",
         "AGE",
+        "MESSAGE-ID",
         "FROM",
         "TO",
     ]
-    assert len(lines) == 5  # header, Q1's bob, carol and dave; Q2's one; erin's is delivered
+    assert len(lines) == 6  # header, Q1's bob, carol and dave; Q2's one (erin's is delivered)
+    assert lines[-1] == "total: 4 copies of 2 messages (deferred 2, failed 1, queued 1)"
     sender = token(spool_dir, SENDER)
     bob = next(line for line in lines if line.endswith(token(spool_dir, BOB)))
     assert bob.split()[:5] == ["Q1", bob.split()[1], "queued", "0", "now"] and sender in bob
@@ -167,7 +169,7 @@ def test_list_shows_tokens_not_addresses(spool_dir: Path) -> None:
     dave = next(line for line in lines if line.endswith(token(spool_dir, DAVE)))
     assert "failed" in dave and "550" in dave
     assert token(spool_dir, ERIN) not in result.stdout
-    q2 = next(line for line in lines if line.startswith("Q2"))
+    q2 = next(line for line in lines if line.startswith("Q2 "))
     assert " <> " in q2 and q2.endswith(sender)
 
 
@@ -322,7 +324,7 @@ def test_config_file_before_or_after_the_action(spool_dir: Path, tmp_path: Path)
 def test_works_beside_a_running_relay(running: Spool, spool_dir: Path) -> None:
     """With the spool open elsewhere: retry is claimed, delete of a copy in flight is harmless."""
     result = queue(spool_dir, "list")
-    assert result.returncode == 0 and result.stdout.count("\n") == 5
+    assert result.returncode == 0 and result.stdout.count("\n") == 6  # with the totals line
     assert queue(spool_dir, "retry", "Q2").stdout == "1 copy of Q2 due now\n"
     jobs = asyncio.run(running.claim_due(time.time(), 10))
     assert sorted(job.message_id for job in jobs) == ["Q1", "Q2"]  # bob's (due) and Q2's
