@@ -53,7 +53,7 @@ def keep_visible(
     hops = sum(1 for f in message.fields if f.name == "received")
     if hops > options.max_hops:
         raise TooManyHops(f"{hops} Received fields, limit {options.max_hops}")
-    _check_authors(message)
+    _check_authors(message, utf8=envelope.smtputf8)
     removed = options.removed_headers - VISIBLE
     unique = _unique(envelope.recipients)
     kept, folded = _fold_long([f for f in message.fields if f.name not in removed])
@@ -137,7 +137,7 @@ def _hidden(
             visible |= set(_field_spellings(f.raw))
         elif f.name in removed:
             secret |= set(_field_spellings(f.raw))
-    shown = frozenset(visible | _senders(message, envelope))
+    shown = frozenset(visible | _senders(message, envelope, removed))
     return frozenset(secret - shown), shown
 
 
