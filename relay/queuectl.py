@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -53,9 +51,6 @@ EXIT_CONFIG = 2  # bad configuration (argparse also exits 2 for a usage error)
 DB_NAME = "spool.db"
 LISTED = (*LIVE, CopyState.FAILED)  # delivered copies are history, not work
 RETRYABLE = (CopyState.QUEUED, CopyState.DEFERRED)  # delivering: already claimed; final: done
-
-# C0 controls but tab, DEL, C1 controls, line/paragraph separators, bidi overrides/isolates.
-_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 _QUEUE_HELP = """\
 Inspect and act on the spool of a running or stopped relay (the database
@@ -239,7 +234,7 @@ def run(
     if broken:
         return EXIT_NOT_FOUND
     if not found:
-        print(f"solo-relay queue: no message {_safe(args.queue_id)} in the spool", file=err)
+        print(f"solo-relay queue: no message {queuefmt.safe(args.queue_id)} in the spool", file=err)
         return EXIT_NOT_FOUND
     return EXIT_OK
 
@@ -357,15 +352,15 @@ def _list(conn: sqlite3.Connection, tokens: AddressTokens, now: float) -> str:
     rows = [header]
     rows.extend(
         (
-            _safe(c.message_id),
+            queuefmt.safe(c.message_id),
             str(c.copy_id),
             c.state.value,
             str(c.attempts),
             _next_try(c, now),
             f"{c.last_code} {c.last_enhanced}".strip() if c.last_code else "-",
-            _span(now - c.received),
-            _safe(_sender(c.sender, tokens)),
-            _safe(tokens(c.rcpt)),
+            queuefmt.span(now - c.received),
+            queuefmt.safe(queuefmt.sender_text(c.sender, tokens)),
+            queuefmt.safe(tokens(c.rcpt)),
         )
         for c in copies
     )
@@ -397,17 +392,17 @@ def _show(
         )
     sender, smtputf8, auth_user, received, expires, size, is_dsn = message
     if size == -1:  # a large body is a file of its own (relay.spool, Rule 3)
-        size = _file_size(path.parent / BODIES / message_id)
+        size = queuefmt.file_size(path.parent / BODIES / message_id)
     addresses = [sender, *(c.rcpt for c in copies)]
     lines = [
-        f"queue id   {_safe(message_id)}",
+        f"queue id   {queuefmt.safe(message_id)}",
         queuefmt.message_id_line([bytes(h) for h in headers.values()], addresses, tokens),
-        f"sender     {_safe(_sender(sender, tokens))}",
-        f"received   {_when(received)} ({_span(now - received)} ago)",
-        f"expires    {_when(expires)} ({_relative(expires, now)})",
+        f"sender     {queuefmt.safe(queuefmt.sender_text(sender, tokens))}",
+        f"received   {queuefmt.when(received)} ({queuefmt.span(now - received)} ago)",
+        f"expires    {queuefmt.when(expires)} ({_relative(expires, now)})",
         f"size       body {size} bytes",
         f"smtputf8   {'yes' if smtputf8 else 'no'}",
-        f"auth user  {_safe(tokens.redact(auth_user)) if auth_user else '-'}",
+        f"auth user  {queuefmt.safe(tokens.redact(auth_user)) if auth_user else '-'}",
         f"dsn        {'yes (a delivery status notification)' if is_dsn else 'no'}",
         f"copies     {len(copies)}",
     ]
@@ -418,14 +413,14 @@ def _show(
             reply = c.last_text
         lines += [
             "",
-            f"--- copy {c.copy_id}: {_safe(tokens(c.rcpt))}",
+            f"--- copy {c.copy_id}: {queuefmt.safe(tokens(c.rcpt))}",
             f"state      {c.state.value}, attempts {c.attempts}, next try {_next_try(c, now)}",
-            f"last reply {_safe(tokens.redact(reply)) if reply else '-'}",
+            f"last reply {queuefmt.safe(tokens.redact(reply)) if reply else '-'}",
             f"headers    {len(raw)} bytes",
             "",
         ]
         text = queuefmt.redact_headers(raw.decode("utf-8", "replace"), addresses, tokens)
-        lines.extend(_safe(line) for line in text.rstrip("\r\n").split("\r\n"))
+        lines.extend(queuefmt.safe(line) for line in text.rstrip("\r\n").split("\r\n"))
     return "\n".join(lines) + "\n"
 
 
@@ -445,7 +440,7 @@ def _retry(conn: sqlite3.Connection, message_id: str | None, now: float) -> str:
                 (now, message_id, *states),
             )
         count = cursor.rowcount
-    scope = "" if message_id is None else f" of {_safe(message_id)}"
+    scope = "" if message_id is None else f" of {queuefmt.safe(message_id)}"
     return f"{_copies_word(count)}{scope} due now\n"
 
 
@@ -462,7 +457,7 @@ def _delete(conn: sqlite3.Connection, path: Path, message_id: str) -> str:
         ).fetchall()
     if in_file == 1:  # after the commit, as the relay does (a file no row names is harmless)
         (path.parent / BODIES / message_id).unlink(missing_ok=True)
-    text = f"deleted {_safe(message_id)}: {_copies_word(count)}\n"
+    text = f"deleted {queuefmt.safe(message_id)}: {_copies_word(count)}\n"
     if in_flight:
         text += f"  {_copies_word(in_flight)} being delivered at that moment may still arrive\n"
     return text
@@ -473,12 +468,16 @@ def _stats(conn: sqlite3.Connection, path: Path, now: float) -> str:
         counts, oldest = read_stats(conn)
         (messages,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
         (quarantined,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
-    sizes = {suffix: _file_size(Path(f"{path}{suffix}")) for suffix in ("", "-wal")}
+    sizes = {suffix: queuefmt.file_size(Path(f"{path}{suffix}")) for suffix in ("", "-wal")}
     bodies = path.parent / BODIES
     files = [entry.stat().st_size for entry in os.scandir(bodies)] if bodies.is_dir() else []
     lines = [f"{state.value:<12} {counts[state]}" for state in CopyState]
     lines.append(f"{'messages':<12} {messages}")
-    age = "-" if oldest is None else f"{_span(now - oldest)} (received {_when(oldest)})"
+    age = (
+        "-"
+        if oldest is None
+        else f"{queuefmt.span(now - oldest)} (received {queuefmt.when(oldest)})"
+    )
     lines.append(f"{'oldest live':<12} {age}")
     lines.append(f"{'quarantined':<12} {quarantined}")
     lines.append(
@@ -497,42 +496,18 @@ def _require(conn: sqlite3.Connection, message_id: str) -> None:
 # -- formatting ----------------------------------------------------------------------
 
 
-def _safe(text: str) -> str:
-    """``text`` with control and bidi formatting characters escaped (Rule 4)."""
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
-
-
-def _sender(sender: str, tokens: AddressTokens) -> str:
-    return "<>" if not sender else tokens(sender)
-
-
 def _next_try(copy: CopyRow, now: float) -> str:
     if copy.state not in RETRYABLE:
         return "-"
-    return "now" if copy.next_try <= now else f"in {_span(copy.next_try - now)}"
+    return "now" if copy.next_try <= now else f"in {queuefmt.span(copy.next_try - now)}"
 
 
 def _relative(moment: float, now: float) -> str:
-    return f"{_span(now - moment)} ago" if moment <= now else f"in {_span(moment - now)}"
-
-
-def _span(seconds: float) -> str:
-    """A duration in its two largest units: ``45s``, ``4m``, ``2h5m``, ``3d4h``."""
-    total = max(int(seconds), 0)
-    if total < 60:
-        return f"{total}s"
-    minutes, _ = divmod(total, 60)
-    if minutes < 60:
-        return f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours}h" if hours else f"{days}d"
-
-
-def _when(moment: float) -> str:
-    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (
+        f"{queuefmt.span(now - moment)} ago"
+        if moment <= now
+        else f"in {queuefmt.span(moment - now)}"
+    )
 
 
 def _bytes(size: int) -> str:
@@ -542,13 +517,6 @@ def _bytes(size: int) -> str:
             return f"{size} B" if unit == "B" else f"{amount:.1f} {unit}"
         amount /= 1024
     return f"{size} B"  # pragma: no cover - the loop always returns
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def _copies_word(count: int) -> str:

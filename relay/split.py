@@ -25,7 +25,7 @@ import email.charset
 import email.header
 import email.utils
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from relay.addresses import Address, parse_address
@@ -76,7 +76,6 @@ def split_message(
     shared = _shared_changes(message.fields, options.removed_headers) + folded
     signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
     normalized = Normalized(message.normalized_fields(), message.body_normalized)
-    body = message.body
     copies = []
     for rcpt in unique:
         name, why = names.get(rcpt.key, (None, "no display name was paired with this address"))
@@ -91,28 +90,58 @@ def split_message(
             *shared,
             Change(ChangeKind.REBUILT, "To", f"one mailbox: the copy's recipient; {why}"),
         ]
-        sign = options.sign_all
-        if signatures:
-            fields, dkim, broken = _settle_signatures(
-                signatures, message.fields, fields, normalized
+        copies.append(
+            finish_copy(
+                rcpt,
+                fields,
+                changes,
+                signatures=signatures,
+                message=message,
+                normalized=normalized,
+                options=options,
             )
-            if broken and options.dkim_action is DkimAction.REJECT:
-                raise DkimRejected(dkim[0].reason)
-            sign = sign or (broken and options.dkim_action is DkimAction.RESIGN)
-            changes.extend(dkim)
-        headers = b"".join([*(f.raw for f in fields), CRLF])
-        if sign and options.signer is not None:
-            # Last, over the final bytes: the copy verifies as its recipient receives it.
-            headers = options.signer.sign(headers, body) + headers
-            changes.append(
-                Change(
-                    ChangeKind.DKIM_SIGNED,
-                    "DKIM-Signature",
-                    f"d={options.signer.domain} s={options.signer.selector}: signed by the relay",
-                )
-            )
-        copies.append(Copy(rcpt, headers, body, tuple(changes)))
+        )
     return tuple(copies), len(envelope.recipients) - len(unique)
+
+
+def finish_copy(
+    rcpt: Address,
+    fields: list[Field],
+    changes: list[Change],
+    *,
+    signatures: Sequence[Signature],
+    message: ParsedMessage,
+    normalized: Normalized,
+    options: IsolationOptions,
+    check: Callable[[list[Field]], None] | None = None,
+) -> Copy:
+    """A copy's last steps: application signatures settled, ``check`` run on the final
+    fields, then the relay's own signature over the final bytes.
+
+    Raises ``DkimRejected`` (``dkim.action = reject``) and whatever ``check`` raises.
+    """
+    sign = options.sign_all
+    if signatures:
+        fields, dkim, broken = _settle_signatures(signatures, message.fields, fields, normalized)
+        if broken and options.dkim_action is DkimAction.REJECT:
+            raise DkimRejected(dkim[0].reason)
+        sign = sign or (broken and options.dkim_action is DkimAction.RESIGN)
+        changes.extend(dkim)
+    if check is not None:
+        check(fields)
+    headers = b"".join([*(f.raw for f in fields), CRLF])
+    body = message.body
+    if sign and options.signer is not None:
+        # Last, over the final bytes: the copy verifies as its recipient receives it.
+        headers = options.signer.sign(headers, body) + headers
+        changes.append(
+            Change(
+                ChangeKind.DKIM_SIGNED,
+                "DKIM-Signature",
+                f"d={options.signer.domain} s={options.signer.selector}: signed by the relay",
+            )
+        )
+    return Copy(rcpt, headers, body, tuple(changes))
 
 
 def _check_authors(message: ParsedMessage, *, utf8: bool) -> None:

@@ -21,13 +21,13 @@ Pure: no I/O. Reuses the splitter's and the guard's helpers; changes neither.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 
-from relay.dkimsign import DkimAction
-from relay.errors import BadAddress, DkimRejected, LeakDetected, TooBig, TooManyHops
+from relay.errors import BadAddress, LeakDetected, TooBig, TooManyHops
 from relay.guard import LeakGuard, _field_spellings, _leaks, _senders
-from relay.headers import CRLF, Field, ParsedMessage
+from relay.headers import Field, ParsedMessage
 from relay.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Plan, Trace
 from relay.signatures import parse_signature
 from relay.spellings import address_key
@@ -37,8 +37,8 @@ from relay.split import (
     _check_authors,
     _fold_long,
     _received_line,
-    _settle_signatures,
     _unique,
+    finish_copy,
 )
 
 VISIBLE = frozenset({"to", "cc"})  # what a named sender's copies keep (Rule 2)
@@ -70,7 +70,6 @@ def keep_visible(
     signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
     normalized = Normalized(message.normalized_fields(), message.body_normalized)
     hidden = _hidden(message, envelope, removed)
-    body = message.body
     copies = []
     for number, rcpt in enumerate(unique, start=1):
         fields = [Field("received", _received_line(trace, rcpt)), *kept]
@@ -78,27 +77,19 @@ def keep_visible(
             Change(ChangeKind.ADDED, "Received", "the relay's trace line for this copy"),
             *shared,
         ]
-        sign = options.sign_all
-        if signatures:
-            fields, dkim, broken = _settle_signatures(
-                signatures, message.fields, fields, normalized
+        own = address_key(rcpt)
+        copies.append(
+            finish_copy(
+                rcpt,
+                fields,
+                changes,
+                signatures=signatures,
+                message=message,
+                normalized=normalized,
+                options=options,
+                check=functools.partial(_check_hidden, number, own=own, hidden=hidden),
             )
-            if broken and options.dkim_action is DkimAction.REJECT:
-                raise DkimRejected(dkim[0].reason)
-            sign = sign or (broken and options.dkim_action is DkimAction.RESIGN)
-            changes.extend(dkim)
-        _check_hidden(number, fields, address_key(rcpt), hidden)
-        headers = b"".join([*(f.raw for f in fields), CRLF])
-        if sign and options.signer is not None:
-            headers = options.signer.sign(headers, body) + headers
-            changes.append(
-                Change(
-                    ChangeKind.DKIM_SIGNED,
-                    "DKIM-Signature",
-                    f"d={options.signer.domain} s={options.signer.selector}: signed by the relay",
-                )
-            )
-        copies.append(Copy(rcpt, headers, body, tuple(changes)))
+        )
     warnings = _check_body(message, envelope, options, copies, hidden[0])
     merged = len(envelope.recipients) - len(unique)
     return Plan(tuple(copies), merged, warnings, kept_recipients=True)
