@@ -654,8 +654,8 @@ async def test_body_files_count_against_max_bytes(tmp_path: Path) -> None:
 # -- issue 13: damage verdicts, recovery, the lock, bounded files -----------------------
 
 BIG = b"B" * (spool_module.BODY_FILE_OCTETS + 10)  # a body that lives in bodies/
-# Random damages tried (times RELAY_FAULT_ROUNDS, the fault suite's knob for longer runs).
-TRIALS = 40 * int(os.environ.get("RELAY_FAULT_ROUNDS", "1"))
+# Random damages tried (times FAULT_ROUNDS, the fault suite's knob for longer runs).
+TRIALS = 40 * int(os.environ.get("FAULT_ROUNDS", "1"))
 
 
 def hashes(directory: Path) -> dict[str, bytes]:

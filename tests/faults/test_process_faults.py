@@ -7,7 +7,7 @@ recording upstream counts every Message-ID x recipient: each acknowledged
 copy arrives; a copy arrives twice only when a relay died (or the upstream
 went away) with that copy at the upstream, and those are counted and bounded.
 
-``RELAY_FAULT_ROUNDS`` makes the loops longer (the quick default keeps the
+``FAULT_ROUNDS`` makes the loops longer (the quick default keeps the
 suite to a few seconds each).
 """
 
@@ -43,7 +43,7 @@ from tests.test_crash import (
 
 __all__ = ["relays"]  # the fixture, shared with tests/test_crash.py
 
-ROUNDS = int(os.environ.get("RELAY_FAULT_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("FAULT_ROUNDS", "3"))
 LONG_WAIT = 60.0
 
 
@@ -51,7 +51,7 @@ async def test_sigkill_at_random_moments_under_load_loses_no_acknowledged_copy(
     tmp_path: Path, relays: list[RelayProcess]
 ) -> None:
     """Load, SIGKILL at a random moment, restart; ROUNDS times: every 250ed copy arrives."""
-    rng = random.Random(int(os.environ.get("RELAY_FAULT_SEED", "13")))
+    rng = random.Random(int(os.environ.get("FAULT_SEED", "13")))
     spool = tmp_path / "spool"
     async with RestartableUpstream() as upstream:
         env = relay_env(spool, upstream.port)
