@@ -41,6 +41,9 @@ from relay.mime import Piece, walk
 from relay.model import BodyCheck, Copy, Envelope, IsolationOptions
 from relay.spellings import Spellings, address_key, key, primaries, spellings
 
+# What every spelling of an address holds in some form: "@", "%40", "&#64;", "=" (VERP,
+# RFC 2047, RFC 2231) or a non-ASCII character (a fullwidth at sign, an encoded byte).
+_ADDRESS_MARK = re.compile(rb"[@%&=\x80-\xff]")
 # Entities that can spell an "@" or a dot in HTML text: only then is an unescaped view made.
 _ENTITY_HINT = re.compile(r"&(?:#|commat;|period;)", re.IGNORECASE)
 # An address with no URL break, "=" or "%" in it: its only reading is the address itself.
@@ -58,6 +61,8 @@ Hits = dict[str, frozenset[str]]
 def _field_spellings(raw: bytes) -> Spellings:
     """Every spelling in one field's value, folds and all (``spellings`` field views)."""
     value = raw[raw.find(b":") + 1 :].rstrip(b"\r\n")
+    if not _ADDRESS_MARK.search(value):
+        return {}  # no "@" in any form: no view of it can spell an address
     return spellings(value.decode("utf-8", "surrogateescape"), field=True)
 
 

@@ -59,6 +59,9 @@ _URL_BREAKS = frozenset("?=/&#'`{}|*!^~$")
 _VERP_BREAKS = frozenset("-.+")
 _VERP_TAIL_BREAKS = _VERP_BREAKS | _URL_BREAKS
 _DOMAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+# The same sets as strings, for str.rstrip and a regular expression (ASCII text).
+_ASCII_RUNS = {chars: "".join(sorted(chars)) for chars in (_LOCAL, _VERP_LOCAL)}
+_ASCII_DOMAIN = re.compile(r"[A-Za-z0-9.\-]*")
 # UTS 46 maps these to ".": "bob@example。org" is bob@example.org.
 _IDEOGRAPHIC_DOTS = {"\u3002": ".", "\uff0e": ".", "\uff61": "."}
 # Characters that render as nothing (zero-width ones, joiners, variation selectors, bidi
@@ -83,6 +86,8 @@ _PARAMETER = re.compile(
 # Comments and folding whitespace around "@" and "." are allowed inside an address
 # (RFC 5322 3.4.1): "bob (sales) @ example.org" is bob@example.org.
 _COMMENT = re.compile(r"\([^()]*\)")
+# A blank beside a dot or "@": only then can blanks stand inside an address.
+_OBSOLETE_SPACE = re.compile(r"\s[.@]|[.@]\s")
 # Blanks around "@" and ".": the first blank of a run only (no backtracking over a run).
 _SPACE_AROUND = re.compile(r"(?<!\s)\s*([@.])\s*")
 _VERP_AT = re.compile(r"=(?=[^\s=@]+\.[^\s=@])")
@@ -151,7 +156,7 @@ def _field_views(text: str) -> list[str]:
             views.append(html.unescape(view))
         if "=" in view and _RFC2231.search(view):
             views.extend(_parameters(view))
-        if "@" in view:
+        if "@" in view and ('"' in view or _OBSOLETE_SPACE.search(view)):
             # Obsolete syntax (RFC 5322 4.4) allows blanks and quoted words around the dots
             # of an address: "bob . smith @ y . org", '"bob".smith@y.org'.
             views.append(_SPACE_AROUND.sub(_mark_only, view.replace('"', "")))
@@ -248,7 +253,7 @@ def _views(bases: list[str], *, comments: bool) -> Iterator[str]:
                 plain = _COMMENT.sub("", plain)
             # In a header, blanks may stand around any dot of an address (RFC 5322 4.4),
             # a comment removed leaves one; in body text only blanks beside "@" count.
-            if (comments and "@" in plain) or _spaced_at(plain):
+            if _spaced_at(plain) or (comments and "@" in plain and _OBSOLETE_SPACE.search(plain)):
                 plain = _SPACE_AROUND.sub(_mark_only, plain)
             for out in (form, plain):
                 if out not in seen:
@@ -281,8 +286,11 @@ def _is_word(c: str) -> bool:
 
 def _run_before(text: str, at: int, floor: int, chars: frozenset[str]) -> str:
     """The run of ``chars`` that ends at ``at``, going back no further than ``floor``."""
-    start = at
     limit = max(floor, at - MAX_RUN)
+    window = text[limit:at]
+    if window.isascii():  # the common case, at C speed
+        return window[len(window.rstrip(_ASCII_RUNS[chars])) :]
+    start = at
     while start > limit and _is_local(text[start - 1], chars):
         start -= 1
     return text[start:at]
@@ -290,16 +298,19 @@ def _run_before(text: str, at: int, floor: int, chars: frozenset[str]) -> str:
 
 def _domain_after(text: str, start: int) -> tuple[str, int]:
     """The domain that starts at ``start`` (ideographic dots read as dots), and its end."""
-    end = start
     limit = min(len(text), start + MAX_DOMAIN)
-    while end < limit:
-        c = text[end]
-        if not (c in _DOMAIN or c in _IDEOGRAPHIC_DOTS or (c >= "\x80" and _is_word(c))):
-            break
-        end += 1
+    ascii_run = _ASCII_DOMAIN.match(text, start, limit)
+    end = ascii_run.end() if ascii_run else start
+    if end < limit and text[end] >= "\x80":
+        while end < limit:
+            c = text[end]
+            if not (c in _DOMAIN or c in _IDEOGRAPHIC_DOTS or (c >= "\x80" and _is_word(c))):
+                break
+            end += 1
     domain = text[start:end]
-    for dot, ascii_dot in _IDEOGRAPHIC_DOTS.items():
-        domain = domain.replace(dot, ascii_dot)
+    if not domain.isascii():
+        for dot, ascii_dot in _IDEOGRAPHIC_DOTS.items():
+            domain = domain.replace(dot, ascii_dot)
     return domain, end
 
 

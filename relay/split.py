@@ -76,6 +76,7 @@ def split_message(
     shared = _shared_changes(message.fields, options.removed_headers) + folded
     signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
     normalized = Normalized(message.normalized_fields(), message.body_normalized)
+    body = message.body  # one view, shared by every copy (rule 3)
     copies = []
     for rcpt in unique:
         name, why = names.get(rcpt.key, (None, "no display name was paired with this address"))
@@ -97,6 +98,7 @@ def split_message(
                 changes,
                 signatures=signatures,
                 message=message,
+                body=body,
                 normalized=normalized,
                 options=options,
             )
@@ -111,12 +113,14 @@ def finish_copy(
     *,
     signatures: Sequence[Signature],
     message: ParsedMessage,
+    body: memoryview,
     normalized: Normalized,
     options: IsolationOptions,
     check: Callable[[list[Field]], None] | None = None,
 ) -> Copy:
     """A copy's last steps: application signatures settled, ``check`` run on the final
-    fields, then the relay's own signature over the final bytes.
+    fields, then the relay's own signature over the final bytes. ``body`` is the
+    message's one body view, which every copy shares.
 
     Raises ``DkimRejected`` (``dkim.action = reject``) and whatever ``check`` raises.
     """
@@ -130,7 +134,6 @@ def finish_copy(
     if check is not None:
         check(fields)
     headers = b"".join([*(f.raw for f in fields), CRLF])
-    body = message.body
     if sign and options.signer is not None:
         # Last, over the final bytes: the copy verifies as its recipient receives it.
         headers = options.signer.sign(headers, body) + headers

@@ -70,6 +70,7 @@ def keep_visible(
     signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
     normalized = Normalized(message.normalized_fields(), message.body_normalized)
     hidden = _hidden(message, envelope, removed)
+    body = message.body  # one view, shared by every copy
     copies = []
     for number, rcpt in enumerate(unique, start=1):
         fields = [Field("received", _received_line(trace, rcpt)), *kept]
@@ -85,6 +86,7 @@ def keep_visible(
                 changes,
                 signatures=signatures,
                 message=message,
+                body=body,
                 normalized=normalized,
                 options=options,
                 check=functools.partial(_check_hidden, number, own=own, hidden=hidden),

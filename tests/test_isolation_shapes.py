@@ -547,3 +547,9 @@ def test_a_signature_whose_own_field_the_relay_changes_is_stripped(signature: st
     data = (signature + "\r\n" + H + "\r\nb\r\n").encode()
     plan = run(["ann@x.example"], data, normalize=True)
     assert b"DKIM-Signature" not in plan.copies[0].headers
+
+
+def test_every_copy_shares_one_body_view() -> None:
+    """The body is one memoryview shared by every copy (model.Copy), not one per copy."""
+    plan = run(RCPTS, message(FROM, "To: alice@example.com", body=b"Hello.\r\n" * 100))
+    assert all(c.body is plan.copies[0].body for c in plan.copies)
