@@ -280,6 +280,8 @@ def fold(f: Field) -> Field:
     long line is returned as it is, byte for byte. Raises ``HeaderDefect``
     (554 5.6.0, naming the field) when a run of 998 octets has no whitespace.
     """
+    if len(f.raw) <= MAX_LINE_OCTETS + 2:
+        return f  # no line of it can be longer
     lines = f.raw[:-2].split(CRLF)
     if all(len(line) <= MAX_LINE_OCTETS for line in lines):
         return f

@@ -86,6 +86,8 @@ _PARAMETER = re.compile(
 # Comments and folding whitespace around "@" and "." are allowed inside an address
 # (RFC 5322 3.4.1): "bob (sales) @ example.org" is bob@example.org.
 _COMMENT = re.compile(r"\([^()]*\)")
+# What makes some view of an ASCII text differ from the text (see ``spellings``).
+_MAY_VARY = re.compile(r'[&("\r\n]|=\?|\*(?:\d+\*?)?\s*=|%[0-9A-Fa-f]{2}|\s[.@]|[.@]\s|<[^<>\s]*\s')
 # A blank beside a dot or "@": only then can blanks stand inside an address.
 _OBSOLETE_SPACE = re.compile(r"\s[.@]|[.@]\s")
 # Blanks around "@" and ".": the first blank of a run only (no backtracking over a run).
@@ -123,7 +125,27 @@ def spellings(text: str, *, comments: bool = True, field: bool = False) -> Spell
     blank) still in it, read in the header views of rule 1 too.
     """
     found: Spellings = {}
-    bases = _field_views(text) if field else [text]
+    plain: str | None = text
+    split = False
+    if field and "\r\n" in text:
+        # Unfolded, unless a fold may fall inside an address (then every view is made):
+        # beside a word that may spell one, or anywhere among RFC 2231 sections, whose
+        # values are joined (a fold at a section's end is inside the joined address).
+        split = _RFC2231.search(text) is not None or any(
+            _splits_address(text, m) for m in _FOLD.finditer(text)
+        )
+        plain = None if split else text.replace("\r\n", "")
+    if plain is not None and plain.isascii() and not _MAY_VARY.search(plain):
+        # No view differs from the text itself: no fold inside a word, no encoded word,
+        # RFC 2231 section, escape, comment, quote, blank inside brackets or beside "."
+        # or "@"; the text is read as it is.
+        if "@" in plain:
+            _at_forms(plain, found)
+        if "=" in plain:
+            _verp_forms(plain, found)
+        found.pop("", None)
+        return found
+    bases = _field_views(text, split=split) if field else [text]
     for view in _views(bases, comments=comments):
         if "@" in view:
             _at_forms(view, found)
@@ -138,14 +160,14 @@ def primaries(found: Spellings) -> set[str]:
     return {p for parents in found.values() for p in parents}
 
 
-def _field_views(text: str) -> list[str]:
+def _field_views(text: str, *, split: bool) -> list[str]:
     """A header field's value unfolded, and in each header-only view that it calls for.
 
     Every view is made in one linear pass (no pattern that backtracks over a run), so a
     field of a megabyte costs a few passes over a megabyte, whatever its shape.
     """
     views = [text.replace("\r\n", "")]
-    if "\r\n" in text and any(_splits_address(text, m) for m in _FOLD.finditer(text)):
+    if split:  # a fold may fall inside an address (``_splits_address``)
         views.append(_FOLD.sub("", text))
     for view in list(views):
         if "<" in view:
@@ -169,10 +191,19 @@ def _splits_address(text: str, fold: re.Match[str]) -> bool:
     Only the words that touch the fold are read, each at most an address long.
     """
     start = fold.start()
+    before, after = text[start - 1 : start], text[fold.end() : fold.end() + 1]
+    # ";" may follow a fold inside an entity ("&#64" fold ";"), never end an address part.
+    if not (_joins(before) and (_joins(after) or after == ";")):
+        return False  # a blank, a bracket or a comma beside it: no address runs across
     left = text[max(0, start - MAX_RUN - MAX_DOMAIN) : start]
     right = text[fold.end() : fold.end() + MAX_RUN + MAX_DOMAIN]
     words = left.rsplit(None, 1)[-1:] + right.split(None, 1)[:1]
     return any(mark in word for word in words for mark in _ADDRESS_MARKS)
+
+
+def _joins(c: str) -> bool:
+    """Whether ``c`` can stand inside an address, or beside a fold that splits one."""
+    return bool(c) and (c in _LOCAL or c == "@" or (c >= "\x80" and not c.isspace()))
 
 
 def _without_blanks(match: re.Match[str]) -> str:

@@ -553,3 +553,14 @@ def test_every_copy_shares_one_body_view() -> None:
     """The body is one memoryview shared by every copy (model.Copy), not one per copy."""
     plan = run(RCPTS, message(FROM, "To: alice@example.com", body=b"Hello.\r\n" * 100))
     assert all(c.body is plan.copies[0].body for c in plan.copies)
+
+
+def test_a_fold_at_the_end_of_an_rfc2231_section_is_read_joined() -> None:
+    """name*1="0x@e<fold> " (found by the property test): joined, the sections spell r0100x."""
+    field = (
+        'Content-Disposition: inline; name*0="r010"; name*1="0x@e\r\n "; name*2="xamp";'
+        ' name*3="le.c"; name*4="om"'
+    )
+    rcpts = ["r0100x@example.com", "r1100x@example.com"]
+    err = refused(rcpts, (H + field + "\r\n\r\nb\r\n").encode())
+    assert (err.reply.code, err.reply.enhanced) == (550, "5.7.1")
