@@ -37,6 +37,8 @@ class Piece(enum.Enum):
 # Parts whose content is a header section of another message (RFC 6522 4).
 _HEADER_PARTS = frozenset({"text/rfc822-headers"})
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_FIELD_BREAK = re.compile(rb"\r?\n(?![ \t])")  # a line break that ends a field
+_STRUCTURE = frozenset({b"content-type", b"content-transfer-encoding"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +162,24 @@ def _part(data: bytes, start: int, end: int, depth: int) -> _Entity:
     split = data.find(b"\r\n\r\n", start, end)
     if split < 0:
         split = end
-    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-    headers = parser.parsebytes(data[start:split])
+    headers = _structure_fields(data[start:split])
     return _entity(data, min(split + 4, end), end, headers, depth, header_start=start)
+
+
+def _structure_fields(section: bytes) -> email.message.Message:
+    """The two fields of a part's header section that give its structure (RFC 2045 5, 6).
+
+    Only these are parsed (unfolded, the first of each kept, as the email package's
+    ``get`` would): a part's other fields are read by the leak guard, not here.
+    """
+    headers = email.message.Message()
+    for raw in _FIELD_BREAK.split(section):
+        name, colon, value = raw.partition(b":")
+        lowered = name.strip().lower()
+        if colon and lowered in _STRUCTURE and lowered.decode() not in headers:
+            text = value.replace(b"\r\n", b"").replace(b"\n", b"").strip()
+            headers[lowered.decode()] = text.decode("ascii", "surrogateescape")
+    return headers
 
 
 def _parts(data: bytes, start: int, end: int, boundary: bytes) -> Iterator[tuple[int, int]]:
