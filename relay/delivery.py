@@ -463,8 +463,11 @@ class Deliverer:
                 self.unrecorded -= 1
                 raise
             delay = min(delay * 2, RECORD_RETRY_MAX)
+        # Not sent, its outcome unwritten: queued again, but not due before the first
+        # retry delay, so a refusal whose record fails is not resent at once in a loop.
+        now = self._clock()
         try:
-            await self._spool.release([job.copy_id], self._clock())
+            await self._spool.release([job.copy_id], now, next_try=now + self._policy.retry_initial)
         except Exception:  # the spool is in trouble: the loop tries again (``run``)
             self._unreleased.add(job.copy_id)
 

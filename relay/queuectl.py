@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import sqlite3
 import sys
@@ -49,6 +50,7 @@ EXIT_NOT_FOUND = 1  # an unknown queue id, or no spool database / an unreadable 
 EXIT_CONFIG = 2  # bad configuration (argparse also exits 2 for a usage error)
 
 DB_NAME = "spool.db"
+RECOVERED_LEDGER = "recovered.txt"  # checksums of quarantined files recovered into the spool
 LISTED = (*LIVE, CopyState.FAILED)  # delivered copies are history, not work
 RETRYABLE = (CopyState.QUEUED, CopyState.DEFERRED)  # delivering: already claimed; final: done
 
@@ -87,8 +89,11 @@ spool.dir/quarantine/spool-*.db, with its .bodies directory beside it) back
 into the live spool: every live copy whose checksums hold is queued again,
 due now. PATH is read from a copy and never changed. A copy that was being
 delivered when the spool was damaged may be sent twice. Messages the spool
-already holds are left alone. Works beside a running relay. Prints what was
-recovered and what was not; exit status 0 when PATH could be read, 1 when not.
+already holds are left alone. A file is recovered once: its checksum goes into
+spool.dir/recovered.txt, and recovering the same file again is refused (its
+copies may have been delivered since; delete its line to force it). Works
+beside a running relay. Prints what was recovered and what was not; exit
+status 0 when PATH could be read, 1 when not (or when it was recovered already).
 """
 _STATS_HELP = """\
 Copies by state (all five), messages, the age of the oldest message with a
@@ -240,7 +245,26 @@ def run(
 
 
 def _recover(source: Path, directory: Path, out: TextIO, err: TextIO, fsync: bool) -> int:
-    """``solo-relay queue recover PATH``: salvage ``PATH`` into the spool in ``directory``."""
+    """``solo-relay queue recover PATH``: salvage ``PATH`` into the spool in ``directory``.
+
+    Once per file: a second run would queue again copies delivered since the first.
+    """
+    ledger = directory / RECOVERED_LEDGER
+    try:
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        done = ledger.read_text().splitlines() if ledger.exists() else []
+    except OSError as exc:
+        print(f"solo-relay queue: cannot read {source}: {exc.strerror}", file=err)
+        return EXIT_NOT_FOUND
+    earlier = next((line for line in done if line.split(" ", 1)[0] == digest), None)
+    if earlier is not None:
+        print(
+            f"solo-relay queue: {source} was recovered into this spool already"
+            f" ({earlier.split(' ', 2)[1]}); its copies may have been delivered since,"
+            f" so nothing was done (remove its line from {ledger} to recover it again)",
+            file=err,
+        )
+        return EXIT_NOT_FOUND
     try:
         found = recovery.salvage(source)
     except (OSError, sqlite3.Error) as exc:
@@ -254,6 +278,12 @@ def _recover(source: Path, directory: Path, out: TextIO, err: TextIO, fsync: boo
     except (OSError, sqlite3.Error, SpoolError) as exc:
         print(f"solo-relay queue: cannot write to {directory / DB_NAME}: {exc}", file=err)
         return EXIT_NOT_FOUND
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with ledger.open("a", encoding="utf-8") as handle:
+        handle.write(f"{digest} {stamp} {source}\n")
+        handle.flush()
+        if fsync:
+            os.fsync(handle.fileno())
     out.write(
         f"recovered {added} messages ({found.copies} live copies read) from {source}\n"
         f"already in the spool: {len(found.messages) - added} messages\n"

@@ -995,7 +995,9 @@ class Spool:
         """
         with self._delivered_lock:
             batch = self._delivered
-            if batch is None:
+            # A batch whose write already ended (it failed before closing itself: a lock
+            # held too long, the disk full for another write of its group) takes no more.
+            if batch is None or (batch.task is not None and batch.task.done()):
                 batch = self._delivered = _DeliveredBatch()
             batch.items.append((copy_id, now, attempts, outcome))
         if batch.task is None:  # the first in this batch (all callers are on one loop)
@@ -1043,10 +1045,23 @@ class Spool:
             self._drop_if_done(conn, message_id)
         return set(found)
 
-    async def release(self, copy_ids: Sequence[int], now: float) -> None:
-        """Put claimed copies back to ``queued`` (a drain that ran out of time)."""
+    async def release(
+        self, copy_ids: Sequence[int], now: float, *, next_try: float | None = None
+    ) -> None:
+        """Put claimed copies back to ``queued`` (a drain that ran out of time); with
+        ``next_try``, not due before it (an outcome that could not be recorded)."""
 
         def write(conn: sqlite3.Connection) -> None:
+            if next_try is not None:
+                conn.executemany(
+                    "UPDATE copies SET state = ?, updated = ?, next_try = MAX(next_try, ?)"
+                    " WHERE id = ? AND state = ?",
+                    [
+                        (CopyState.QUEUED.value, now, next_try, i, CopyState.DELIVERING.value)
+                        for i in copy_ids
+                    ],
+                )
+                return
             conn.executemany(
                 "UPDATE copies SET state = ?, updated = ? WHERE id = ? AND state = ?",
                 [(CopyState.QUEUED.value, now, i, CopyState.DELIVERING.value) for i in copy_ids],

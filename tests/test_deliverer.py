@@ -30,7 +30,7 @@ from relay.metrics import Metrics
 from relay.model import Copy, Credentials, Outcome, Stage, Status
 from relay.outbox import CheckStep
 from relay.policy import RateLimiter
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError
+from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, SpoolFull
 from relay.upstream import Upstream, open_upstream
 from tests.upstream_server import PASSWORD, USER, UpstreamServer
 
@@ -548,17 +548,19 @@ async def test_failed_claim_spends_no_rate_tokens(tmp_path: Path) -> None:
 
 
 async def test_failed_state_write_puts_the_copy_back(tmp_path: Path) -> None:
-    """An outcome the spool cannot record goes back to queued, never stuck delivering."""
+    """An outcome the spool cannot record goes back to queued, never stuck delivering,
+    and not due before the first retry delay (no resend loop while the spool fails)."""
     spool = FailingOnceSpool(tmp_path, "record")
     with world(tmp_path, script={BOB: [PERMANENT, PERMANENT]}, spool=spool) as w:
         await w.store("M1", [BOB])
         await w.run_at(T0)  # never raises
         assert spool.failed.is_set()
-        assert w.row(BOB) == ("queued", 0, T0)
+        later = T0 + w.config.delivery.retry_initial
+        assert w.row(BOB) == ("queued", 0, later)
         assert w.metric("dsn_sent_total") == 0
-        await w.run_at(T0)  # tried again: now it fails for good, with its DSN
+        await w.run_at(later)  # tried again: now it fails for good, with its DSN
         assert w.row(BOB) is None
-        await w.run_at(T0)  # the DSN goes out
+        await w.run_at(later)  # the DSN goes out
         assert w.metric("dsn_sent_total") == 1
 
 
@@ -850,3 +852,24 @@ async def test_a_copy_whose_way_back_to_the_queue_failed_is_put_back_later(
         assert spool.releases == 2
         await w.deliverer.drain(1)
         await runner
+
+
+async def test_a_refusal_whose_record_fails_is_not_sent_again_at_once(tmp_path: Path) -> None:
+    """A 550 whose failed-and-DSN record cannot be written goes back to the queue not due
+    before the first retry delay: not resent in a loop to the upstream that refused it."""
+    with world(tmp_path, script={ALICE: [PERMANENT, PERMANENT, PERMANENT]}) as w:
+        await w.store("m1", [ALICE])
+        real = w.spool.record
+        fails = [SpoolFull("database or disk is full")] * 2
+
+        async def record(*args: Any, **kwargs: Any) -> bool:
+            if fails:
+                raise fails.pop()
+            return await real(*args, **kwargs)
+
+        w.spool.record = record  # type: ignore[method-assign]
+        for _ in range(3):
+            await w.run_at(T0)  # the clock does not move
+        assert len(w.upstream.to(ALICE)) == 1
+        row = w.row(ALICE)
+        assert row is not None and row[0] == "queued" and row[2] >= T0 + 60

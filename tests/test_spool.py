@@ -163,6 +163,26 @@ async def test_record_delivered_batches_copies_that_report_together(tmp_path: Pa
         assert spool.live == 0
 
 
+async def test_a_failed_delivered_batch_does_not_fail_the_records_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivered record that failed (another writer held the lock too long) leaves the
+    next records free: they are written once the spool can be, not failed for ever."""
+    monkeypatch.setattr(spool_module, "BUSY_TIMEOUT_MS", 200)
+    with opened(tmp_path) as spool:
+        await spool.store(new_message("M1", (ALICE, BOB)))
+        first, second = await spool.claim_due(T0, 10)
+        other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # as solo-relay queue delete or recover would
+        with pytest.raises(SpoolError):
+            await spool.record_delivered(first.copy_id, now=T0, attempts=1, outcome=DELIVERED)
+        other.execute("ROLLBACK")
+        other.close()
+        for job in (first, second):
+            assert await spool.record_delivered(job.copy_id, now=T0, attempts=1, outcome=DELIVERED)
+        assert count(tmp_path, "copies") == 0
+
+
 async def test_record_delivered_keeps_a_message_with_live_copies(tmp_path: Path) -> None:
     """A delivered copy is written as such; its message stays while another copy lives."""
     with opened(tmp_path) as spool:
@@ -756,9 +776,17 @@ async def test_queue_recover_brings_back_the_readable_records(
         assert (job.rcpt, job.headers) in {(c.rcpt, c.headers) for c in original.copies}
         assert bodies[job.message_id] == original.body
     assert f"recovered {len(recovered)} messages" in out
-    # Run again: nothing twice.
-    assert cli.main(["queue", "recover", str(aside)]) == 0
-    assert "recovered 0 messages" in capsys.readouterr().out
+    # Run again, after the copies were delivered and left the spool: refused, in one line,
+    # rather than queued again (they would be sent twice).
+    with opened(tmp_path) as spool:
+        for job in await spool.claim_due(T0 + 10**9, 1000):
+            await spool.record_delivered(job.copy_id, now=T0, attempts=1, outcome=DELIVERED)
+        assert spool.live == 0
+    assert cli.main(["queue", "recover", str(aside)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "recovered into this spool already" in err
+    with opened(tmp_path) as spool:
+        assert spool.live == 0
 
 
 async def test_a_second_relay_on_the_spool_is_told_which_process_holds_it(tmp_path: Path) -> None:
