@@ -69,6 +69,7 @@ _LINE_DOT = re.compile(rb"(?m)^\.")  # RFC 5321 4.5.2: transparency
 WRITE_SLICE = 256 * 1024  # body bytes handed to the transport at a time
 MAX_REPLY_OCTETS = 32 * 1024  # a reply line, or what is buffered of one (aiosmtplib: 8,192)
 MAX_REPLY_LINES = 100  # lines of one multi-line reply
+QUIT_GRACE = 1.0  # seconds a closing pool gives the QUITs already sent (a courtesy)
 
 
 class Upstream(Protocol):
@@ -335,6 +336,7 @@ class SmtpUpstream:
         self._helo_name = helo_name
         self._slots = asyncio.Semaphore(config.pool_size)
         self._idle: list[_Connection] = []
+        self._quitting: set[asyncio.Future[None]] = set()  # QUITs after a final outcome
         self._busy = 0
         self._bodies: OrderedDict[int, tuple[memoryview, _Body | None]] = OrderedDict()
         self._closed = False
@@ -391,6 +393,10 @@ class SmtpUpstream:
         idle, self._idle = self._idle, []
         for conn in idle:
             await self._quit(conn)
+        if self._quitting:  # goodbyes under way: a moment for them, then the socket closes
+            _, slow = await asyncio.wait(self._quitting, timeout=QUIT_GRACE)
+            for quitting in slow:
+                quitting.cancel()
 
     def _prepare(self, body: memoryview) -> _Body | None:
         """Scan and stuff a shared body once per message (keeps the last ``pool_size`` bodies)."""
@@ -417,9 +423,11 @@ class SmtpUpstream:
         return await self._connect(key, None), False
 
     async def _quit(self, conn: _Connection) -> None:
-        with contextlib.suppress(SMTPException, OSError):
-            await conn.smtp.quit(timeout=min(self._config.command_timeout, 10.0))
-        conn.smtp.close()
+        try:
+            with contextlib.suppress(SMTPException, OSError):
+                await conn.smtp.quit(timeout=min(self._config.command_timeout, 10.0))
+        finally:
+            conn.smtp.close()
 
     async def _transaction(
         self, conn: _Connection, mail_from: str, copy: Copy, body: _Body, smtputf8: bool
@@ -435,7 +443,11 @@ class SmtpUpstream:
         if not conn.smtp.is_connected:
             return outcome
         if self._closed or conn.transactions >= self._config.max_messages_per_connection:
-            await self._quit(conn)
+            # The outcome is known: QUIT in the background, so that a deadline or a drain
+            # cut during a slow goodbye never takes an accepted copy for one in flight.
+            quitting = asyncio.ensure_future(self._quit(conn))
+            self._quitting.add(quitting)
+            quitting.add_done_callback(self._quitting.discard)
         else:
             self._idle.append(conn)
         return outcome

@@ -798,3 +798,14 @@ async def test_a_reply_that_is_not_smtp_is_a_transient_failure(
         assert again.status is Status.DELIVERED
     assert len(plain_server.connections) == 2  # the confused session was not reused
     assert len(plain_server.transactions) == 1
+
+
+async def test_a_slow_goodbye_does_not_hold_the_outcome(plain_server: UpstreamServer) -> None:
+    """The last message of a connection is answered at the provider's 250, not after its
+    QUIT: a deadline during a slow goodbye never takes an accepted copy for one in flight."""
+    plain_server.script("QUIT", [Delay(30.0, 221)])
+    cfg = config(plain_server, max_messages_per_connection=1, command_timeout=5.0)
+    async with opened(cfg) as upstream:
+        outcome = await asyncio.wait_for(upstream.send(SENDER, make_copy(), smtputf8=False), 2)
+        assert outcome.status is Status.DELIVERED
+        assert len(plain_server.transactions) == 1

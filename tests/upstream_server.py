@@ -228,6 +228,13 @@ class _RecordingSMTP(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    async def smtp_QUIT(self, arg: str) -> None:
+        reply = self.owner.next_reply("QUIT")
+        if reply is not None:  # a provider slow to say goodbye (only a Delay makes sense)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.owner.act(self, reply)
+        await super().smtp_QUIT(arg)
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         reply = self.owner.next_reply("STARTTLS")
         if reply is not None:
