@@ -100,8 +100,11 @@ async def test_direct_mode_copy_line_carries_the_reply(
 ) -> None:
     """Direct mode: the 'copy' line of a refused copy has the reply; a delivered one has none."""
     plain_server.script("RCPT", [f"550 5.1.1 <{CAROL}>: no such user"])
+    # One upstream connection: the copies go in envelope order, so the scripted refusal
+    # is CAROL's (with two, BOB's RCPT could come first and take it).
+    env = {"RELAY_UPSTREAM_POOL_SIZE": "1"}
     with json_logs() as stream:
-        async with running_relay(tmp_path, plain_server.url()) as relay:
+        async with running_relay(tmp_path, plain_server.url(), env) as relay:
             refused = await asyncio.to_thread(send, relay.smtp_port, [CAROL, BOB])
             assert refused == {}
             copies = await wait_for(stream, "copy", 2)
