@@ -31,6 +31,7 @@ from relay.bodycache import BodyCache
 from relay.config import Config
 from relay.dsn import Failure, build_dsn, dsn_from_address, dsn_recipient_ok
 from relay.errors import BadAddress
+from relay.eventloop import finish_within
 from relay.logs import AddressTokens
 from relay.metrics import Metrics, SpoolState
 from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
@@ -362,23 +363,16 @@ class Deliverer:
         await self._release_quietly(waiting)
         in_flight = dict(self._in_flight)
         if in_flight:
-            _, pending = await asyncio.wait(in_flight.values(), timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            pending = await finish_within(in_flight.values(), grace)
             # Taken from the snapshot: a finished task's callback has left ``_in_flight``.
             leftover = [copy_id for copy_id, task in in_flight.items() if task in pending]
             await self._release_quietly(leftover)
         settling = dict(self._settling)
         if settling:
-            _, pending = await asyncio.wait(
-                settling.values(), timeout=max(deadline - loop.time(), RECORD_GRACE)
+            pending = await finish_within(
+                settling.values(), max(deadline - loop.time(), RECORD_GRACE)
             )
-            for task in pending:
-                task.cancel()
             if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
                 log.error(
                     "delivered copies not yet recorded at stop: left 'delivering' for the"
                     " next start, which sends them again",

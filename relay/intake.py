@@ -48,6 +48,7 @@ from relay.errors import (
     TooBig,
     TooManyHops,
 )
+from relay.eventloop import finish_within
 from relay.inbound import Submission
 from relay.isolation import isolate
 from relay.logs import AddressTokens
@@ -166,11 +167,8 @@ class Intake:
         deadline = loop.time() + grace
         while self._tasks and loop.time() < deadline:  # a take may start a retry meanwhile
             await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
-        left = set(self._tasks)
-        for task in left:
-            task.cancel()
+        left = await finish_within(set(self._tasks), 0.0)
         if left:
-            await asyncio.gather(*left, return_exceptions=True)
             log.error(
                 "stopping with messages or spool writes unfinished: their copies stay"
                 " 'delivering' until the next start",

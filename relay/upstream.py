@@ -54,6 +54,7 @@ from aiosmtplib import (
 from aiosmtplib.protocol import SMTPProtocol
 
 from relay.config import HostPort, UpstreamConfig
+from relay.eventloop import finish_within
 from relay.model import Copy, Credentials, Outcome, Stage, Status
 from relay.outbox import CheckStep, OutboxUpstream
 from relay.policy import classify_reply, split_enhanced
@@ -393,10 +394,8 @@ class SmtpUpstream:
         idle, self._idle = self._idle, []
         for conn in idle:
             await self._quit(conn)
-        if self._quitting:  # goodbyes under way: a moment for them, then the socket closes
-            _, slow = await asyncio.wait(self._quitting, timeout=QUIT_GRACE)
-            for quitting in slow:
-                quitting.cancel()
+        # Goodbyes under way: a moment for them, then their sockets close.
+        await finish_within(set(self._quitting), QUIT_GRACE)
 
     def _prepare(self, body: memoryview) -> _Body | None:
         """Scan and stuff a shared body once per message (keeps the last ``pool_size`` bodies)."""
