@@ -273,6 +273,7 @@ class SpoolConfig:
     dir: str = "./spool"
     fsync: bool = True  # off only to measure what durability costs
     min_free_bytes: int = 100 * 1024 * 1024  # below this, MAIL gets 452 4.3.1
+    reserve_bytes: int = 16 * 1024 * 1024  # held for outcomes on a full disk (relay.reserve)
     max_bytes: int = 0  # cap on the database; 0: the disk is the limit
     history_days: float = 0.0  # keep delivered and failed copies this long (queue list --delivered)
 
@@ -621,6 +622,7 @@ def validate(config: Config) -> None:
         ("delivery.rate_per_second", config.delivery.rate_per_second),
         ("delivery.rate_per_day", config.delivery.rate_per_day),
         ("spool.min_free_bytes", config.spool.min_free_bytes),
+        ("spool.reserve_bytes", config.spool.reserve_bytes),
         ("spool.max_bytes", config.spool.max_bytes),
         ("spool.history_days", config.spool.history_days),
     )

@@ -94,7 +94,13 @@ async def deliver_direct(
         return outcome
 
     tasks = [asyncio.ensure_future(one(copy)) for copy in copies]
-    done, pending = await asyncio.wait(tasks, timeout=deadline)
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=deadline)
+    except asyncio.CancelledError:  # a stop that could wait no longer: no copy goes on alone
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     for task in pending:
         task.cancel()
     outcomes = []

@@ -92,8 +92,12 @@ _DEFAULT_ENHANCED = {
     "555": "5.5.4",
 }
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |$)")
-# What ``admit`` answers at MAIL, by enhanced code (relay.server's SPOOL_FULL, QUEUE_FULL).
-_CUSTODY_REFUSALS = {"4.3.1": Refusal.SPOOL_FULL, "4.3.2": Refusal.QUEUE_FULL}
+# What ``admit`` answers at MAIL (relay.server's SPOOL_FULL, QUEUE_FULL, SHUTTING_DOWN).
+_CUSTODY_REFUSALS = {
+    (452, "4.3.1"): Refusal.SPOOL_FULL,
+    (451, "4.3.2"): Refusal.QUEUE_FULL,
+    (421, "4.3.2"): Refusal.SHUTTING_DOWN,
+}
 
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 DATA_TIMEOUT = Reply(421, "4.4.2", "Timeout during DATA, closing connection")
@@ -396,6 +400,11 @@ class RelaySMTP(SMTP):
             await super().push(with_enhanced_code(status))
         else:
             await super().push(status)
+        closing = (
+            status.startswith("421 ") if isinstance(status, str) else status.startswith(b"421 ")
+        )
+        if closing and self.transport is not None:
+            self.transport.close()  # RFC 5321 3.8: a 421 closes the channel (written first)
 
     # -- AUTH (RFC 4954, 4616): aiosmtpd's PLAIN and LOGIN, with the failure policy --
 
@@ -639,7 +648,7 @@ class InboundHandler:
             return self._refuse(session, "mail", NOT_ALLOWED, Refusal.NETWORK, address)
         refusal = self._admit()
         if refusal is not None:
-            reason = _CUSTODY_REFUSALS.get(refusal.enhanced, Refusal.UNAVAILABLE)
+            reason = _CUSTODY_REFUSALS.get((refusal.code, refusal.enhanced), Refusal.UNAVAILABLE)
             return self._refuse(session, "mail", refusal, reason, address)
         for option in options:
             name, _, value = option.partition("=")

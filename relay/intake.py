@@ -70,8 +70,12 @@ from relay.upstream import Upstream
 log = logging.getLogger("relay.intake")
 
 # Seconds between the tries of a spool write that failed after the upstream's reply
-# (direct mode); then every last one while the process lives.
+# (direct mode); then every last one while the process lives, or every first one
+# once the relay is stopping (the stop waits a little for them: ``drain``).
 SETTLE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Seconds a message being taken may take at a stop beyond its own delivery time
+# (direct mode: ``delivery.direct_deadline``): isolation, the spool writes, the reply.
+TAKE_GRACE = 5.0
 
 Write = Callable[[], Awaitable[object]]  # one spool write, ready to try (again)
 
@@ -115,8 +119,11 @@ class Intake:
         self._deliverer = deliverer
         self._now = now
         self._rand = rand
-        # Messages being taken, and spool writes being retried (Rules 4 and 5).
+        # Messages being taken, and spool writes being retried (Rules 4 and 5); for each
+        # take, the loop time by which it will have ended (its own budget at a stop).
         self._tasks: set[asyncio.Task[object]] = set()
+        self._ends: dict[asyncio.Task[object], float] = {}
+        self._stopping = asyncio.Event()  # retries go at their shortest delay from now on
 
     async def accept(self, submission: Submission) -> Reply:
         """The reply to a message whose final dot has arrived.
@@ -126,6 +133,10 @@ class Intake:
         """
         task = asyncio.ensure_future(self._handle(submission))
         self._tasks.add(task)
+        budget = TAKE_GRACE
+        if self._config.mode is Mode.DIRECT:
+            budget += self._config.delivery.direct_deadline
+        self._ends[task] = asyncio.get_running_loop().time() + budget
         task.add_done_callback(self._taken)
         return await asyncio.shield(task)
 
@@ -156,17 +167,33 @@ class Intake:
 
     def _taken(self, task: asyncio.Task[Reply]) -> None:
         self._tasks.discard(task)
+        self._ends.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("taking a message failed", exc_info=task.exception())
 
     async def drain(self, grace: float) -> None:
-        """Let messages being taken finish for up to ``grace`` seconds (a direct-mode
-        delivery included), then cancel them and the spool writes still being retried:
-        those copies stay ``delivering``, and the next start puts them back in the queue."""
+        """Let every message being taken end in its own time (``TAKE_GRACE``, plus a
+        direct-mode delivery's deadline, which bounds it), and the spool writes still
+        being retried try again at once and go on until ``grace`` is up; then cancel
+        what is left: those copies stay ``delivering``, and the next start puts them
+        back in the queue (Rule 5 holds while the process lives, not beyond it)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self._tasks and loop.time() < deadline:  # a take may start a retry meanwhile
-            await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+        self._stopping.set()
+        started = loop.time()
+        deadline = started + grace
+        # Sessions can begin no new transaction now (421 at MAIL): a take that starts
+        # meanwhile had its DATA under way; none gets longer than the first could.
+        latest = started + TAKE_GRACE
+        if self._config.mode is Mode.DIRECT:
+            latest += self._config.delivery.direct_deadline
+        while self._tasks:  # a take may start a retry, or a late DATA a take, meanwhile
+            end = max([deadline, *(self._ends.get(t, 0.0) for t in self._tasks)])
+            end = min(end, max(latest, deadline))
+            if loop.time() >= end:
+                break
+            await asyncio.wait(
+                set(self._tasks), timeout=end - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
         left = await finish_within(set(self._tasks), 0.0)
         if left:
             log.error(
@@ -424,7 +451,12 @@ class Intake:
         """Try ``write`` after each of ``SETTLE_DELAYS``, then every last one, until it lands."""
         attempt = 0
         while True:
-            await asyncio.sleep(SETTLE_DELAYS[min(attempt, len(SETTLE_DELAYS) - 1)])
+            if self._stopping.is_set():
+                await asyncio.sleep(SETTLE_DELAYS[0])
+            else:  # a stop cuts the wait short: one try at once, then the shortest delay
+                with contextlib.suppress(TimeoutError):
+                    delay = SETTLE_DELAYS[min(attempt, len(SETTLE_DELAYS) - 1)]
+                    await asyncio.wait_for(self._stopping.wait(), delay)
             attempt += 1
             try:
                 await write()

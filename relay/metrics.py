@@ -133,6 +133,7 @@ class Refusal(enum.Enum):
     AUTH_REQUIRED = "auth_required"  # 530 5.7.0 at MAIL: outside the networks, AUTH is on
     SPOOL_FULL = "spool_full"  # 452 4.3.1 at MAIL: spool.min_free_bytes
     QUEUE_FULL = "queue_full"  # 451 4.3.2 at MAIL: delivery.max_queued
+    SHUTTING_DOWN = "shutting_down"  # 421 4.3.2 at MAIL: the relay is stopping (SIGTERM)
     UNAVAILABLE = "unavailable"  # any other 4xx that custody gives at MAIL
     TOO_BIG = "too_big"  # 552 5.3.4 at MAIL: SIZE= over smtp.max_message_size
     BAD_SENDER = "bad_sender"  # 553 at MAIL: an address the relay will not carry

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from relay import __version__
-from relay.config import LISTEN_BACKLOG, SHUTDOWN_GRACE, Config, Mode
+from relay.config import LISTEN_BACKLOG, SHUTDOWN_GRACE, Config
 from relay.delivery import Deliverer
 from relay.errors import ConfigError, Reply
 from relay.gate import Gate
@@ -48,8 +48,10 @@ log = logging.getLogger("relay.server")
 FREE_SPACE_SECONDS = 1.0  # how long a reading of the spool's free space stands
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 QUEUE_FULL = Reply(451, "4.3.2", "Queue is full, try again later")
-# Seconds a message taken from a session that has ended may still take at a stop, even
-# when the sessions used up their grace: a spool write and a hand-over fit in it.
+# RFC 5321 3.8: a server that must shut down may answer any command 421 and close.
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+# Seconds the spool writes still being retried get at a stop, even when the sessions
+# used up their grace (messages being taken get their own time: relay.intake).
 INTAKE_GRACE = 1.0
 
 
@@ -77,6 +79,7 @@ class Relay:
         self.metrics_port = 0
         self._free, self._free_at = 0, -FREE_SPACE_SECONDS
         self._stop = asyncio.Event()
+        self._stopping = False  # new MAIL gets 421 4.3.2 (``_admit``)
         self._server: asyncio.Server | None = None
         self._gate: Gate | None = None
         self._health: HealthServer | None = None
@@ -118,6 +121,7 @@ class Relay:
             fsync=config.spool.fsync,
             max_bytes=config.spool.max_bytes,
             history_days=config.spool.history_days,
+            reserve_bytes=config.spool.reserve_bytes,
         )
         self.spool.open()
         self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)
@@ -191,7 +195,10 @@ class Relay:
         return True, "ready"
 
     def _admit(self) -> Reply | None:
-        """SPEC 5: refuse new mail (at MAIL) when custody cannot be taken."""
+        """SPEC 5: refuse new mail (at MAIL) when custody cannot be taken, or the relay
+        is stopping (a message begun now might not end before the stop's deadline)."""
+        if self._stopping:
+            return SHUTTING_DOWN
         now = time.monotonic()
         if now - self._free_at >= FREE_SPACE_SECONDS:  # a statfs per MAIL is waste
             try:
@@ -217,6 +224,7 @@ class Relay:
             fsync=config.spool.fsync,
             max_bytes=config.spool.max_bytes,
             history_days=config.spool.history_days,
+            reserve_bytes=config.spool.reserve_bytes,
         )
         try:
             spool.open()
@@ -271,22 +279,27 @@ class Relay:
                 loop.remove_signal_handler(sig)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop accepting, let sessions finish until ``grace``, then close everything."""
+        """Stop accepting, let sessions finish until ``grace``, then close everything.
+
+        From the stop on, a new MAIL is answered ``421 4.3.2`` and the session closed:
+        only transactions begun before it are finished. A message whose final dot has
+        arrived gets its own time (``Intake.drain``: a direct-mode delivery its whole
+        ``delivery.direct_deadline``), and its session stays open to hear the reply.
+        """
         log.info("stopping", extra={"fields": {"grace": grace}})
+        self._stopping = True
         if self._server is not None:
             self._server.close()
         loop = asyncio.get_running_loop()
-        if self.config.mode is Mode.DIRECT:
-            grace = max(grace, self.config.delivery.direct_deadline)  # sessions mid-delivery
         deadline = loop.time() + grace
         while self._gate is not None and self._gate.open and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if self._intake is not None:  # before the sessions close: they await its replies
+            await self._intake.drain(max(deadline - loop.time(), INTAKE_GRACE))
         if self._gate is not None:
             self._gate.close_all()
         if self._server is not None:
             await self._server.wait_closed()
-        if self._intake is not None:  # messages taken from sessions that ended first
-            await self._intake.drain(max(deadline - loop.time(), INTAKE_GRACE))
         drains = [d.drain(self.config.delivery.drain_grace) for _, d, _ in self._orphan_delivery]
         if self.deliverer is not None:
             drains.append(self.deliverer.drain(self.config.delivery.drain_grace))

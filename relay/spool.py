@@ -55,13 +55,14 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from relay import history
 from relay.addresses import Address
 from relay.errors import RelayError, Reply
 from relay.model import Outcome
+from relay.reserve import Reserve
 
 log = logging.getLogger("relay.spool")
 
@@ -215,6 +216,14 @@ class _DeliveredBatch:
     task: asyncio.Future[set[int]] | None = None
 
 
+class _Item(NamedTuple):
+    """One operation for the writer thread, and the caller's future."""
+
+    operation: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    outcome: bool  # may use the reserve (``_submit``)
+
+
 @dataclass(frozen=True, slots=True)
 class CopyRow:
     """One copy as ``solo-relay queue`` shows it."""
@@ -327,9 +336,17 @@ class Spool:
     """The spool database. ``open`` it, then ``await`` its methods from the event loop."""
 
     def __init__(
-        self, directory: Path, *, fsync: bool = True, max_bytes: int = 0, history_days: float = 0.0
+        self,
+        directory: Path,
+        *,
+        fsync: bool = True,
+        max_bytes: int = 0,
+        history_days: float = 0.0,
+        reserve_bytes: int = 0,
     ) -> None:
         self.directory = directory
+        # ``spool.reserve_bytes``: room for outcomes when the disk is full (relay.reserve).
+        self.reserve = Reserve(directory, reserve_bytes)
         # ``spool.history_days``: final copies kept as rows of ``history`` (relay.history).
         self._history_seconds = history_days * history.DAY
         self._pruned_at = 0.0
@@ -337,9 +354,7 @@ class Spool:
         self._fsync = fsync
         self._max_bytes = max_bytes
         self._files = _BodyFiles(directory / BODIES, fsync=fsync)
-        self._queue: queue.SimpleQueue[
-            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock: IO[bytes] | None = None
         self.quarantined = 0  # records moved aside since open
@@ -373,6 +388,7 @@ class Spool:
         except BaseException:
             self._lock_release()
             raise
+        self.reserve.ensure()
         self._thread = threading.Thread(target=self._run, args=(conn,), name="spool", daemon=True)
         self._thread.start()
 
@@ -723,7 +739,7 @@ class Spool:
             except Exception as exc:  # the thread must live: every later caller waits on it
                 log.exception("spool writer error")
                 failure = SpoolError(f"spool writer error: {exc}")
-                _answer([(future, None, failure) for _, future in batch])
+                _answer([(item.future, None, failure) for item in batch])
             dirty = True
         conn.close()
 
@@ -763,20 +779,17 @@ class Spool:
                         conn.execute("ROLLBACK")
                     raise
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self.reserve.ensure()  # made again once the disk has room (relay.reserve)
             self.maintained += 1
         except sqlite3.Error as exc:
             log.info("spool maintenance postponed", extra={"fields": {"error": str(exc)}})
 
-    def _commit(
-        self,
-        conn: sqlite3.Connection,
-        batch: Sequence[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
-    ) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: Sequence[_Item]) -> None:
         results: list[_Answer] = []
         self._added = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for operation, future in batch:
+            for operation, future, _ in batch:
                 # A caller cancelled before its turn (a dropped session, a drain) is gone:
                 # its write is skipped. (Read from this thread, the flag can only be late:
                 # a caller cancelled from now on finds its write done, unanswered.)
@@ -809,9 +822,11 @@ class Spool:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             self._files.rolled_back()
-            log.error("spool write failed", extra={"fields": {"error": str(exc)}})
             failure = SpoolFull(str(exc)) if _full(exc) else SpoolError(str(exc))
-            results = [(future, None, failure) for _, future in batch]
+            if isinstance(failure, SpoolFull) and self._into_reserve(conn, batch, failure):
+                return
+            log.error("spool write failed", extra={"fields": {"error": str(exc)}})
+            results = [(item.future, None, failure) for item in batch]
         else:
             self.commits += 1
             now = time.monotonic()
@@ -823,11 +838,28 @@ class Spool:
                     self._counted_at = now
         _answer(results)
 
-    async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    def _into_reserve(
+        self, conn: sqlite3.Connection, batch: Sequence[_Item], full: SpoolFull
+    ) -> bool:
+        """Rule 1 of relay.reserve: a group that failed for want of space and holds outcomes
+        gives up the reserve, and the outcomes go again, alone, into the room it gave
+        back; new mail in the group fails as it would have. False: no reserve to give."""
+        outcomes = [item for item in batch if item.outcome]
+        if not outcomes or not self.reserve.release():
+            return False
+        _answer([(item.future, None, full) for item in batch if not item.outcome])
+        self._commit(conn, outcomes)
+        return True
+
+    async def _submit(
+        self, operation: Callable[[sqlite3.Connection], T], *, outcome: bool = False
+    ) -> T:
+        """Queue ``operation`` for the writer; ``outcome``: it ends (or hands back) a copy's
+        custody after the upstream's reply, and may use the reserve (relay.reserve)."""
         if self._thread is None:
             raise SpoolError("spool is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put((operation, future))
+        self._queue.put(_Item(operation, future, outcome))
         return await future
 
     # -- operations ----------------------------------------------------------------
@@ -859,7 +891,7 @@ class Spool:
             self._added -= _count_live(conn, message_id)
             self._delete_message(conn, message_id)
 
-        await self._submit(write)
+        await self._submit(write, outcome=True)
 
     async def claim_due(self, now: float, limit: int) -> list[Job]:
         """Up to ``limit`` copies due by ``now``, marked ``delivering`` durably."""
@@ -982,7 +1014,7 @@ class Spool:
             self._drop_if_done(conn, row[0])
             return True
 
-        return await self._submit(write)
+        return await self._submit(write, outcome=True)
 
     async def record_delivered(
         self, copy_id: int, *, now: float, attempts: int, outcome: Outcome
@@ -1002,7 +1034,7 @@ class Spool:
             batch.items.append((copy_id, now, attempts, outcome))
         if batch.task is None:  # the first in this batch (all callers are on one loop)
             batch.task = asyncio.ensure_future(
-                self._submit(functools.partial(self._write_delivered, batch))
+                self._submit(functools.partial(self._write_delivered, batch), outcome=True)
             )
         found = await asyncio.shield(batch.task)
         return copy_id in found
@@ -1067,7 +1099,7 @@ class Spool:
                 [(CopyState.QUEUED.value, now, i, CopyState.DELIVERING.value) for i in copy_ids],
             )
 
-        await self._submit(write)
+        await self._submit(write, outcome=True)
 
     async def stats(self) -> tuple[dict[CopyState, int], float | None]:
         """Copies by state, and the ``received`` time of the oldest live copy's message."""
