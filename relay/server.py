@@ -116,13 +116,7 @@ class Relay:
             load_key(config.log, Path(config.spool.dir)), show=config.log.show_addresses
         )
         self._upstream = open_upstream(config.upstream)
-        self.spool = Spool(
-            Path(config.spool.dir),
-            fsync=config.spool.fsync,
-            max_bytes=config.spool.max_bytes,
-            history_days=config.spool.history_days,
-            reserve_bytes=config.spool.reserve_bytes,
-        )
+        self.spool = self._new_spool(Path(config.spool.dir))
         self.spool.open()
         self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)
         await self.deliverer.refresh_gauges(time.time())
@@ -215,17 +209,22 @@ class Relay:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _new_spool(self, directory: Path) -> Spool:
+        """A spool at ``directory`` with the configuration's [spool] settings."""
+        spool = self.config.spool
+        return Spool(
+            directory,
+            fsync=spool.fsync,
+            max_bytes=spool.max_bytes,
+            history_days=spool.history_days,
+            reserve_bytes=spool.reserve_bytes,
+        )
+
     def _deliver_orphan(self, directory: Path, tokens: AddressTokens) -> None:
         """Deliver what a spool no worker serves any more holds (mail already acknowledged)."""
         assert self._upstream is not None
         config = self.config
-        spool = Spool(
-            directory,
-            fsync=config.spool.fsync,
-            max_bytes=config.spool.max_bytes,
-            history_days=config.spool.history_days,
-            reserve_bytes=config.spool.reserve_bytes,
-        )
+        spool = self._new_spool(directory)
         try:
             spool.open()
         except SpoolError:
