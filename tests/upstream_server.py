@@ -327,6 +327,15 @@ class UpstreamServer:
         userinfo = f"{user.replace('@', '%40')}@" if user else ""
         return f"{scheme}://{userinfo}{self.host}:{self.port}"
 
+    def open_connections(self) -> int:
+        """Client connections still being read: bytes in flight may still become transactions."""
+        return sum(
+            1
+            for p in self._protocols
+            if p.transport is not None
+            or (p._handler_coroutine is not None and not p._handler_coroutine.done())
+        )
+
     def clear_bytes(self) -> bytes:
         """Everything any client sent outside TLS."""
         return b"".join(c.sent(tls=False) for c in self.connections)

@@ -68,6 +68,11 @@ async def test_sigkill_at_random_moments_under_load_loses_no_acknowledged_copy(
                 await asyncio.sleep(rng.uniform(0.0, 0.4))  # the random moment
                 relay.process.kill()
                 assert await relay.exit_code() == -signal.SIGKILL
+                # The mark is taken once the upstream has read all the dead relay sent:
+                # a DATA still in the upstream's socket would otherwise be recorded
+                # after the mark although the relay sent it (and never saw the 250)
+                # before the kill.
+                await until(lambda: upstream.open_connections() == 0, "the upstream read to EOF")
                 marks.append(len(upstream.transactions))
                 load.port = 0
         finally:
