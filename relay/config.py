@@ -30,9 +30,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from relay.dkimsign import DkimAction, load_signer
-from relay.errors import ConfigError
-from relay.model import (
+from relay import files
+from relay.core.dkim import DkimAction, signer_for
+from relay.core.errors import ConfigError
+from relay.core.model import (
     MAX_FANOUT_OCTETS,
     MAX_HEADER_OCTETS,
     MAX_HOPS,
@@ -40,7 +41,7 @@ from relay.model import (
     BodyCheck,
     IsolationOptions,
 )
-from relay.senders import SenderPolicy, parse_policy
+from relay.core.senders import SenderPolicy, parse_policy
 
 ENV_PREFIX = "RELAY_"
 ENV_ALIASES = {"RELAY_UPSTREAM": ("upstream", "url")}
@@ -250,7 +251,7 @@ class DeliveryConfig:
     soft_bounce: bool = False  # treat permanent failures as transient (careful rollouts)
     dsn: bool = True  # RFC 3464 notifications to the sender (never to <>)
     # The DSN's From: ""; MAILER-DAEMON@smtp.hostname when that is a public domain,
-    # else MAILER-DAEMON@ the original sender's domain (relay.dsn.dsn_from_address).
+    # else MAILER-DAEMON@ the original sender's domain (relay.core.dsn.dsn_from_address).
     dsn_from: str = ""
     # The upstream login for DSNs; "": the message's own (passthrough), else upstream's.
     dsn_user: str = ""
@@ -273,7 +274,9 @@ class SpoolConfig:
     dir: str = "./spool"
     fsync: bool = True  # off only to measure what durability costs
     min_free_bytes: int = 100 * 1024 * 1024  # below this, MAIL gets 452 4.3.1
-    reserve_bytes: int = 16 * 1024 * 1024  # held for outcomes on a full disk (relay.reserve)
+    reserve_bytes: int = (
+        16 * 1024 * 1024
+    )  # held for outcomes on a full disk (relay.custody.reserve)
     max_bytes: int = 0  # cap on the database; 0: the disk is the limit
     history_days: float = 0.0  # keep delivered and failed copies this long (queue list --delivered)
 
@@ -291,7 +294,9 @@ class LogConfig:
 class Config:
     listen: str = "127.0.0.1:2525"
     mode: Mode = Mode.QUEUE
-    workers: int = 1  # processes sharing the listener, each with its own spool (relay/workers.py)
+    workers: int = (
+        1  # processes sharing the listener, each with its own spool (relay/ops/workers.py)
+    )
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
@@ -307,7 +312,8 @@ class Config:
         options = self.isolation.options()
         signer = None
         if self.dkim.signs:
-            signer = load_signer(self.dkim.domain, self.dkim.selector, self.dkim.key_file)
+            dkim = self.dkim
+            signer = signer_for(dkim.domain, dkim.selector, dkim.key_file, _read_dkim_key)
         return replace(
             options,
             dkim_action=self.dkim.action,
@@ -325,6 +331,10 @@ class Config:
         return parse_host_port("metrics.listen", self.metrics.listen)
 
 
+def _read_dkim_key(path: str) -> bytes:
+    return files.read_bytes("dkim.key_file", path)
+
+
 def load(environ: Mapping[str, str] | None = None, path: str | Path | None = None) -> Config:
     """Build the configuration: defaults, then the TOML file, then the environment.
 
@@ -334,11 +344,9 @@ def load(environ: Mapping[str, str] | None = None, path: str | Path | None = Non
     path = path or env.get("RELAY_CONFIG") or None
     raw: dict[str, Any] = {}
     if path is not None:
+        text = files.read_text("RELAY_CONFIG", path)
         try:
-            with open(path, "rb") as handle:
-                raw = tomllib.load(handle)
-        except OSError as exc:
-            raise ConfigError("RELAY_CONFIG", f"cannot read {path}: {exc.strerror}") from exc
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("RELAY_CONFIG", f"{path} is not valid TOML: {exc}") from exc
     config = _apply(Config(), raw, ())

@@ -26,19 +26,28 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from relay.addresses import Address, parse_address
-from relay.bodycache import BodyCache
 from relay.config import Config
-from relay.dsn import Failure, build_dsn, dsn_from_address, dsn_recipient_ok
-from relay.errors import BadAddress
-from relay.eventloop import finish_within
-from relay.logs import AddressTokens
-from relay.metrics import Metrics, SpoolState
-from relay.model import Copy, Credentials, Outcome, Stage, Status, new_queue_id
-from relay.policy import RateLimiter, backoff
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, jobs_for
-from relay.target import dsn_credentials
-from relay.upstream import Upstream
+from relay.core.addresses import Address, parse_address
+from relay.core.dsn import Failure, build_dsn, dsn_from_address, dsn_recipient_ok
+from relay.core.errors import BadAddress
+from relay.core.model import Copy, Credentials, Outcome, Stage, Status
+from relay.core.policy import RateLimiter, backoff
+from relay.custody.bodycache import BodyCache
+from relay.custody.spool import (
+    CopyState,
+    Job,
+    NewCopy,
+    NewMessage,
+    Spool,
+    SpoolError,
+    jobs_for,
+    new_queue_id,
+)
+from relay.ops.eventloop import finish_within
+from relay.ops.logs import AddressTokens
+from relay.ops.metrics import Metrics, SpoolState
+from relay.upstream.smtp import Upstream
+from relay.upstream.target import dsn_credentials
 
 log = logging.getLogger("relay.delivery")
 

@@ -32,9 +32,9 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from relay.errors import Reply
-from relay.model import Copy, Credentials, Outcome, Stage, Status
-from relay.upstream import Upstream
+from relay.core.errors import Reply
+from relay.core.model import Copy, Credentials, Outcome, Stage, Status
+from relay.upstream.smtp import Upstream
 
 TIMED_OUT = Outcome(Status.TRANSIENT, Stage.DOT, 0, "", "deadline reached", ambiguous=True)
 

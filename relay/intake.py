@@ -34,10 +34,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from relay.config import Config, Mode
-from relay.delivery import REPLY_TEXT_CHARS, Deliverer, notification
-from relay.direct import Fate, Result, deliver_direct
-from relay.dsn import dsn_recipient_ok
-from relay.errors import (
+from relay.core.dsn import dsn_recipient_ok
+from relay.core.errors import (
     BadAddress,
     BadData,
     DkimRejected,
@@ -48,12 +46,8 @@ from relay.errors import (
     TooBig,
     TooManyHops,
 )
-from relay.eventloop import finish_within
-from relay.inbound import Submission
-from relay.isolation import isolate
-from relay.logs import AddressTokens
-from relay.metrics import MessageResult, Metrics
-from relay.model import (
+from relay.core.isolation import isolate
+from relay.core.model import (
     Copy,
     Envelope,
     IsolationOptions,
@@ -61,11 +55,16 @@ from relay.model import (
     Plan,
     Status,
     Trace,
-    new_queue_id,
 )
-from relay.policy import backoff
-from relay.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
-from relay.upstream import Upstream
+from relay.core.policy import backoff
+from relay.custody.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError, new_queue_id
+from relay.delivery import REPLY_TEXT_CHARS, Deliverer, notification
+from relay.direct import Fate, Result, deliver_direct
+from relay.inbound.smtp import Submission
+from relay.ops.eventloop import finish_within
+from relay.ops.logs import AddressTokens
+from relay.ops.metrics import MessageResult, Metrics
+from relay.upstream.smtp import Upstream
 
 log = logging.getLogger("relay.intake")
 

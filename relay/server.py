@@ -24,22 +24,22 @@ from prometheus_client import CollectorRegistry
 
 from relay import __version__
 from relay.config import LISTEN_BACKLOG, SHUTDOWN_GRACE, Config
+from relay.core.errors import ConfigError, Reply
+from relay.custody.spool import Spool, SpoolError
 from relay.delivery import Deliverer
-from relay.errors import ConfigError, Reply
-from relay.gate import Gate
-from relay.health import STATUS_SECONDS, HealthServer, write_status
-from relay.inbound import make_protocol_factory
+from relay.inbound.gate import Gate
+from relay.inbound.smtp import make_protocol_factory
+from relay.inbound.tls import server_context
 from relay.intake import Intake
-from relay.logs import AddressTokens, Verbatim, flush_periodically, load_key
-from relay.logs import flush as flush_logs
-from relay.metrics import Metrics
-from relay.spool import Spool, SpoolError
-from relay.target import parse_upstream_url
-from relay.tlsconf import server_context
-from relay.upstream import Upstream, open_upstream
+from relay.ops.health import STATUS_SECONDS, HealthServer, write_status
+from relay.ops.logs import AddressTokens, Verbatim, flush_periodically, load_key
+from relay.ops.logs import flush as flush_logs
+from relay.ops.metrics import Metrics
+from relay.upstream.smtp import Upstream, open_upstream
+from relay.upstream.target import parse_upstream_url
 
 if TYPE_CHECKING:
-    from relay.workers import WorkerArgs
+    from relay.ops.workers import WorkerArgs
 
 log = logging.getLogger("relay.server")
 
@@ -69,7 +69,7 @@ class Relay:
     ) -> None:
         self.config = config
         self._tokens = tokens
-        self._worker = worker  # one of several processes (relay.workers), or None
+        self._worker = worker  # one of several processes (relay.ops.workers), or None
         # Spools of workers beyond the configured count: delivered here, no new mail.
         self._orphans = tuple(orphans)
         self._orphan_delivery: list[tuple[Spool, Deliverer, asyncio.Task[None]]] = []

@@ -18,19 +18,20 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.auth import Users
 from relay.config import AuthMode, Config, StartTLS
-from relay.errors import ConfigError
-from relay.logs import check_key
-from relay.model import IsolationOptions
-from relay.target import (
+from relay.core.errors import ConfigError
+from relay.core.model import IsolationOptions
+from relay.files import check_readable
+from relay.inbound.auth import Users
+from relay.inbound.tls import server_context
+from relay.ops.logs import check_key
+from relay.upstream.target import (
     Target,
     configured_credentials,
     dsn_credentials,
     parse_upstream_url,
     tls_context,
 )
-from relay.tlsconf import server_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +48,8 @@ def prepare(config: Config) -> Prepared:
     """Run every start-up check on ``config``; raise ``ConfigError`` at the first failure."""
     smtp = config.smtp
     if smtp.starttls is StartTLS.CERTIFICATE:
-        _readable("smtp.tls_cert_file", smtp.tls_cert_file)
-        _readable("smtp.tls_key_file", smtp.tls_key_file)
+        check_readable("smtp.tls_cert_file", smtp.tls_cert_file)
+        check_readable("smtp.tls_key_file", smtp.tls_key_file)
     tls = server_context(smtp)
     users = Users.load(smtp.users_file) if smtp.auth is AuthMode.USERS else Users({})
     options = config.isolation_options()  # loads and tries the DKIM key
@@ -58,24 +59,16 @@ def prepare(config: Config) -> Prepared:
         _writable_directory("upstream.url", target.outbox_dir)
     else:
         if upstream.password_file:
-            _readable("upstream.password_file", upstream.password_file)
+            check_readable("upstream.password_file", upstream.password_file)
         configured_credentials(upstream, target)
         dsn_credentials(config.delivery)  # the bounce login's password file, if any
         if target.scheme != "smtp+plain":
             if upstream.ca_file:
-                _readable("upstream.ca_file", upstream.ca_file)
+                check_readable("upstream.ca_file", upstream.ca_file)
             tls_context(upstream.ca_file)
     _writable_directory("spool.dir", config.spool.dir)
     check_key(config.log, Path(config.spool.dir))
     return Prepared(target, options, tls, users)
-
-
-def _readable(key: str, path: str) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from exc
 
 
 def _writable_directory(key: str, directory: str) -> None:

@@ -7,7 +7,7 @@ import base64
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relay.model import Trace
+from relay.core.model import Trace
 
 pytest_plugins = ["tests.upstream_server"]
 

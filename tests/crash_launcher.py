@@ -23,10 +23,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from relay import cli
-from relay.dotstream import DataCollector
-from relay.inbound import RelaySMTP
-from relay.spool import CopyState, NewMessage, Spool
+from relay.cli import main as cli
+from relay.core.dotstream import DataCollector
+from relay.custody.spool import CopyState, NewMessage, Spool
+from relay.inbound.smtp import RelaySMTP
 
 
 def die() -> NoReturn:

@@ -10,7 +10,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from relay.config import load
-from relay.logs import AddressTokens
+from relay.ops.logs import AddressTokens
 from relay.server import Relay
 
 TEST_KEY = b"k" * 32

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.addresses import domain_key, parse_address
-from relay.errors import BadAddress
+from relay.core.addresses import domain_key, parse_address
+from relay.core.errors import BadAddress
 
 
 @pytest.mark.parametrize(

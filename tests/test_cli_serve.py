@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay import cli
-from relay.logs import setup_logging
+from relay.cli import main as cli
+from relay.ops.logs import setup_logging
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_serve_with_defaults_writes_copies_to_the_outbox(
     """No configuration: queued, then each recipient's copy appears in ./outbox; SIGTERM stops."""
     process, listening = relay_process
     assert listening["event"] == "listening" and listening["upstream"] == "outbox:./outbox"
-    # uvloop is a dependency: the relay runs on it (relay/eventloop.py), asyncio's loop otherwise.
+    # uvloop is a dependency: the relay runs on it (relay/ops/eventloop.py), else asyncio's loop.
     expected_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     assert listening["loop"] == expected_loop
     port = int(str(listening["smtp"]).rsplit(":", 1)[1])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from relay.config import AuthMode, Config, env_names, env_notices, load, valid_helo_name
-from relay.errors import ConfigError
-from relay.logs import load_key
+from relay.core.errors import ConfigError
+from relay.ops.logs import load_key
 
 DOCUMENTED = Path(__file__).resolve().parent.parent / "config" / "solo-relay.toml"
 

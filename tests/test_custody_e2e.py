@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from relay import intake
-from relay.spool import Spool, SpoolError
+from relay.custody.spool import Spool, SpoolError
 from tests.relay_harness import RawClient, running_relay
 from tests.upstream_server import USER, Delay, Transaction, UpstreamServer
 

@@ -22,16 +22,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay import delivery as delivery_module
-from relay.addresses import parse_address
 from relay.config import Config, load
+from relay.core.addresses import parse_address
+from relay.core.model import Copy, Credentials, Outcome, Stage, Status
+from relay.core.policy import RateLimiter
+from relay.custody.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, SpoolFull
 from relay.delivery import Deliverer
-from relay.logs import AddressTokens
-from relay.metrics import Metrics
-from relay.model import Copy, Credentials, Outcome, Stage, Status
-from relay.outbox import CheckStep
-from relay.policy import RateLimiter
-from relay.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, SpoolFull
-from relay.upstream import Upstream, open_upstream
+from relay.ops.logs import AddressTokens
+from relay.ops.metrics import Metrics
+from relay.upstream.outbox import CheckStep
+from relay.upstream.smtp import Upstream, open_upstream
 from tests.upstream_server import PASSWORD, USER, UpstreamServer
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC

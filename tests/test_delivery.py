@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay.core.isolation import isolate
+from relay.core.model import Copy, Credentials, Envelope, Outcome, Stage, Status
 from relay.direct import Fate, choose_reply, deliver_direct
-from relay.isolation import isolate
-from relay.model import Copy, Credentials, Envelope, Outcome, Stage, Status
-from relay.outbox import CheckStep
+from relay.upstream.outbox import CheckStep
 
 DELIVERED = Outcome(Status.DELIVERED, Stage.DOT, 250, "2.0.0", "ok")
 TRANSIENT = Outcome(Status.TRANSIENT, Stage.RCPT, 451, "4.2.0", "later")

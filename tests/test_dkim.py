@@ -11,7 +11,7 @@ from pathlib import Path
 import dkim
 import pytest
 
-from relay.dkimsign import SIGNED_HEADERS
+from relay.core.dkim import SIGNED_HEADERS
 from tests.conftest import dkim_keypair
 from tests.relay_harness import RawClient, running_relay
 from tests.upstream_server import Transaction, UpstreamServer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.dotstream import DataCollector
+from relay.core.dotstream import DataCollector
 
 
 def collect(blocks: list[bytes], limit: int = 10_000, *, normalize: bool = False) -> DataCollector:

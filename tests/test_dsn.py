@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay import dsn
 from relay.config import load
-from relay.dsn import Failure, build_dsn, dsn_recipient_ok
-from relay.errors import ConfigError
-from relay.target import dsn_credentials
+from relay.core import dsn
+from relay.core.dsn import Failure, build_dsn, dsn_recipient_ok
+from relay.core.errors import ConfigError
+from relay.upstream.target import dsn_credentials
 
 ARRIVED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 NOW = ARRIVED + timedelta(days=2, minutes=1)

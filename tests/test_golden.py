@@ -11,9 +11,9 @@ import email.header
 
 import pytest
 
-from relay.errors import Rejected
-from relay.isolation import isolate
-from relay.model import REMOVED_HEADERS, BodyCheck, Envelope, IsolationOptions, Plan
+from relay.core.errors import Rejected
+from relay.core.isolation import isolate
+from relay.core.model import REMOVED_HEADERS, BodyCheck, Envelope, IsolationOptions, Plan
 from tests.conftest import copy_headers, message
 
 SENDER = "news@example.org"

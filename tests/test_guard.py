@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from relay.addresses import parse_address
-from relay.errors import LeakDetected
-from relay.guard import LeakGuard
-from relay.headers import parse_message
-from relay.model import Copy, Envelope, IsolationOptions
-from relay.spellings import addresses_in, primaries, spellings
+from relay.core.addresses import parse_address
+from relay.core.errors import LeakDetected
+from relay.core.guard import LeakGuard
+from relay.core.headers import parse_message
+from relay.core.model import Copy, Envelope, IsolationOptions
+from relay.core.spellings import addresses_in, primaries, spellings
 from tests.conftest import copy_headers, message, received
 
 ENVELOPE = Envelope.parse("news@example.org", ["alice@example.com", "bob@example.com"])

@@ -10,7 +10,7 @@ copy may show the victim to anyone else, as judged by an oracle that reads each 
 with its own code: Python's ``email`` parser under ``policy.default`` (its header
 registry decodes RFC 2047 and RFC 2231 on a path of its own), ``urllib``, ``html``,
 ``unicodedata`` (invisible characters by category and name, not by the guard's
-``regex`` property) and ``idna``. It never imports ``relay.spellings`` or ``relay.guard``.
+``regex`` property) and ``idna``. It never imports ``relay.core.spellings`` or ``relay.core.guard``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import idna
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.errors import Rejected
-from relay.isolation import isolate
-from relay.model import Envelope, IsolationOptions
+from relay.core.errors import Rejected
+from relay.core.isolation import isolate
+from relay.core.model import Envelope, IsolationOptions
 
 SETTINGS = {
     "max_examples": 300,

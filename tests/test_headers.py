@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.errors import BadData, HeaderDefect
-from relay.headers import check_line_endings, parse_message, plain_mailbox
+from relay.core.errors import BadData, HeaderDefect
+from relay.core.headers import check_line_endings, parse_message, plain_mailbox
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from relay.health import HealthServer
-from relay.metrics import MessageResult, Metrics
+from relay.ops.health import HealthServer
+from relay.ops.metrics import MessageResult, Metrics
 
 T = TypeVar("T")
 Response = tuple[int, dict[str, str], bytes]

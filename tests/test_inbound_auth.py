@@ -13,9 +13,9 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from relay import auth
-from relay.auth import FailureDelays, Users, delay
-from relay.errors import ConfigError
+from relay.core.errors import ConfigError
+from relay.inbound import auth
+from relay.inbound.auth import FailureDelays, Users, delay
 from relay.server import Relay
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import letter, quit_cleanly

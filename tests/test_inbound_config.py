@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.config import AuthMode, load
-from relay.errors import ConfigError
+from relay.core.errors import ConfigError
 
 OFF_LOOPBACK = {"RELAY_LISTEN": "0.0.0.0:2525"}
 WITH_AUTH = {**OFF_LOOPBACK, "RELAY_SMTP_AUTH": "passthrough", "RELAY_SMTP_STARTTLS": "self-signed"}

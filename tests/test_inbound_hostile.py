@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.inbound import with_enhanced_code
+from relay.inbound.smtp import with_enhanced_code
 from relay.intake import Intake
 from relay.server import Relay
 from tests.conftest import message

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from relay import gate
-from relay.gate import Gate, overload_at
+from relay.inbound import gate
+from relay.inbound.gate import Gate, overload_at
 from relay.server import Relay
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import envelope, letter, quit_cleanly, send_data, stuff

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from relay.errors import Reply
-from relay.inbound import Submission
+from relay.core.errors import Reply
+from relay.inbound.smtp import Submission
 from relay.intake import Intake
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import envelope, letter, stuff

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from relay import tlsconf
 from relay.config import TlsProfile
+from relay.inbound import tls as tlsconf
 from relay.server import Relay
 from tests.relay_harness import RawClient, running_relay
 from tests.test_inbound_hostile import client_tls, envelope, letter, quit_cleanly, send_data, stuff

@@ -15,12 +15,12 @@ import urllib.parse
 import dkim
 import pytest
 
-from relay.addresses import parse_recipient
-from relay.dkimsign import DkimAction
-from relay.errors import BadAddress, Rejected
-from relay.headers import MAX_LINE_OCTETS
-from relay.isolation import isolate
-from relay.model import BodyCheck, ChangeKind, Envelope, IsolationOptions, Plan
+from relay.core.addresses import parse_recipient
+from relay.core.dkim import DkimAction
+from relay.core.errors import BadAddress, Rejected
+from relay.core.headers import MAX_LINE_OCTETS
+from relay.core.isolation import isolate
+from relay.core.model import BodyCheck, ChangeKind, Envelope, IsolationOptions, Plan
 from tests.conftest import copy_headers, dkim_keypair, message
 
 FROM = "From: Example News <news@example.org>"

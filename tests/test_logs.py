@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from relay import logs
 from relay.config import LogConfig, LogFormat
-from relay.errors import ConfigError
-from relay.logs import (
+from relay.core.errors import ConfigError
+from relay.ops import logs
+from relay.ops.logs import (
     KEY_FILE,
     QUIET_LOGGERS,
     AddressTokens,

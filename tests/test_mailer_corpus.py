@@ -21,8 +21,8 @@ import pytest
 from django.core.mail import EmailMessage as DjangoMessage
 from django.core.mail.backends.smtp import EmailBackend
 
-from relay.isolation import isolate
-from relay.model import Envelope, IsolationOptions
+from relay.core.isolation import isolate
+from relay.core.model import Envelope, IsolationOptions
 from tests import mailer_corpus as corpus
 from tests.relay_harness import running_relay
 from tests.upstream_server import UpstreamServer

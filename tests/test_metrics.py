@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,9 +10,19 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import __version__
-from relay.dkimsign import DkimAction, load_signer
-from relay.isolation import isolate
-from relay.metrics import (
+from relay.core.dkim import DkimAction, Signer
+from relay.core.isolation import isolate
+from relay.core.model import (
+    REMOVED_HEADERS,
+    Change,
+    ChangeKind,
+    Envelope,
+    IsolationOptions,
+    Outcome,
+    Stage,
+    Status,
+)
+from relay.ops.metrics import (
     HEADER_CHANGES,
     HEADER_LABELS,
     REPLY_CLASSES,
@@ -26,16 +35,6 @@ from relay.metrics import (
     SpoolState,
     TlsFailure,
     header_label,
-)
-from relay.model import (
-    REMOVED_HEADERS,
-    Change,
-    ChangeKind,
-    Envelope,
-    IsolationOptions,
-    Outcome,
-    Stage,
-    Status,
 )
 from tests.conftest import dkim_keypair
 from tests.relay_harness import running_relay
@@ -312,11 +311,7 @@ def test_header_changes_export_only_the_pairs_that_can_happen(registry: Collecto
 def test_every_change_isolation_makes_is_a_listed_pair(dkim: DkimAction) -> None:
     """What split.py produces (removals, To, Received, DKIM kept/stripped/signed) is listed."""
     private, _ = dkim_keypair()
-    key_file = tempfile.NamedTemporaryFile(suffix=".pem", delete=False)  # noqa: SIM115
-    with key_file:
-        key_file.write(private)
-    signer = load_signer("example.org", "s1", key_file.name)
-    Path(key_file.name).unlink()
+    signer = Signer("example.org", "s1", private)
     options = replace(OPTIONS, dkim_action=dkim, signer=signer)
     rcpts = recipients(3)
     signed = (

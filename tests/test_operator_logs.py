@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import LogConfig, LogFormat
-from relay.logs import AddressTokens, setup_logging
+from relay.ops.logs import AddressTokens, setup_logging
 from relay.server import Relay
 from tests.relay_harness import TEST_KEY, running_relay
 from tests.upstream_server import PASSWORD, USER, UpstreamServer

@@ -7,7 +7,7 @@ SPEC lists (groups, comments, display names plain, quoted and RFC 2047 encoded,
 folding, repeated ``To`` fields in mixed case, empty ``Bcc:``), harmless fields
 whose exact bytes are recorded, and a body of ASCII lines. The checks use their
 own oracle (the standard library's ``email`` package, ``idna`` and substring
-search), never ``relay.guard`` or ``relay.addresses``.
+search), never ``relay.core.guard`` or ``relay.core.addresses``.
 
 Addresses are built so that none is a substring of another: envelope recipients
 are ``r<3 digits>x@domain``, header-only addresses ``h<3 digits>x@domain``, the
@@ -33,12 +33,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.errors import Rejected
-from relay.isolation import isolate
-from relay.model import REMOVED_HEADERS, BodyCheck, Envelope, IsolationOptions, Plan
+from relay.core.errors import Rejected
+from relay.core.isolation import isolate
+from relay.core.model import REMOVED_HEADERS, BodyCheck, Envelope, IsolationOptions, Plan
 
 # ---------------------------------------------------------------------------
-# Test-side normalisation (independent of relay.addresses)
+# Test-side normalisation (independent of relay.core.addresses)
 
 SENDER = "sender@example.org"
 # U-label domains carry an IDNA twin; none of these is a suffix or prefix of another.

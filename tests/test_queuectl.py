@@ -1,4 +1,4 @@
-"""`solo-relay queue` as a process, on a spool built with ``relay.spool.Spool``."""
+"""`solo-relay queue` as a process, on a spool built with ``relay.custody.spool.Spool``."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from relay.config import LogConfig
-from relay.logs import AddressTokens, load_key
-from relay.spool import CopyState, NewCopy, NewMessage, Spool
+from relay.custody.spool import CopyState, NewCopy, NewMessage, Spool
+from relay.ops.logs import AddressTokens, load_key
 
 SENDER = "alice@example.org"
 BOB, CAROL, DAVE, ERIN = (

@@ -1,6 +1,6 @@
 """`solo-relay queue list` filters, JSON, Message-ID, history, and `solo-relay token` (14.14).
 
-In-process (``relay.cli.main`` with the environment set), on spools built with
+In-process (``relay.cli.main.main`` with the environment set), on spools built with
 ``relay.spool.Spool``; the delivered history end to end, through a real relay.
 """
 
@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
-from relay import cli, history
+from relay.cli import main as cli
 from relay.config import LogConfig
-from relay.logs import AddressTokens, load_key
-from relay.model import Outcome, Stage, Status
-from relay.spool import CopyState, NewCopy, NewMessage, Spool
+from relay.core.model import Outcome, Stage, Status
+from relay.custody import history
+from relay.custody.spool import CopyState, NewCopy, NewMessage, Spool
+from relay.ops.logs import AddressTokens, load_key
 from tests.relay_harness import running_relay
 from tests.upstream_server import UpstreamServer
 

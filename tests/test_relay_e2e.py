@@ -21,7 +21,7 @@ import pytest
 import trustme
 
 from relay.config import LogConfig, LogFormat
-from relay.logs import setup_logging
+from relay.ops.logs import setup_logging
 from tests.relay_harness import TEST_KEY, RawClient, running_relay
 from tests.upstream_server import DISCONNECT, PASSWORD, USER, Transaction, UpstreamServer
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from relay.config import load
-from relay.errors import ConfigError
-from relay.senders import parse_policy
+from relay.core.errors import ConfigError
+from relay.core.senders import parse_policy
 from relay.server import Relay
 from tests.relay_harness import running_relay
 from tests.test_operator_logs import TOKENS, json_logs, lines

@@ -7,10 +7,10 @@ from collections.abc import Callable
 import dkim
 import pytest
 
-from relay.headers import Field, parse_message
-from relay.isolation import isolate
-from relay.model import Envelope
-from relay.signatures import changed_names, parse_signature
+from relay.core.headers import Field, parse_message
+from relay.core.isolation import isolate
+from relay.core.model import Envelope
+from relay.core.signatures import changed_names, parse_signature
 from tests.conftest import dkim_keypair, message
 
 

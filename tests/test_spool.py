@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from relay import cli
-from relay import spool as spool_module
+from relay.cli import main as cli
 from relay.config import load
-from relay.model import Outcome, Stage, Status
-from relay.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
+from relay.core.model import Outcome, Stage, Status
+from relay.custody import spool as spool_module
+from relay.custody.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
 from tests.relay_harness import running_relay
 
 T0 = 1_700_000_000.0

@@ -13,7 +13,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from relay.config import load
-from relay.logs import AddressTokens
+from relay.ops.logs import AddressTokens
 from relay.server import Relay
 from tests.relay_harness import TEST_KEY, RawClient
 from tests.upstream_server import Delay, UpstreamServer

@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 import trustme
 
-from relay.addresses import parse_address
 from relay.config import UpstreamConfig
-from relay.errors import ConfigError
-from relay.isolation import isolate
-from relay.model import Copy, Credentials, Envelope, Outcome, Stage, Status
-from relay.outbox import OutboxUpstream
-from relay.policy import classify_reply
-from relay.target import Target, parse_upstream_url
-from relay.upstream import Upstream, open_upstream
+from relay.core.addresses import parse_address
+from relay.core.errors import ConfigError
+from relay.core.isolation import isolate
+from relay.core.model import Copy, Credentials, Envelope, Outcome, Stage, Status
+from relay.core.policy import classify_reply
+from relay.upstream.outbox import OutboxUpstream
+from relay.upstream.smtp import Upstream, open_upstream
+from relay.upstream.target import Target, parse_upstream_url
 from tests.conftest import message
 from tests.upstream_server import (
     DISCONNECT,

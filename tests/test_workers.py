@@ -1,4 +1,4 @@
-"""``workers = N``: a supervisor and N worker processes on one listener (relay/workers.py).
+"""``workers = N``: a supervisor and N worker processes on one listener (relay/ops/workers.py).
 
 Processes, the way a user starts them: ``solo-relay serve`` with ``RELAY_WORKERS``,
 smtplib clients, the outbox upstream, and ``/metrics`` and ``/readyz`` over HTTP.
@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from relay.config import load
-from relay.errors import ConfigError
-from relay.spool import NewCopy, NewMessage, Spool
-from relay.workers import orphaned_spools, share, spool_dir, spool_dirs
+from relay.core.errors import ConfigError
+from relay.custody.spool import NewCopy, NewMessage, Spool
+from relay.ops.workers import orphaned_spools, share, spool_dir, spool_dirs
 
 SENDER = "news@example.org"
 

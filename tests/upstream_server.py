@@ -43,8 +43,8 @@ import pytest
 import trustme
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from relay import eventloop
-from relay.tlsconf import self_signed
+from relay.inbound.tls import self_signed
+from relay.ops import eventloop
 
 USER = "relay@example.com"
 PASSWORD = "s3cret-pässword"
@@ -425,7 +425,7 @@ def server_context(cert: trustme.LeafCert) -> ssl.SSLContext:
 def self_signed_context(host: str = "localhost") -> ssl.SSLContext:
     """A server context whose certificate signs itself (no CA vouches for it).
 
-    The relay's own self-signed certificate (``relay.tlsconf``): it names ``host``,
+    The relay's own self-signed certificate (``relay.inbound.tls``): it names ``host``,
     localhost and the loopback addresses.
     """
     cert, key = self_signed(host)

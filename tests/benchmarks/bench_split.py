@@ -49,9 +49,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import relay
-from relay.errors import Rejected
-from relay.isolation import isolate
-from relay.model import BodyCheck, Envelope, IsolationOptions, Plan
+from relay.core.errors import Rejected
+from relay.core.isolation import isolate
+from relay.core.model import BodyCheck, Envelope, IsolationOptions, Plan
 
 KB = 1024
 MB = 1024 * KB

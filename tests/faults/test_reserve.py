@@ -1,4 +1,4 @@
-"""The spool's reserve (relay/reserve.py): on a full disk the outcome of a copy the
+"""The spool's reserve (relay/custody/reserve.py): on a full disk the outcome of a copy the
 upstream has answered is still written, so nothing is sent twice after a restart.
 
 Each test fills a small tmpfs to 100 % at the moment an outcome must be written;
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.spool import Spool, SpoolFull
+from relay.custody.spool import Spool, SpoolFull
 from tests.faults.harness import RECIPIENTS, RestartableUpstream, fill, free, send, tmpfs
 from tests.test_crash import RelayProcess, live, relay_env, relays, start_relay, until
 from tests.test_spool import DELIVERED, T0, new_message, states

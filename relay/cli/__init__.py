@@ -1,0 +1,3 @@
+"""The ``solo-relay`` command: argument parsing (``relay.cli.main``) and the
+commands beside ``serve``: ``queue``, ``preview`` and ``token``.
+"""

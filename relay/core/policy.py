@@ -1,0 +1,95 @@
+"""Pure delivery policy (SPEC 5): reply classification, retry backoff, rate limits.
+
+Rule 1: 4xx, no reply, any failure before MAIL, and ``552`` at RCPT (RFC 5321
+4.5.3.1.10) are transient; other 5xx are permanent.
+Rule 2: an AUTH refusal is transient, and a 5xx one (``535``) sets
+``auth_failed``: bad credentials pause delivery instead of bouncing mail.
+So does ``530`` (RFC 4954 6: authentication required) at any later stage:
+the credentials are missing, which is no fault of the copy.
+"""
+
+from __future__ import annotations
+
+import re
+
+from relay.core.model import Outcome, Stage, Status
+
+DAY = 86_400.0
+AUTH_REQUIRED = 530  # RFC 4954 6
+
+_ENHANCED = re.compile(r"([245])\.\d{1,3}\.\d{1,3}(?= |$)")  # RFC 3463
+
+
+def split_enhanced(code: int, text: str) -> tuple[str, str]:
+    """The RFC 3463 code leading the reply text (only if its class matches), and the rest."""
+    lines = text.split("\n")
+    match = _ENHANCED.match(lines[0])
+    if match is None or int(match[1]) != code // 100:
+        return "", " ".join(lines)
+    enhanced = match[0]
+    rest = [ln[len(enhanced) :].lstrip() if ln.startswith(enhanced) else ln for ln in lines]
+    return enhanced, " ".join(rest)
+
+
+def classify_reply(stage: Stage, code: int, text: str) -> Outcome:
+    """A refusal (any reply but the one expected) at ``stage``, as an outcome."""
+    enhanced, text = split_enhanced(code, text)
+    if stage is Stage.AUTH:  # bad credentials: pause and alert, never bounce (SPEC 5)
+        return Outcome(Status.TRANSIENT, stage, code, enhanced, text, auth_failed=code >= 500)
+    if code == AUTH_REQUIRED and stage not in (Stage.CONNECT, Stage.TLS):
+        return Outcome(Status.TRANSIENT, stage, code, enhanced, text, auth_failed=True)
+    permanent = (
+        500 <= code < 600
+        and stage not in (Stage.CONNECT, Stage.TLS)  # about the connection, not this copy
+        and not (stage is Stage.RCPT and code == 552)  # RFC 5321 4.5.3.1.10
+    )
+    return Outcome(Status.PERMANENT if permanent else Status.TRANSIENT, stage, code, enhanced, text)
+
+
+def backoff(attempt: int, *, initial: float, maximum: float, jitter: float, rand: float) -> float:
+    """Seconds before retry number ``attempt`` (1 = the first retry).
+
+    ``initial`` doubling up to ``maximum``, then spread by +/- ``jitter`` with
+    ``rand`` in [0, 1) (stamina's shape), so copies that failed together do not
+    come back together.
+    """
+    base = min(initial * 2.0 ** max(attempt - 1, 0), maximum)
+    return float(base * (1 - jitter + 2 * jitter * rand))
+
+
+class RateLimiter:
+    """Copies per second (a token bucket holding one second) and per UTC day; 0 is no limit."""
+
+    def __init__(self, per_second: float, per_day: int) -> None:
+        self._per_second = per_second
+        self._per_day = per_day
+        self._tokens = max(per_second, 1.0)
+        self._stamp = 0.0
+        self._day = -1
+        self._today = 0
+
+    def take(self, now: float, wanted: int) -> int:
+        """How many of ``wanted`` copies may start at ``now`` (they are counted as sent)."""
+        allowed = wanted
+        if self._per_second:
+            capacity = max(self._per_second, 1.0)
+            elapsed = max(now - self._stamp, 0.0)  # a wall clock set back refills nothing
+            self._tokens = min(capacity, self._tokens + elapsed * self._per_second)
+            self._stamp = now
+            allowed = min(allowed, int(self._tokens))
+        if self._per_day:
+            day = int(now // DAY)
+            if day != self._day:
+                self._day, self._today = day, 0
+            allowed = min(allowed, self._per_day - self._today)
+        allowed = max(allowed, 0)
+        if self._per_second:
+            self._tokens -= allowed
+        self._today += allowed
+        return allowed
+
+    def give_back(self, count: int) -> None:
+        """Return tokens for copies taken but not started."""
+        if self._per_second:
+            self._tokens += count
+        self._today -= count
