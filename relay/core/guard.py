@@ -58,7 +58,7 @@ _FIELD_END = re.compile(rb"\r?\n(?![ \t])")
 Hits = dict[str, frozenset[str]]
 
 
-def _field_spellings(raw: bytes) -> Spellings:
+def field_spellings(raw: bytes) -> Spellings:
     """Every spelling in one field's value, folds and all (``spellings`` field views)."""
     value = raw[raw.find(b":") + 1 :].rstrip(b"\r\n")
     if not _ADDRESS_MARK.search(value):
@@ -66,7 +66,7 @@ def _field_spellings(raw: bytes) -> Spellings:
     return spellings(value.decode("utf-8", "surrogateescape"), field=True)
 
 
-def _senders(message: ParsedMessage, envelope: Envelope, removed: frozenset[str]) -> set[str]:
+def sender_keys(message: ParsedMessage, envelope: Envelope, removed: frozenset[str]) -> set[str]:
     """MAIL FROM, and every mailbox of the one From: and the one Sender: (RFC 5322 3.6).
 
     Only a field every copy keeps, and only when it occurs once, names the
@@ -91,7 +91,7 @@ def _senders(message: ParsedMessage, envelope: Envelope, removed: frozenset[str]
     return keys
 
 
-def _leaks(hits: Hits, own: str, exempt: frozenset[str]) -> bool:
+def leaks(hits: Hits, own: str, exempt: frozenset[str]) -> bool:
     """Whether ``hits`` read another recipient anywhere but inside ``exempt`` addresses."""
     return any(form != own and not parents <= exempt for form, parents in hits.items())
 
@@ -109,17 +109,17 @@ class LeakGuard:
         visible: set[str] = set()
         for f in message.fields:
             if f.name == "to" or f.name in options.removed_headers:
-                visible |= set(_field_spellings(f.raw))
+                visible |= set(field_spellings(f.raw))
         recipients = {address_key(r) for r in envelope.recipients}
-        self._senders = frozenset(_senders(message, envelope, options.removed_headers))
-        self._watched = frozenset((recipients | visible) - self._senders)
+        self._sender_keys = frozenset(sender_keys(message, envelope, options.removed_headers))
+        self._watched = frozenset((recipients | visible) - self._sender_keys)
 
     def check(self, copies: Sequence[Copy]) -> tuple[str, ...]:
         """Raise ``LeakDetected`` if any copy discloses another recipient; return warnings."""
         others = False
         for number, copy in enumerate(copies, start=1):
             others |= self._check_copy(number, copy)
-        return self._check_body(copies, scan=others)
+        return self.check_body(copies, scan=others)
 
     def _own(self, recipient: Address) -> tuple[str, frozenset[str]]:
         """The copy's own key, and the whole addresses its own address reads as (rule 3).
@@ -136,11 +136,11 @@ class LeakGuard:
     def _exempt(self, recipient: Address) -> tuple[str, frozenset[str]]:
         """The copy's own key, and the whole addresses whose readings it may show."""
         own, readings = self._own(recipient)
-        return own, readings | self._senders
+        return own, readings | self._sender_keys
 
     def _field_hits(self, raw: bytes) -> Hits:
         """The watched readings of one field, kept: each distinct field is read once."""
-        found = _field_spellings(raw)
+        found = field_spellings(raw)
         hits = {form: frozenset(found[form]) for form in found.keys() & self._watched}
         self._hits[raw] = hits
         return hits
@@ -152,7 +152,7 @@ class LeakGuard:
         whose To: names just that one), no field can name another: the search is skipped.
         """
         own, readings = self._own(copy.recipient)
-        exempt = readings | self._senders
+        exempt = readings | self._sender_keys
         fields = self._reparse(number, copy.headers)
         to_fields = [f for f in fields if f.name == "to"]
         if len(to_fields) != 1:
@@ -160,7 +160,7 @@ class LeakGuard:
         raw = to_fields[0].raw
         # A bare "To: addr" whose address reads as itself only names exactly that one.
         bare = readings == {own} and raw == b"To: " + copy.recipient.text.encode() + b"\r\n"
-        named = {own: {own}} if bare else _field_spellings(raw)
+        named = {own: {own}} if bare else field_spellings(raw)
         if own not in named or not primaries(named) <= readings:
             raise LeakDetected(f"copy {number}: To: is not exactly the copy's recipient")
         others = len(self._watched) > (own in self._watched)  # anyone but ``own``
@@ -180,7 +180,7 @@ class LeakGuard:
             hits = self._hits.get(raw)
             if hits is None:
                 hits = self._field_hits(raw)
-            if hits and _leaks(hits, own, exempt):
+            if hits and leaks(hits, own, exempt):
                 raise LeakDetected(f"copy {number}: {f.display_name} names another recipient")
         return others
 
@@ -193,7 +193,7 @@ class LeakGuard:
         except (BadData, HeaderDefect) as exc:
             raise LeakDetected(f"copy {number}: header section unreadable ({exc.reason})") from exc
 
-    def _check_body(self, copies: Sequence[Copy], *, scan: bool) -> tuple[str, ...]:
+    def check_body(self, copies: Sequence[Copy], *, scan: bool) -> tuple[str, ...]:
         """The body is shared, so one reading serves every copy (rule 5).
 
         ``scan`` False: no copy has anyone else to hide, so the body is not read (its
@@ -228,7 +228,7 @@ class LeakGuard:
         """How many copies would see another recipient in ``hits``."""
         if not hits:
             return 0
-        return sum(1 for c in copies if _leaks(hits, *self._exempt(c.recipient)))
+        return sum(1 for c in copies if leaks(hits, *self._exempt(c.recipient)))
 
     def _body_hits(self, *, text: bool, headers: bool) -> tuple[Hits, list[tuple[str, Hits]]]:
         """Walk the MIME tree (always: the nesting limit holds even with checks off).
@@ -252,7 +252,7 @@ class LeakGuard:
             if kind is Piece.HEADERS:
                 section: Spellings = {}
                 for raw in _FIELD_END.split(content):
-                    _merge(section, [_field_spellings(raw)] if b":" in raw else [])
+                    _merge(section, [field_spellings(raw)] if b":" in raw else [])
                 hits = self._watched_in(section)
                 if hits:
                     embedded.append((place, hits))

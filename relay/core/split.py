@@ -51,10 +51,27 @@ _PHRASE_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
 _UTF8 = email.charset.Charset("utf-8")
 
 
+# What a sender named in ``[senders] keep_recipients`` keeps (``relay.core.teamthread``).
+VISIBLE = frozenset({"to", "cc"})
+
+# Given a copy's number (from 1) and recipient, the check its final fields must pass.
+CopyCheck = Callable[[int, Address], Callable[[list[Field]], None]]
+
+
 def split_message(
-    message: ParsedMessage, envelope: Envelope, options: IsolationOptions, trace: Trace
+    message: ParsedMessage,
+    envelope: Envelope,
+    options: IsolationOptions,
+    trace: Trace,
+    *,
+    keep_visible: bool = False,
+    check: CopyCheck | None = None,
 ) -> tuple[tuple[Copy, ...], int]:
     """Build one copy per unique recipient; return the copies and how many were merged.
+
+    ``keep_visible``: the team-thread mode, ``To:`` and ``Cc:`` kept as written
+    (``VISIBLE``) instead of ``To:`` rebuilt and ``Cc:`` removed; ``check`` makes
+    each copy's own check of its final fields (``relay.core.teamthread``).
 
     Raises ``TooManyHops`` (554 5.4.0), ``TooBig`` (552 5.3.4: header sections
     times copies over ``max_fanout_octets``) and ``BadAddress`` (553 5.1.3, no
@@ -66,31 +83,37 @@ def split_message(
     if hops > options.max_hops:
         raise TooManyHops(f"{hops} Received fields, limit {options.max_hops}")
     _check_authors(message, utf8=envelope.smtputf8)
+    removed = options.removed_headers - VISIBLE if keep_visible else options.removed_headers
     unique = _unique(envelope.recipients)
-    names = _display_names(message.fields, envelope.smtputf8)
-    kept, to_at = _kept_fields(message.fields, options.removed_headers)
+    if keep_visible:
+        names: dict[str, tuple[str | None, str]] = {}
+        kept, to_at = [f for f in message.fields if f.name not in removed], -1
+    else:
+        names = _display_names(message.fields, envelope.smtputf8)
+        kept, to_at = _kept_fields(message.fields, removed)
     kept, folded = _fold_long(kept)
     fanout = (sum(len(f.raw) for f in kept) + PER_COPY_OCTETS) * len(unique)
     if fanout > options.max_fanout_octets:
         raise TooBig(f"{fanout} octets of header sections for {len(unique)} copies")
-    shared = _shared_changes(message.fields, options.removed_headers) + folded
+    shared = _shared_changes(message.fields, removed) + folded
     signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
     normalized = Normalized(message.normalized_fields(), message.body_normalized)
     body = message.body  # one view, shared by every copy (rule 3)
     copies = []
-    for rcpt in unique:
-        name, why = names.get(rcpt.key, (None, "no display name was paired with this address"))
-        fields = [
-            Field("received", _received_line(trace, rcpt)),
-            *kept[:to_at],
-            Field("to", _to_line(rcpt, name)),
-            *kept[to_at:],
-        ]
+    for number, rcpt in enumerate(unique, start=1):
+        fields = [Field("received", _received_line(trace, rcpt))]
         changes = [
             Change(ChangeKind.ADDED, "Received", "the relay's trace line for this copy"),
             *shared,
-            Change(ChangeKind.REBUILT, "To", f"one mailbox: the copy's recipient; {why}"),
         ]
+        if keep_visible:
+            fields += kept
+        else:
+            name, why = names.get(rcpt.key, (None, "no display name was paired with this address"))
+            fields += [*kept[:to_at], Field("to", _to_line(rcpt, name)), *kept[to_at:]]
+            changes.append(
+                Change(ChangeKind.REBUILT, "To", f"one mailbox: the copy's recipient; {why}")
+            )
         copies.append(
             finish_copy(
                 rcpt,
@@ -101,6 +124,7 @@ def split_message(
                 body=body,
                 normalized=normalized,
                 options=options,
+                check=None if check is None else check(number, rcpt),
             )
         )
     return tuple(copies), len(envelope.recipients) - len(unique)

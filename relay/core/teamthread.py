@@ -16,85 +16,39 @@ guard's body and embedded-header checks watch them with the configured
 Rule 4: the rest is as for any message: the hop limit, the authors check,
 long kept lines folded, application DKIM signatures settled, the relay's key.
 
-Pure: no I/O. Reuses the splitter's and the guard's helpers; changes neither.
+Pure: no I/O. A mode of the split (``split_message(keep_visible=True)``) with
+the guard's public readings (``field_spellings``, ``leaks``, ``sender_keys``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from relay.core.errors import BadAddress, LeakDetected, TooBig, TooManyHops
-from relay.core.guard import LeakGuard, _field_spellings, _leaks, _senders
+from relay.core.addresses import Address
+from relay.core.errors import LeakDetected
+from relay.core.guard import LeakGuard, field_spellings, leaks, sender_keys
 from relay.core.headers import Field, ParsedMessage
-from relay.core.model import Change, ChangeKind, Copy, Envelope, IsolationOptions, Plan, Trace
-from relay.core.signatures import parse_signature
+from relay.core.model import Copy, Envelope, IsolationOptions, Plan, Trace
 from relay.core.spellings import address_key
-from relay.core.split import (
-    PER_COPY_OCTETS,
-    Normalized,
-    _check_authors,
-    _fold_long,
-    _received_line,
-    _unique,
-    finish_copy,
-)
-
-VISIBLE = frozenset({"to", "cc"})  # what a named sender's copies keep (Rule 2)
+from relay.core.split import VISIBLE, split_message
 
 
 def keep_visible(
     message: ParsedMessage, envelope: Envelope, options: IsolationOptions, trace: Trace
 ) -> Plan:
     """One copy per unique recipient, ``To:`` and ``Cc:`` kept; raises ``Rejected``."""
-    if not envelope.recipients:
-        raise BadAddress("no recipients")
-    hops = sum(1 for f in message.fields if f.name == "received")
-    if hops > options.max_hops:
-        raise TooManyHops(f"{hops} Received fields, limit {options.max_hops}")
-    _check_authors(message, utf8=envelope.smtputf8)
-    removed = options.removed_headers - VISIBLE
-    unique = _unique(envelope.recipients)
-    kept, folded = _fold_long([f for f in message.fields if f.name not in removed])
-    fanout = (sum(len(f.raw) for f in kept) + PER_COPY_OCTETS) * len(unique)
-    if fanout > options.max_fanout_octets:
-        raise TooBig(f"{fanout} octets of header sections for {len(unique)} copies")
-    first = {f.name: f for f in reversed(message.fields) if f.name in removed}
-    shared = [
-        Change(ChangeKind.REMOVED, f.display_name, "recipient-bearing header")
-        for f in message.fields
-        if first.get(f.name) is f
-    ]
-    shared += folded
-    signatures = [parse_signature(f) for f in kept if f.name == "dkim-signature"]
-    normalized = Normalized(message.normalized_fields(), message.body_normalized)
-    hidden = _hidden(message, envelope, removed)
-    body = message.body  # one view, shared by every copy
-    copies = []
-    for number, rcpt in enumerate(unique, start=1):
-        fields = [Field("received", _received_line(trace, rcpt)), *kept]
-        changes = [
-            Change(ChangeKind.ADDED, "Received", "the relay's trace line for this copy"),
-            *shared,
-        ]
-        own = address_key(rcpt)
-        copies.append(
-            finish_copy(
-                rcpt,
-                fields,
-                changes,
-                signatures=signatures,
-                message=message,
-                body=body,
-                normalized=normalized,
-                options=options,
-                check=functools.partial(_check_hidden, number, own=own, hidden=hidden),
-            )
-        )
+    hidden = _hidden(message, envelope, options.removed_headers - VISIBLE)
+
+    def check(number: int, rcpt: Address) -> Callable[[list[Field]], None]:
+        return functools.partial(_check_hidden, number, own=address_key(rcpt), hidden=hidden)
+
+    copies, merged = split_message(
+        message, envelope, options, trace, keep_visible=True, check=check
+    )
     warnings = _check_body(message, envelope, options, copies, hidden[0])
-    merged = len(envelope.recipients) - len(unique)
-    return Plan(tuple(copies), merged, warnings, kept_recipients=True)
+    return Plan(copies, merged, warnings, kept_recipients=True)
 
 
 def _check_body(
@@ -116,7 +70,7 @@ def _check_body(
         return ()
     shadow = replace(message, fields=tuple(f for f in message.fields if f.name not in VISIBLE))
     guard = LeakGuard(shadow, replace(envelope, recipients=hidden_rcpts), options)
-    return guard._check_body(copies, scan=True)
+    return guard.check_body(copies, scan=True)
 
 
 def _hidden(
@@ -127,10 +81,10 @@ def _hidden(
     secret: set[str] = {address_key(r) for r in envelope.recipients}
     for f in message.fields:
         if f.name in VISIBLE:
-            visible |= set(_field_spellings(f.raw))
+            visible |= set(field_spellings(f.raw))
         elif f.name in removed:
-            secret |= set(_field_spellings(f.raw))
-    shown = frozenset(visible | _senders(message, envelope, removed))
+            secret |= set(field_spellings(f.raw))
+    shown = frozenset(visible | sender_keys(message, envelope, removed))
     return frozenset(secret - shown), shown
 
 
@@ -146,7 +100,7 @@ def _check_hidden(
         return
     exempt = shown | {own}
     for f in fields:
-        found = _field_spellings(f.raw)
+        found = field_spellings(f.raw)
         hits = {form: frozenset(found[form]) for form in found.keys() & secret}
-        if hits and _leaks(hits, own, exempt):
+        if hits and leaks(hits, own, exempt):
             raise LeakDetected(f"copy {number}: {f.display_name} names a hidden recipient")
