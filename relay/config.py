@@ -571,6 +571,31 @@ def validate(config: Config) -> None:
             f"not {config.smtp.hostname!r}",
         )
     config.metrics_address  # noqa: B018 - parses, raising ConfigError when malformed
+    _validate_ranges(config)
+    networks = []
+    for text in config.smtp.allow_networks:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as exc:
+            raise ConfigError("smtp.allow_networks", f"{text!r} is not a network") from exc
+    if not listen.is_loopback:
+        _validate_open_relay(config, listen, networks)
+    if config.smtp.starttls is StartTLS.CERTIFICATE and not (
+        config.smtp.tls_cert_file and config.smtp.tls_key_file
+    ):
+        raise ConfigError("smtp.tls_cert_file", "starttls = 'certificate' needs cert and key files")
+    if config.smtp.auth is AuthMode.USERS and not config.smtp.users_file:
+        raise ConfigError("smtp.users_file", "auth = 'users' needs a users file")
+    _validate_dsn(config.delivery)
+    config.senders.policy()  # raises ConfigError naming the [senders] key at fault
+    if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(
+            "log.level", f"must be debug, info, warning or error: {config.log.level!r}"
+        )
+
+
+def _validate_ranges(config: Config) -> None:
+    """Each number in its range: counts at least 1, durations above 0, amounts not negative."""
     for key, value in (
         ("smtp.max_message_size", config.smtp.max_message_size),
         ("smtp.max_recipients", config.smtp.max_recipients),
@@ -604,21 +629,6 @@ def validate(config: Config) -> None:
     ):
         if seconds <= 0:
             raise ConfigError(key, "must be more than 0 seconds")
-    networks = []
-    for text in config.smtp.allow_networks:
-        try:
-            networks.append(ipaddress.ip_network(text, strict=False))
-        except ValueError as exc:
-            raise ConfigError("smtp.allow_networks", f"{text!r} is not a network") from exc
-    if not listen.is_loopback:
-        _validate_open_relay(config, listen, networks)
-    if config.smtp.starttls is StartTLS.CERTIFICATE and not (
-        config.smtp.tls_cert_file and config.smtp.tls_key_file
-    ):
-        raise ConfigError("smtp.tls_cert_file", "starttls = 'certificate' needs cert and key files")
-    if config.smtp.auth is AuthMode.USERS and not config.smtp.users_file:
-        raise ConfigError("smtp.users_file", "auth = 'users' needs a users file")
-    _validate_dsn(config.delivery)
     if not 0 < config.smtp.overload_threshold <= 1:
         raise ConfigError("smtp.overload_threshold", "must be more than 0 and at most 1")
     if not 0 <= config.delivery.retry_jitter < 1:
@@ -637,11 +647,6 @@ def validate(config: Config) -> None:
     for key, amount in signed:
         if amount < 0:
             raise ConfigError(key, "must not be negative")
-    config.senders.policy()  # raises ConfigError naming the [senders] key at fault
-    if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(
-            "log.level", f"must be debug, info, warning or error: {config.log.level!r}"
-        )
 
 
 def _validate_dsn(delivery: DeliveryConfig) -> None:

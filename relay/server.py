@@ -16,7 +16,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,14 +135,7 @@ class Relay:
             config, intake.accept, tls, self.metrics, admit=self._admit, tokens=tokens
         )
         listen = config.listen_address
-        loop = asyncio.get_running_loop()
-        if self._worker is not None:  # the supervisor's socket, shared by every worker
-            shared = socket.socket(fileno=self._worker.listen_fd)
-            self._server = await loop.create_server(factory, sock=shared)
-        else:
-            self._server = await loop.create_server(
-                factory, listen.host, listen.port, backlog=LISTEN_BACKLOG
-            )
+        self._server = await self._listen(factory)
         self.smtp_port = self._server.sockets[0].getsockname()[1]
         self._health = HealthServer(self.registry, self._ready)
         metrics = config.metrics_address
@@ -150,12 +143,26 @@ class Relay:
         self._started = time.monotonic()
         self._delivering = asyncio.create_task(self.deliverer.run(), name="deliverer")
         self._log_flusher = asyncio.create_task(flush_periodically(), name="log flusher")
+        self._log_listening(
+            f"{listen.host}:{self.smtp_port}", f"{metrics.host}:{self.metrics_port}"
+        )
+
+    async def _listen(self, factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.Server:
+        """The SMTP listener: on the supervisor's socket, shared by every worker, or its own."""
+        loop = asyncio.get_running_loop()
+        if self._worker is not None:
+            shared = socket.socket(fileno=self._worker.listen_fd)
+            return await loop.create_server(factory, sock=shared)
+        listen = self.config.listen_address
+        return await loop.create_server(factory, listen.host, listen.port, backlog=LISTEN_BACKLOG)
+
+    def _log_listening(self, smtp: str, metrics: str) -> None:
         log.info(
             "listening",
             extra={
                 "fields": {
-                    "smtp": f"{listen.host}:{self.smtp_port}",
-                    "metrics": f"{metrics.host}:{self.metrics_port}",
+                    "smtp": smtp,
+                    "metrics": metrics,
                     "upstream": Verbatim(self._upstream_name()),  # user shown, password not
                     "version": __version__,
                     "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],

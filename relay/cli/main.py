@@ -68,41 +68,73 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"solo-relay {__version__}")
     # Not required: a bare `solo-relay` prints the commands (``_commands``), no error.
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_preview_parser(commands)
+    _add_serve_parser(commands)
+    check = commands.add_parser("check", help="validate the configuration", description=_CHECK_HELP)
+    check.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
+    check.add_argument(
+        "--upstream", action="store_true", help="also connect to the upstream: TLS, AUTH"
+    )
+    queuectl.add_parser(commands)
+    tokencmd.add_token_parser(commands)
+    return parser
+
+
+def _add_preview_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``solo-relay preview MESSAGE.eml``."""
     p = commands.add_parser(
         "preview", help="show the copies a message would become", description=_PREVIEW_HELP
     )
     p.add_argument("message", type=Path, metavar="MESSAGE.eml", help="the message file")
-    p.add_argument(
+    envelope = p.add_argument_group("the envelope (default: read from the message)")
+    envelope.add_argument(
         "--rcpt",
         action="append",
         default=[],
         metavar="ADDRESS",
         help="an envelope recipient (repeat it); default: the To, Cc and Bcc addresses",
     )
-    p.add_argument(
+    envelope.add_argument(
         "--from",
         dest="sender",
         metavar="ADDRESS",
         help="the envelope sender (MAIL FROM); '' for <>; default: the From address",
     )
-    p.add_argument(
+    envelope.add_argument(
         "--smtputf8",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="as if the client negotiated SMTPUTF8; default: when anything is non-ASCII",
     )
-    p.add_argument(
+    shown = p.add_argument_group("what is shown")
+    shown.add_argument(
+        "--summary",
+        action="store_true",
+        help="counts only, no address: copies, recipients refused, header changes, warnings",
+    )
+    shown.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="also write each copy as DIR/copy-NNNN.eml (header section and body)",
+    )
+    _add_isolation_options(p.add_argument_group("isolation settings (default: the built-in ones)"))
+
+
+def _add_isolation_options(group: argparse._ArgumentGroup) -> None:
+    """The preview's [isolation] and [dkim] settings, as options or from a configuration file."""
+    group.add_argument(
         "--body-check",
         choices=[m.value for m in BodyCheck],
         default=BodyCheck.WARN.value,
         help="other recipients' addresses in the body: ignore, warn or reject (default: warn)",
     )
-    p.add_argument(
+    group.add_argument(
         "--normalize",
         action="store_true",
         help="turn bare LF into CRLF and stray CR into a space instead of refusing",
     )
-    p.add_argument(
+    group.add_argument(
         "--remove-header",
         action="append",
         default=[],
@@ -111,29 +143,24 @@ def _parser() -> argparse.ArgumentParser:
         + ", ".join(sorted(REMOVED_HEADERS))
         + ")",
     )
-    p.add_argument("--raw", action="store_true", help="send the file's bytes exactly as they are")
-    p.add_argument(
-        "--summary",
-        action="store_true",
-        help="counts only, no address: copies, recipients refused, header changes, warnings",
+    group.add_argument(
+        "--raw", action="store_true", help="send the file's bytes exactly as they are"
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        metavar="DIR",
-        help="also write each copy as DIR/copy-NNNN.eml (header section and body)",
-    )
-    p.add_argument(
+    group.add_argument(
         "--dkim",
         choices=[a.value for a in DkimAction],
         help="what an application DKIM signature over a changed header becomes"
         " (default: the configuration's dkim.action, strip)",
     )
-    p.add_argument(
+    group.add_argument(
         "--config",
         metavar="PATH",
         help="take [isolation] and [dkim] (with the relay's signing key) from this file",
     )
+
+
+def _add_serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``solo-relay serve``, with the supervisor's hidden options for its workers."""
     serve = commands.add_parser("serve", help="run the relay", description=_SERVE_HELP)
     serve.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
     serve.add_argument(
@@ -153,14 +180,6 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline-fd", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--status-file", help=argparse.SUPPRESS)
-    check = commands.add_parser("check", help="validate the configuration", description=_CHECK_HELP)
-    check.add_argument("--config", metavar="PATH", help="TOML file (default: $RELAY_CONFIG)")
-    check.add_argument(
-        "--upstream", action="store_true", help="also connect to the upstream: TLS, AUTH"
-    )
-    queuectl.add_parser(commands)
-    tokencmd.add_token_parser(commands)
-    return parser
 
 
 def _config_error(exc: ConfigError) -> int:

@@ -183,26 +183,10 @@ def build_dsn(
     those are the caller's mistakes, never a peer's. A ``status`` that is not a
     4.x.x or 5.x.x code is replaced by ``4.4.7`` on expiry and ``5.0.0`` else.
     """
-    if not dsn_recipient_ok(failure.sender):
-        raise ValueError("no DSN to the null sender or a MAILER-DAEMON")
-    _check_address("sender", failure.sender)
-    _check_address("recipient", failure.recipient)
-    if not reporting_mta:
-        raise ValueError("reporting_mta is empty")
-    for name, value in (("reporting_mta", reporting_mta), ("remote_mta", failure.remote_mta)):
-        if value and (_HOST.fullmatch(value) is None or len(value) > HOST_MAX):
-            raise ValueError(f"{name} is not a host name")
-    if _MESSAGE_ID.fullmatch(message_id) is None or len(message_id) > HOST_MAX:
-        raise ValueError("message_id is not a bare id-left@id-right")
     author = from_address or f"{MAILER_DAEMON}@{reporting_mta}"
-    _check_address("from_address", author)
-    for name, when in (
-        ("now", now),
-        ("arrival_date", failure.arrival_date),
-        ("last_attempt", failure.last_attempt),
-    ):
-        if when.utcoffset() is None:
-            raise ValueError(f"{name} has no time zone")
+    _check_arguments(
+        failure, reporting_mta=reporting_mta, now=now, message_id=message_id, author=author
+    )
 
     status = failure.status
     if _STATUS.fullmatch(status) is None:
@@ -235,6 +219,31 @@ def build_dsn(
         out += [delimiter, b"\r\n", part, b"\r\n"]
     out += [delimiter, b"--\r\n"]
     return b"".join(out)
+
+
+def _check_arguments(
+    failure: Failure, *, reporting_mta: str, now: datetime, message_id: str, author: str
+) -> None:
+    """The ``ValueError`` cases of ``build_dsn``: the caller's mistakes, never a peer's."""
+    if not dsn_recipient_ok(failure.sender):
+        raise ValueError("no DSN to the null sender or a MAILER-DAEMON")
+    _check_address("sender", failure.sender)
+    _check_address("recipient", failure.recipient)
+    if not reporting_mta:
+        raise ValueError("reporting_mta is empty")
+    for name, value in (("reporting_mta", reporting_mta), ("remote_mta", failure.remote_mta)):
+        if value and (_HOST.fullmatch(value) is None or len(value) > HOST_MAX):
+            raise ValueError(f"{name} is not a host name")
+    if _MESSAGE_ID.fullmatch(message_id) is None or len(message_id) > HOST_MAX:
+        raise ValueError("message_id is not a bare id-left@id-right")
+    _check_address("from_address", author)
+    for name, when in (
+        ("now", now),
+        ("arrival_date", failure.arrival_date),
+        ("last_attempt", failure.last_attempt),
+    ):
+        if when.utcoffset() is None:
+            raise ValueError(f"{name} has no time zone")
 
 
 def _check_address(name: str, address: str) -> None:

@@ -98,16 +98,9 @@ def walk(
             for start, end in reversed(parts):
                 stack.append(_part(buffer, start, end, entity.depth + 1))
         elif maintype == "message":
-            # An embedded message: its header section is yielded as a part's, when it
-            # is popped. An encoded message/global (RFC 6532 3.5) is decoded first,
-            # with CRLF line ends, into a buffer of its own, and walked like the rest.
-            if entity.encoding in ("base64", "quoted-printable"):
-                inner = _crlf(_decode(buffer[entity.start : entity.end], entity.encoding))
-                held = _part(inner, 0, len(inner), entity.depth + 1)
-                stack.append(dataclasses.replace(held, place=place))
-            elif buffer.find(b"\r\n\r\n", entity.start, entity.end) >= 0:
-                held = _part(buffer, entity.start, entity.end, entity.depth + 1)
-                stack.append(dataclasses.replace(held, place=place))
+            held = _embedded(entity, place)
+            if held is not None:
+                stack.append(held)
             elif headers:  # all header section, no body
                 yield Piece.HEADERS, buffer[entity.start : entity.end], place
         elif entity.content_type in _HEADER_PARTS:
@@ -116,6 +109,24 @@ def walk(
                 yield Piece.HEADERS, content, place
         elif read and maintype in ("text", "multipart"):  # multipart, no boundary: as text
             yield Piece.TEXT, _decode(buffer[entity.start : entity.end], entity.encoding), place
+
+
+def _embedded(entity: _Entity, place: str) -> _Entity | None:
+    """An embedded message as an entity of its own; ``None`` when it is all header section.
+
+    Its header section is yielded as a part's, when it is popped. An encoded
+    message/global (RFC 6532 3.5) is decoded first, with CRLF line ends, into a
+    buffer of its own, and walked like the rest.
+    """
+    buffer = entity.data
+    if entity.encoding in ("base64", "quoted-printable"):
+        inner = _crlf(_decode(buffer[entity.start : entity.end], entity.encoding))
+        held = _part(inner, 0, len(inner), entity.depth + 1)
+    elif buffer.find(b"\r\n\r\n", entity.start, entity.end) >= 0:
+        held = _part(buffer, entity.start, entity.end, entity.depth + 1)
+    else:
+        return None
+    return dataclasses.replace(held, place=place)
 
 
 def _crlf(content: bytes) -> bytes:

@@ -77,20 +77,10 @@ def split_message(
     times copies over ``max_fanout_octets``) and ``BadAddress`` (553 5.1.3, no
     recipient at all).
     """
-    if not envelope.recipients:
-        raise BadAddress("no recipients")
-    hops = sum(1 for f in message.fields if f.name == "received")
-    if hops > options.max_hops:
-        raise TooManyHops(f"{hops} Received fields, limit {options.max_hops}")
-    _check_authors(message, utf8=envelope.smtputf8)
+    _check_message(message, envelope, options)
     removed = options.removed_headers - VISIBLE if keep_visible else options.removed_headers
     unique = _unique(envelope.recipients)
-    if keep_visible:
-        names: dict[str, tuple[str | None, str]] = {}
-        kept, to_at = [f for f in message.fields if f.name not in removed], -1
-    else:
-        names = _display_names(message.fields, envelope.smtputf8)
-        kept, to_at = _kept_fields(message.fields, removed)
+    names, kept, to_at = _plan_fields(message, removed, keep_visible, utf8=envelope.smtputf8)
     kept, folded = _fold_long(kept)
     fanout = (sum(len(f.raw) for f in kept) + PER_COPY_OCTETS) * len(unique)
     if fanout > options.max_fanout_octets:
@@ -109,11 +99,7 @@ def split_message(
         if keep_visible:
             fields += kept
         else:
-            name, why = names.get(rcpt.key, (None, "no display name was paired with this address"))
-            fields += [*kept[:to_at], Field("to", _to_line(rcpt, name)), *kept[to_at:]]
-            changes.append(
-                Change(ChangeKind.REBUILT, "To", f"one mailbox: the copy's recipient; {why}")
-            )
+            fields += _with_own_to(rcpt, kept, to_at, names, changes)
         copies.append(
             finish_copy(
                 rcpt,
@@ -128,6 +114,39 @@ def split_message(
             )
         )
     return tuple(copies), len(envelope.recipients) - len(unique)
+
+
+def _check_message(message: ParsedMessage, envelope: Envelope, options: IsolationOptions) -> None:
+    """The refusals before any copy is built: no recipient, too many hops, a bad author."""
+    if not envelope.recipients:
+        raise BadAddress("no recipients")
+    hops = sum(1 for f in message.fields if f.name == "received")
+    if hops > options.max_hops:
+        raise TooManyHops(f"{hops} Received fields, limit {options.max_hops}")
+    _check_authors(message, utf8=envelope.smtputf8)
+
+
+def _plan_fields(
+    message: ParsedMessage, removed: frozenset[str], keep_visible: bool, *, utf8: bool
+) -> tuple[dict[str, tuple[str | None, str]], list[Field], int]:
+    """The display names to pair, the fields every copy keeps, and where ``To:`` goes."""
+    if keep_visible:
+        return {}, [f for f in message.fields if f.name not in removed], -1
+    kept, to_at = _kept_fields(message.fields, removed)
+    return _display_names(message.fields, utf8), kept, to_at
+
+
+def _with_own_to(
+    rcpt: Address,
+    kept: list[Field],
+    to_at: int,
+    names: dict[str, tuple[str | None, str]],
+    changes: list[Change],
+) -> list[Field]:
+    """``kept`` with the copy's own ``To:`` at ``to_at``; the change it makes is appended."""
+    name, why = names.get(rcpt.key, (None, "no display name was paired with this address"))
+    changes.append(Change(ChangeKind.REBUILT, "To", f"one mailbox: the copy's recipient; {why}"))
+    return [*kept[:to_at], Field("to", _to_line(rcpt, name)), *kept[to_at:]]
 
 
 def finish_copy(
