@@ -21,13 +21,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.relay_harness import RawClient
+from tests.relay_harness import WAIT_TIMEOUT, submit, until
 from tests.upstream_server import Delay, UpstreamServer
 
 LAUNCHER = Path(__file__).with_name("crash_launcher.py")
@@ -41,7 +41,6 @@ MESSAGE = (
 )
 LIVE_STATES = ("queued", "delivering", "deferred")
 START_TIMEOUT = 15.0  # seconds for a relay process to log "listening"
-WAIT_TIMEOUT = 15.0  # seconds for a delivery, or for a process to exit
 SETTLE = 1.0  # when nothing may be delivered: the time a wrong delivery gets to show up
 
 
@@ -122,39 +121,6 @@ async def start_relay(
             process.wait(timeout=10)
             pytest.fail(f"{name} relay did not start:\n{log.read_text(errors='replace')}")
         await asyncio.sleep(0.02)
-
-
-async def until(condition: Callable[[], object], what: str, timeout: float = WAIT_TIMEOUT) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
-async def submit(port: int, recipients: tuple[str, ...] = RECIPIENTS, pause: float = 0.0) -> str:
-    """Send MESSAGE with its DATA in two writes ``pause`` apart; the final reply ("" if none)."""
-    client = await RawClient.connect(port)
-    try:
-        assert (await client.command("EHLO client.example.test")).startswith("250")
-        assert (await client.command(f"MAIL FROM:<{SENDER}>")).startswith("250")
-        for rcpt in recipients:
-            assert (await client.command(f"RCPT TO:<{rcpt}>")).startswith("250")
-        assert (await client.command("DATA")).startswith("354")
-        half = len(MESSAGE) // 2
-        await client.send(MESSAGE[:half])
-        await asyncio.sleep(pause)
-        try:
-            await client.send(MESSAGE[half:] + b".\r\n")
-            reply = await client.reply()
-        except (ConnectionError, OSError):
-            return ""
-        if reply.startswith("250"):
-            with contextlib.suppress(ConnectionError, OSError):
-                await client.command("QUIT")  # the relay may be dead already (after-250)
-        return reply
-    finally:
-        await client.close()
 
 
 def spool_copies(spool: Path) -> dict[str, int]:
@@ -244,7 +210,8 @@ async def test_sigkill_then_restart_delivers_each_acknowledged_copy(
             first = await start_relay(relays, tmp_path, "first", env)
         else:
             first = await start_relay(relays, tmp_path, "first", env, crash_at=point.name)
-        reply = await submit(first.smtp_port, pause=0.3 if point.name == "during-data" else 0.0)
+        pause = 0.3 if point.name == "during-data" else 0.0
+        reply = await submit(first.smtp_port, MESSAGE, RECIPIENTS, sender=SENDER, pause=pause)
         if point.name == "during-upstream":
             await until(lambda: upstream.transactions, "the upstream to receive a copy")
             first.process.kill()
@@ -294,7 +261,9 @@ async def test_sigterm_mid_delivery_exits_promptly_and_keeps_the_copy(
         upstream.script("DOT", [Delay(1.5, 250)])
         env = relay_env(spool, upstream.port, RELAY_DELIVERY_DRAIN_GRACE="0.2")
         first = await start_relay(relays, tmp_path, "first", env)
-        assert (await submit(first.smtp_port, (rcpt,))).startswith("250 2.0.0")
+        assert (await submit(first.smtp_port, MESSAGE, (rcpt,), sender=SENDER)).startswith(
+            "250 2.0.0"
+        )
         await until(lambda: upstream.transactions, "the upstream to receive the copy")
         stopping = time.monotonic()
         first.process.send_signal(signal.SIGTERM)

@@ -16,7 +16,7 @@ import pytest
 
 from relay import intake
 from relay.custody.spool import Spool, SpoolError
-from tests.relay_harness import RawClient, running_relay
+from tests.relay_harness import RawClient, running_relay, until
 from tests.upstream_server import USER, Delay, Transaction, UpstreamServer
 
 QUEUE = {"RELAY_MODE": "queue"}
@@ -184,12 +184,6 @@ class FlakySpool:
         return write
 
 
-async def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 async def test_direct_refusal_is_reported_as_refused_and_never_resent(
     tmp_path: Path, plain_server: UpstreamServer
 ) -> None:
@@ -206,7 +200,10 @@ async def test_direct_refusal_is_reported_as_refused_and_never_resent(
         assert "1 of 2 copies delivered" in reply and "1 refused" in reply
         assert "queued for retry" not in reply
         assert relay.spool is not None
-        await wait_for(lambda: len(plain_server.transactions) >= 2 and not relay.spool.live)
+        await until(
+            lambda: len(plain_server.transactions) >= 2 and not relay.spool.live,
+            "both copies sent and none left in the spool",
+        )
         await asyncio.sleep(0.2)  # a resend, if any, would show here
         assert sample(relay, "solo_relay_dsn_sent_total") == 1
     rcpts = [t.rcpt_tos[0] for t in plain_server.transactions]
@@ -228,7 +225,7 @@ async def test_direct_refusal_with_a_failing_discard_is_still_the_upstreams_repl
         _, reply = await send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
         assert reply.startswith("550 5.0.0"), reply
         assert relay.spool is not None
-        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+        await until(lambda: relay.spool is not None and relay.spool.live == 0, "an empty spool")
     assert flaky.failed == 2
     async with running_relay(tmp_path, plain_server.url()) as relay:
         await asyncio.sleep(0.3)  # a restart would resend what was left "delivering"
@@ -244,7 +241,7 @@ async def test_direct_delivered_copies_are_not_sent_again_when_their_record_fail
         _, reply = await send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
         assert reply.startswith("250 2.0.0") and "2 copies delivered" in reply, reply
         assert relay.spool is not None
-        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+        await until(lambda: relay.spool is not None and relay.spool.live == 0, "an empty spool")
     assert flaky.failed == 3
     async with running_relay(tmp_path, plain_server.url()) as relay:
         await asyncio.sleep(0.3)
@@ -261,7 +258,7 @@ async def test_direct_partial_delivery_with_failing_records_sends_each_copy_once
     async with running_relay(tmp_path, plain_server.url(), env) as relay:
         _, reply = await send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
         assert reply.startswith("250 2.0.0") and "queued for retry" in reply, reply
-        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+        await until(lambda: relay.spool is not None and relay.spool.live == 0, "an empty spool")
     assert flaky.failed == 2
     async with running_relay(tmp_path, plain_server.url()) as relay:
         await asyncio.sleep(0.3)
@@ -317,14 +314,17 @@ async def test_client_gone_before_the_reply_is_still_accounted(
         client.writer.write_eof()  # gone before the reply
         await client.reader.read()
         await client.close()
-        await wait_for(lambda: len(plain_server.transactions) == 2)
+        await until(lambda: len(plain_server.transactions) == 2, "copies at the upstream")
         accepted = {"result": "accepted"}
-        await wait_for(lambda: sample(relay, "solo_relay_messages_received_total", accepted) == 1)
+        await until(
+            lambda: sample(relay, "solo_relay_messages_received_total", accepted) == 1,
+            "solo_relay_messages_received_total",
+        )
         assert sample(relay, "solo_relay_message_recipients_count") == 1
         assert sample(relay, "solo_relay_message_recipients_sum") == 2
         assert any(r.getMessage() == "message received" for r in caplog.records)
         assert relay.spool is not None
-        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+        await until(lambda: relay.spool is not None and relay.spool.live == 0, "an empty spool")
 
 
 # -- bounces reach someone (issue 13, section 5) ------------------------------------------
@@ -377,8 +377,9 @@ async def test_passthrough_dsn_goes_out_with_the_messages_login(tmp_path: Path, 
         if mode == "direct":  # nothing delivered, the application has its 550: no DSN
             assert sample(relay, "solo_relay_dsn_sent_total") == 0
             return
-        await wait_for(
-            lambda: any(t.rcpt_tos == ["news@example.org"] for t in upstream.transactions)
+        await until(
+            lambda: any(t.rcpt_tos == ["news@example.org"] for t in upstream.transactions),
+            "the DSN at the upstream",
         )
         assert sample(relay, "solo_relay_dsn_sent_total") == 1
     dsn = dsn_of(upstream)
@@ -409,7 +410,9 @@ async def test_passthrough_dsn_in_direct_mode_beside_a_delivery(tmp_path: Path) 
         reply = await client.reply()
         await client.close()
         assert reply.startswith("250 2.0.0") and "1 refused" in reply, reply
-        await wait_for(lambda: sample(relay, "solo_relay_dsn_sent_total") == 1)
+        await until(
+            lambda: sample(relay, "solo_relay_dsn_sent_total") == 1, "solo_relay_dsn_sent_total"
+        )
     assert dsn_of(upstream).login == USER
 
 
@@ -423,10 +426,15 @@ async def test_a_dsn_refused_for_now_stays_queued_and_is_counted_when_taken(
     async with upstream, running_relay(tmp_path, upstream.url(), env) as relay:
         await send_logged_in(relay.smtp_port, "alice@example.com")
         transient = {"outcome": "transient"}
-        await wait_for(lambda: sample(relay, "solo_relay_copies_total", transient) == 1)
+        await until(
+            lambda: sample(relay, "solo_relay_copies_total", transient) == 1,
+            "solo_relay_copies_total",
+        )
         assert sample(relay, "solo_relay_dsn_sent_total") == 0  # queued, not yet taken
         assert relay.spool is not None and relay.spool.live == 1
-        await wait_for(lambda: sample(relay, "solo_relay_dsn_sent_total") == 1)
+        await until(
+            lambda: sample(relay, "solo_relay_dsn_sent_total") == 1, "solo_relay_dsn_sent_total"
+        )
         assert relay.spool.live == 0
     assert dsn_of(upstream).login == USER
 
@@ -444,7 +452,9 @@ async def test_a_configured_bounce_login_sends_the_dsn(tmp_path: Path) -> None:
     }
     async with upstream, running_relay(tmp_path, upstream.url(), env) as relay:
         await send_logged_in(relay.smtp_port, "alice@example.com")
-        await wait_for(lambda: sample(relay, "solo_relay_dsn_sent_total") == 1)
+        await until(
+            lambda: sample(relay, "solo_relay_dsn_sent_total") == 1, "solo_relay_dsn_sent_total"
+        )
     assert dsn_of(upstream).login == BOUNCER
     assert (BOUNCER, BOUNCER_SECRET) in [(user, pw) for _, user, pw in upstream.auths]
 
@@ -458,7 +468,10 @@ async def test_a_530_for_missing_credentials_holds_mail_instead_of_bouncing_it(
     async with upstream, running_relay(tmp_path, upstream.url(), {"RELAY_MODE": "queue"}) as relay:
         _, reply = await send(relay.smtp_port, ["alice@example.com"])
         assert reply.startswith("250")
-        await wait_for(lambda: sample(relay, "solo_relay_upstream_auth_failures_total") == 1)
+        await until(
+            lambda: sample(relay, "solo_relay_upstream_auth_failures_total") == 1,
+            "solo_relay_upstream_auth_failures_total",
+        )
         assert relay.spool is not None and relay.spool.live == 1  # still queued
         assert sample(relay, "solo_relay_copies_total", {"outcome": "permanent"}) == 0
         assert sample(relay, "solo_relay_upstream_auth_paused") == 1
@@ -480,7 +493,9 @@ async def test_the_dsn_from_address_is_one_a_provider_takes(
     plain_server.script("RCPT", [550])
     async with running_relay(tmp_path, plain_server.url(), {"RELAY_MODE": "queue", **env}) as relay:
         await send(relay.smtp_port, ["alice@example.com"])
-        await wait_for(lambda: sample(relay, "solo_relay_dsn_sent_total") == 1)
+        await until(
+            lambda: sample(relay, "solo_relay_dsn_sent_total") == 1, "solo_relay_dsn_sent_total"
+        )
     message = email.message_from_bytes(dsn_of(plain_server).content)
     assert message["From"] == f"Mail Delivery System <{author}>"
     assert str(message["Message-ID"]).endswith("@" + author.rpartition("@")[2] + ">")
@@ -500,7 +515,9 @@ async def test_a_stop_lets_a_message_whose_client_left_finish(
         await client.command("RCPT TO:<alice@example.com>")
         await client.command("DATA")
         await client.send(b"From: news@example.org\r\nSubject: t\r\n\r\nhi\r\n.\r\n")
-        await wait_for(lambda: len(plain_server.transactions) == 1)  # at the upstream now
+        await until(
+            lambda: len(plain_server.transactions) == 1, "copies at the upstream"
+        )  # at the upstream now
         await client.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "spool" / "spool.db")) as conn:
         assert conn.execute("SELECT COUNT(*) FROM copies").fetchone() == (0,)
@@ -523,9 +540,12 @@ async def test_a_dsn_the_upstream_never_takes_expires_uncounted(
     async with running_relay(tmp_path, plain_server.url(), env) as relay:
         await send(relay.smtp_port, ["alice@example.com"])
         transient = {"outcome": "transient"}
-        await wait_for(lambda: sample(relay, "solo_relay_copies_total", transient) >= 2)
+        await until(
+            lambda: sample(relay, "solo_relay_copies_total", transient) >= 2,
+            "solo_relay_copies_total",
+        )
         assert relay.spool is not None and relay.spool.live == 1  # the DSN, waiting
-        await wait_for(lambda: relay.spool is not None and relay.spool.live == 0)
+        await until(lambda: relay.spool is not None and relay.spool.live == 0, "an empty spool")
         assert sample(relay, "solo_relay_dsn_sent_total") == 0
     assert plain_server.transactions == []
 

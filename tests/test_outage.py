@@ -11,11 +11,10 @@ import asyncio
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 from relay.server import Relay
-from tests.relay_harness import RawClient, running_relay
+from tests.relay_harness import running_relay, submit, until
 from tests.upstream_server import UpstreamServer
 
 MESSAGES = 10
@@ -47,33 +46,13 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def until(condition: Callable[[], object], what: str, timeout: float) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def submit(port: int, index: int, recipients: list[str]) -> str:
-    """One message to ``recipients`` (all of them in its folded ``To:``); the reply to its DATA."""
-    client = await RawClient.connect(port)
-    try:
-        assert (await client.command("EHLO app.example.test")).startswith("250")
-        assert (await client.command("MAIL FROM:<news@example.org>")).startswith("250")
-        for rcpt in recipients:
-            assert (await client.command(f"RCPT TO:<{rcpt}>")).startswith("250")
-        assert (await client.command("DATA")).startswith("354")
-        to = ",\r\n ".join(recipients)  # folded: one line of 100 addresses passes 998 octets
-        data = (
-            f"From: news@example.org\r\nTo: {to}\r\n"
-            f"Subject: update {index}\r\n\r\nThe upstream is down; this must still arrive.\r\n"
-        ).encode()
-        reply = await client.command(data + b".")
-        assert (await client.command("QUIT")).startswith("221")
-        return reply
-    finally:
-        await client.close()
+def news(index: int, recipients: list[str]) -> bytes:
+    """One message to ``recipients``, all of them in its folded ``To:``."""
+    to = ",\r\n ".join(recipients)  # folded: one line of 100 addresses passes 998 octets
+    return (
+        f"From: news@example.org\r\nTo: {to}\r\n"
+        f"Subject: update {index}\r\n\r\nThe upstream is down; this must still arrive.\r\n"
+    ).encode()
 
 
 def sample(relay: Relay, name: str, **labels: str) -> float:
@@ -105,7 +84,13 @@ async def test_outage_then_recovery_delivers_each_of_1000_copies_once(tmp_path: 
         spool, deliverer = relay.spool, relay.deliverer
         assert spool is not None and deliverer is not None
         for index, batch in enumerate(recipients):
-            reply = await submit(relay.smtp_port, index, batch)
+            reply = await submit(
+                relay.smtp_port,
+                news(index, batch),
+                batch,
+                sender="news@example.org",
+                ehlo="app.example.test",
+            )
             assert reply.startswith("250 2.0.0 OK: queued as "), reply
         assert spool.live == COPIES
         assert sample(relay, "solo_relay_messages_received_total", result="accepted") == MESSAGES

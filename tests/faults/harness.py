@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.relay_harness import RawClient
+from tests.relay_harness import submit
 from tests.upstream_server import UpstreamServer
 
 SENDER = "app@example.org"
@@ -141,29 +141,8 @@ def message(name: str, recipients: tuple[str, ...] = RECIPIENTS, size: int = 200
 async def send(
     port: int, name: str, recipients: tuple[str, ...] = RECIPIENTS, size: int = 2000
 ) -> str:
-    """One message over one connection; its final reply ("" when the connection failed)."""
-    try:
-        client = await RawClient.connect(port)
-    except OSError:
-        return ""
-    try:
-        for line in ("EHLO client.example.test", f"MAIL FROM:<{SENDER}>"):
-            reply = await client.command(line)
-            if not reply.startswith("250"):
-                return reply
-        for rcpt in recipients:
-            reply = await client.command(f"RCPT TO:<{rcpt}>")
-            if not reply.startswith("250"):
-                return reply
-        reply = await client.command("DATA")
-        if not reply.startswith("354"):
-            return reply
-        await client.send(message(name, recipients, size) + b".\r\n")
-        return await client.reply()
-    except (TimeoutError, OSError, asyncio.IncompleteReadError):
-        return ""
-    finally:
-        await client.close()
+    """One message named ``name`` over one connection; its final reply ("" when cut)."""
+    return await submit(port, message(name, recipients, size), recipients, sender=SENDER)
 
 
 @dataclass

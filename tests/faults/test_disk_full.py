@@ -21,7 +21,8 @@ from tests.faults.harness import (
     send,
     tmpfs,
 )
-from tests.test_crash import RelayProcess, live, relay_env, relays, start_relay, until
+from tests.relay_harness import until
+from tests.test_crash import RelayProcess, live, relay_env, relays, start_relay
 from tests.upstream_server import Delay
 
 __all__ = ["relays"]  # the fixture, shared with tests/test_crash.py

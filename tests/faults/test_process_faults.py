@@ -31,6 +31,7 @@ from tests.faults.harness import (
     run_to_exit,
     send,
 )
+from tests.relay_harness import until
 from tests.test_crash import (
     RelayProcess,
     live,
@@ -38,7 +39,6 @@ from tests.test_crash import (
     relays,
     spool_copies,
     start_relay,
-    until,
 )
 
 __all__ = ["relays"]  # the fixture, shared with tests/test_crash.py

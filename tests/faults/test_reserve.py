@@ -16,7 +16,8 @@ import pytest
 
 from relay.custody.spool import Spool, SpoolFull
 from tests.faults.harness import RECIPIENTS, RestartableUpstream, fill, free, send, tmpfs
-from tests.test_crash import RelayProcess, live, relay_env, relays, start_relay, until
+from tests.relay_harness import until
+from tests.test_crash import RelayProcess, live, relay_env, relays, start_relay
 from tests.test_spool import DELIVERED, T0, new_message, states
 from tests.upstream_server import Delay
 
