@@ -97,6 +97,11 @@ class Relay:
         """SMTP sessions open now (each holds one of ``smtp.max_connections``)."""
         return self._gate.open if self._gate else 0
 
+    @property
+    def stopping(self) -> bool:
+        """A stop has begun: new transactions get 421 4.3.2, sessions drain."""
+        return self._stopping
+
     def __repr__(self) -> str:
         open_sessions = self.open_sessions
         return f"<Relay smtp={self.smtp_port} metrics={self.metrics_port} sessions={open_sessions}>"

@@ -22,7 +22,7 @@ from relay.inbound.smtp import with_enhanced_code
 from relay.intake import Intake
 from relay.server import Relay
 from tests.conftest import message
-from tests.relay_harness import RawClient, running_relay
+from tests.relay_harness import RawClient, running_relay, until
 from tests.upstream_server import UpstreamServer
 
 SENDER = "app@example.org"
@@ -810,7 +810,7 @@ async def test_client_gone_mid_data_sends_nothing(
             client.writer.write_eof()
             assert await asyncio.wait_for(client.reader.read(), 5) == b""
             await client.close()
-        await asyncio.sleep(0.2)
+        await until(lambda: relay.open_sessions == 0, "the dropped session's end")
         assert plain_server.connections == []
         other = await ehlo(relay)
         await envelope(other)
@@ -839,7 +839,7 @@ async def test_half_close_after_final_dot_is_all_or_nothing(
         deadline = loop.time() + 3
         while len(plain_server.transactions) < len(rcpts) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+        await until(lambda: relay.open_sessions == 0, "the session's end")
     assert len(plain_server.transactions) in (0, len(rcpts))
     assert_upstream_clean(plain_server)
 

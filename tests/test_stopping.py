@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from relay.config import load
 from relay.ops.logs import AddressTokens
 from relay.server import Relay
-from tests.relay_harness import TEST_KEY, RawClient
+from tests.relay_harness import TEST_KEY, RawClient, until
 from tests.upstream_server import Delay, UpstreamServer
 
 MESSAGE = b"From: news@example.org\r\nSubject: t\r\n\r\nhello\r\n.\r\n"
@@ -50,7 +50,7 @@ async def test_mail_after_the_stop_began_gets_421_and_the_session_is_closed(
     client = await RawClient.connect(relay.smtp_port)
     assert (await client.command("EHLO app.example.org")).startswith("250")
     stopping = asyncio.ensure_future(relay.stop(grace=5.0))
-    await asyncio.sleep(0.1)
+    await until(lambda: relay.stopping, "the stop to begin")
     reply = await client.command("MAIL FROM:<news@example.org>")
     assert reply.startswith("421 4.3.2"), reply
     async with asyncio.timeout(5):

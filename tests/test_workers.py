@@ -268,8 +268,7 @@ def test_ctrl_c_to_the_process_group_stops_every_worker_cleanly(served: Served) 
     _delivered(served.directory, 8)
     os.killpg(served.process.pid, signal.SIGINT)
     assert served.process.wait(timeout=60) == 0
-    time.sleep(0.3)  # the reader thread takes the last lines
-    assert len(served.events("stopped")) == 3  # the supervisor and both workers
+    assert len(served.wait_for("stopped", 3)) == 3  # the supervisor and both workers
 
 
 def test_a_worker_that_dies_is_started_again(served: Served) -> None:

@@ -282,6 +282,7 @@ class UpstreamServer:
         self.smtputf8 = smtputf8
         self.host = "127.0.0.1"
         self.port = 0
+        self.delays_begun = 0  # scripted Delay replies under way or done: a client is waiting
         self.connections: list[Connection] = []
         self.transactions: list[Transaction] = []
         self.auths: list[tuple[str, str, str]] = []  # (mechanism, user, password or token)
@@ -310,6 +311,7 @@ class UpstreamServer:
     async def act(self, server: SMTP, reply: Scripted) -> str:
         """Carry out one scripted entry; return the reply line to send."""
         if isinstance(reply, Delay):
+            self.delays_begun += 1
             await asyncio.sleep(reply.seconds)
             reply = reply.then
         if reply == DISCONNECT:
