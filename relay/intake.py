@@ -123,6 +123,15 @@ class Intake:
         self._tasks: set[asyncio.Task[object]] = set()
         self._ends: dict[asyncio.Task[object], float] = {}
         self._stopping = asyncio.Event()  # retries go at their shortest delay from now on
+        self._settlement = Settlement(
+            config,
+            spool=spool,
+            metrics=metrics,
+            deliverer=deliverer,
+            rand=rand,
+            tasks=self._tasks,
+            stopping=self._stopping,
+        )
 
     async def accept(self, submission: Submission) -> Reply:
         """The reply to a message whose final dot has arrived.
@@ -357,10 +366,62 @@ class Intake:
             soft_bounce=self._config.delivery.soft_bounce,
             notifies=self._config.delivery.dsn and dsn_recipient_ok(sender),
         )
-        await self._settle(message, ids, plan.copies, result, now)
+        await self._settlement.settle(message, ids, plan.copies, result, now)
         return result.reply
 
-    async def _settle(
+    def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
+        self._metrics.copy_outcome(outcome, latency)
+        self._deliverer.note_reachability(outcome)
+        log.info(
+            "copy",
+            extra={
+                "fields": {
+                    "queue_id": queue_id,
+                    "rcpt": self._tokens(copy.recipient.text),
+                    "outcome": outcome.status.value,
+                    "stage": outcome.stage.value,
+                    "code": outcome.code,
+                    "enhanced": outcome.enhanced,
+                    "ambiguous": outcome.ambiguous,
+                    "latency": round(latency, 4),
+                    **(
+                        {}
+                        if outcome.status is Status.DELIVERED
+                        else {"reply": self._tokens.redact(outcome.text[:REPLY_TEXT_CHARS])}
+                    ),
+                }
+            },
+        )
+
+
+class Settlement:
+    """Direct mode's write-down of each copy's fate (Rule 5), retried until it lands.
+
+    A write that fails after the upstream's reply is retried in the background
+    (``SETTLE_DELAYS``); its task joins ``tasks``, which ``Intake.drain`` waits for,
+    and ``stopping`` cuts its waits short.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        spool: Spool,
+        metrics: Metrics,
+        deliverer: Deliverer,
+        rand: Callable[[], float],
+        tasks: set[asyncio.Task[object]],
+        stopping: asyncio.Event,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._metrics = metrics
+        self._deliverer = deliverer
+        self._rand = rand
+        self._tasks = tasks
+        self._stopping = stopping
+
+    async def settle(
         self,
         message: NewMessage,
         ids: Sequence[int],
@@ -375,61 +436,75 @@ class Intake:
             # 5xx), or every copy arrived. One write drops it all.
             await self._write(message.id, "discard", lambda: self._spool.discard(message.id))
             return
-        policy = self._config.delivery
         writes: list[Awaitable[bool]] = []
         for copy_id, copy, outcome, fate in zip(
             ids, copies, result.outcomes, decision.fates, strict=True
         ):
-            write: Write
-            if fate is Fate.DELIVERED:
-                write = functools.partial(
-                    self._spool.record_delivered, copy_id, now=now, attempts=1, outcome=outcome
-                )
-            elif fate is Fate.RETRY:
-                # The queue's first backoff, jittered: copies deferred together do not
-                # all come back together; never past the message's lifetime.
-                delay = backoff(
-                    1,
-                    initial=policy.retry_initial,
-                    maximum=policy.retry_max,
-                    jitter=policy.retry_jitter,
-                    rand=self._rand(),
-                )
-                self._metrics.retry_scheduled()
-                write = functools.partial(
-                    self._spool.record,
-                    copy_id,
-                    CopyState.DEFERRED,
-                    now=now,
-                    next_try=min(now + delay, message.expires),
-                    attempts=1,
-                    outcome=outcome,
-                )
-            else:  # refused for good: failed now, and its sender is told
-                dsn = notification(
-                    self._config,
-                    message_id=message.id,
-                    sender=message.sender,
-                    rcpt=copy.recipient.text,
-                    headers=copy.headers,
-                    received=message.received,
-                    auth_user=message.auth_user,
-                    outcome=outcome,
-                    now=now,
-                    expired=False,
-                )
-                write = functools.partial(
-                    self._spool.record,
-                    copy_id,
-                    CopyState.FAILED,
-                    now=now,
-                    attempts=1,
-                    outcome=outcome,
-                    also_store=dsn,
-                )
+            write = self._fate_write(message, copy_id, copy, outcome, fate=fate, now=now)
             writes.append(self._write(message.id, fate.value, write))
         await asyncio.gather(*writes)  # concurrent: the spool commits them together
         self._deliverer.wake()
+
+    def _fate_write(
+        self,
+        message: NewMessage,
+        copy_id: int,
+        copy: Copy,
+        outcome: Outcome,
+        *,
+        fate: Fate,
+        now: float,
+    ) -> Write:
+        """The spool write that records one copy's fate."""
+        policy = self._config.delivery
+        write: Write
+        if fate is Fate.DELIVERED:
+            write = functools.partial(
+                self._spool.record_delivered, copy_id, now=now, attempts=1, outcome=outcome
+            )
+        elif fate is Fate.RETRY:
+            # The queue's first backoff, jittered: copies deferred together do not
+            # all come back together; never past the message's lifetime.
+            delay = backoff(
+                1,
+                initial=policy.retry_initial,
+                maximum=policy.retry_max,
+                jitter=policy.retry_jitter,
+                rand=self._rand(),
+            )
+            self._metrics.retry_scheduled()
+            write = functools.partial(
+                self._spool.record,
+                copy_id,
+                CopyState.DEFERRED,
+                now=now,
+                next_try=min(now + delay, message.expires),
+                attempts=1,
+                outcome=outcome,
+            )
+        else:  # refused for good: failed now, and its sender is told
+            dsn = notification(
+                self._config,
+                message_id=message.id,
+                sender=message.sender,
+                rcpt=copy.recipient.text,
+                headers=copy.headers,
+                received=message.received,
+                auth_user=message.auth_user,
+                outcome=outcome,
+                now=now,
+                expired=False,
+            )
+            write = functools.partial(
+                self._spool.record,
+                copy_id,
+                CopyState.FAILED,
+                now=now,
+                attempts=1,
+                outcome=outcome,
+                also_store=dsn,
+            )
+        return write
 
     async def _write(self, queue_id: str, what: str, write: Write) -> bool:
         """Try a spool write once; if it fails, retry it in the background (Rule 5)."""
@@ -472,27 +547,3 @@ class Intake:
             )
             self._deliverer.wake()
             return
-
-    def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
-        self._metrics.copy_outcome(outcome, latency)
-        self._deliverer.note_reachability(outcome)
-        log.info(
-            "copy",
-            extra={
-                "fields": {
-                    "queue_id": queue_id,
-                    "rcpt": self._tokens(copy.recipient.text),
-                    "outcome": outcome.status.value,
-                    "stage": outcome.stage.value,
-                    "code": outcome.code,
-                    "enhanced": outcome.enhanced,
-                    "ambiguous": outcome.ambiguous,
-                    "latency": round(latency, 4),
-                    **(
-                        {}
-                        if outcome.status is Status.DELIVERED
-                        else {"reply": self._tokens.redact(outcome.text[:REPLY_TEXT_CHARS])}
-                    ),
-                }
-            },
-        )
