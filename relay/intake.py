@@ -113,7 +113,6 @@ class Intake:
         self._options = options
         self._upstream = upstream
         self._metrics = metrics
-        self._tokens = tokens
         self._spool = spool
         self._deliverer = deliverer
         self._now = now
@@ -123,6 +122,7 @@ class Intake:
         self._tasks: set[asyncio.Task[object]] = set()
         self._ends: dict[asyncio.Task[object], float] = {}
         self._stopping = asyncio.Event()  # retries go at their shortest delay from now on
+        self._report = Report(config, metrics=metrics, tokens=tokens)
         self._settlement = Settlement(
             config,
             spool=spool,
@@ -170,7 +170,7 @@ class Intake:
             else:
                 plan = isolate(envelope, submission.data, self._options, trace)
         except Rejected as exc:
-            return self._refused(queue_id, submission, exc)
+            return self._report.refused(queue_id, submission, exc)
         return await self._take(queue_id, submission, plan, now)
 
     def _taken(self, task: asyncio.Task[Reply]) -> None:
@@ -211,23 +211,7 @@ class Intake:
             )
 
     async def _take(self, queue_id: str, submission: Submission, plan: Plan, now: float) -> Reply:
-        size = len(submission.data)
-        if plan.kept_recipients:  # SPEC 3's opt-out, from configuration: each use is seen
-            self._metrics.recipient_list_kept()
-            log.warning(
-                "recipient list kept",
-                extra={
-                    "fields": {
-                        "queue_id": queue_id,
-                        "sender": self._tokens(submission.sender.text if submission.sender else ""),
-                        "copies": len(plan.copies),
-                        "setting": "senders.keep_recipients",
-                    }
-                },
-            )
-        for warning in plan.warnings:
-            self._metrics.body_warning()
-            log.warning("body check", extra={"fields": {"queue_id": queue_id, "warning": warning}})
+        self._report.planned(queue_id, submission, plan)
         sender = submission.sender.text if submission.sender else ""
         if submission.credentials is not None:
             self._deliverer.credentials[submission.credentials.username] = submission.credentials
@@ -235,56 +219,8 @@ class Intake:
             reply = await self._queue(queue_id, sender, submission, plan, now)
         else:
             reply = await self._direct(queue_id, sender, submission, plan, now)
-        accepted = reply.code == 250
-        if accepted:
-            result = MessageResult.ACCEPTED
-        else:
-            result = MessageResult.DEFERRED if reply.code < 500 else MessageResult.REJECTED_POLICY
-        self._metrics.message_received(result, size, len(plan.copies))
-        if accepted:
-            for copy in plan.copies:
-                self._metrics.header_changes(copy.changes)
-        log.info(
-            "message received",
-            extra={
-                "fields": {
-                    "queue_id": queue_id,
-                    "sender": self._tokens(sender),
-                    # SPEC 3: who sent it, as a token too (``solo-relay token USER``).
-                    **(
-                        {"auth_user": self._tokens(submission.auth_user)}
-                        if submission.auth_user
-                        else {}
-                    ),
-                    "size": size,
-                    "copies": len(plan.copies),
-                    "merged_duplicates": plan.merged_duplicates,
-                    "mode": self._config.mode.value,
-                    "reply": str(reply),
-                }
-            },
-        )
+        self._report.received(queue_id, submission, plan, sender, reply)
         return reply
-
-    def _refused(self, queue_id: str, submission: Submission, exc: Rejected) -> Reply:
-        size = len(submission.data)
-        refusal = _RESULTS.get(type(exc), MessageResult.REJECTED_POLICY)
-        self._metrics.message_received(refusal, size, len(submission.recipients))
-        if isinstance(exc, LeakDetected):
-            self._metrics.leak_rejected()
-        log.warning(
-            "message rejected",
-            extra={
-                "fields": {
-                    "queue_id": queue_id,
-                    "reply": str(exc.reply),
-                    "reason": exc.reason,
-                    "size": size,
-                    "recipients": len(submission.recipients),
-                }
-            },
-        )
-        return exc.reply
 
     def _message(
         self,
@@ -372,6 +308,94 @@ class Intake:
     def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
         self._metrics.copy_outcome(outcome, latency)
         self._deliverer.note_reachability(outcome)
+        self._report.copy(queue_id, copy, outcome, latency)
+
+
+class Report:
+    """Rule 3: the log lines of one message and of each copy, tied by the queue id, and
+    the message's metrics; addresses appear only as keyed tokens."""
+
+    def __init__(self, config: Config, *, metrics: Metrics, tokens: AddressTokens) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._tokens = tokens
+
+    def planned(self, queue_id: str, submission: Submission, plan: Plan) -> None:
+        """What the isolation core's plan says an operator must see: the opt-out, warnings."""
+        if plan.kept_recipients:  # SPEC 3's opt-out, from configuration: each use is seen
+            self._metrics.recipient_list_kept()
+            log.warning(
+                "recipient list kept",
+                extra={
+                    "fields": {
+                        "queue_id": queue_id,
+                        "sender": self._tokens(submission.sender.text if submission.sender else ""),
+                        "copies": len(plan.copies),
+                        "setting": "senders.keep_recipients",
+                    }
+                },
+            )
+        for warning in plan.warnings:
+            self._metrics.body_warning()
+            log.warning("body check", extra={"fields": {"queue_id": queue_id, "warning": warning}})
+
+    def received(
+        self, queue_id: str, submission: Submission, plan: Plan, sender: str, reply: Reply
+    ) -> None:
+        """The message's line and metrics, once its reply is known."""
+        size = len(submission.data)
+        accepted = reply.code == 250
+        if accepted:
+            result = MessageResult.ACCEPTED
+        else:
+            result = MessageResult.DEFERRED if reply.code < 500 else MessageResult.REJECTED_POLICY
+        self._metrics.message_received(result, size, len(plan.copies))
+        if accepted:
+            for copy in plan.copies:
+                self._metrics.header_changes(copy.changes)
+        log.info(
+            "message received",
+            extra={
+                "fields": {
+                    "queue_id": queue_id,
+                    "sender": self._tokens(sender),
+                    # SPEC 3: who sent it, as a token too (``solo-relay token USER``).
+                    **(
+                        {"auth_user": self._tokens(submission.auth_user)}
+                        if submission.auth_user
+                        else {}
+                    ),
+                    "size": size,
+                    "copies": len(plan.copies),
+                    "merged_duplicates": plan.merged_duplicates,
+                    "mode": self._config.mode.value,
+                    "reply": str(reply),
+                }
+            },
+        )
+
+    def refused(self, queue_id: str, submission: Submission, exc: Rejected) -> Reply:
+        size = len(submission.data)
+        refusal = _RESULTS.get(type(exc), MessageResult.REJECTED_POLICY)
+        self._metrics.message_received(refusal, size, len(submission.recipients))
+        if isinstance(exc, LeakDetected):
+            self._metrics.leak_rejected()
+        log.warning(
+            "message rejected",
+            extra={
+                "fields": {
+                    "queue_id": queue_id,
+                    "reply": str(exc.reply),
+                    "reason": exc.reason,
+                    "size": size,
+                    "recipients": len(submission.recipients),
+                }
+            },
+        )
+        return exc.reply
+
+    def copy(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
+        """One copy's line (direct mode: each outcome as the upstream gave it)."""
         log.info(
             "copy",
             extra={
