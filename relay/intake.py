@@ -481,12 +481,11 @@ class Settlement:
     ) -> Write:
         """The spool write that records one copy's fate."""
         policy = self._config.delivery
-        write: Write
         if fate is Fate.DELIVERED:
-            write = functools.partial(
+            return functools.partial(
                 self._spool.record_delivered, copy_id, now=now, attempts=1, outcome=outcome
             )
-        elif fate is Fate.RETRY:
+        if fate is Fate.RETRY:
             # The queue's first backoff, jittered: copies deferred together do not
             # all come back together; never past the message's lifetime.
             delay = backoff(
@@ -497,7 +496,7 @@ class Settlement:
                 rand=self._rand(),
             )
             self._metrics.retry_scheduled()
-            write = functools.partial(
+            return functools.partial(
                 self._spool.record,
                 copy_id,
                 CopyState.DEFERRED,
@@ -506,29 +505,28 @@ class Settlement:
                 attempts=1,
                 outcome=outcome,
             )
-        else:  # refused for good: failed now, and its sender is told
-            dsn = notification(
-                self._config,
-                message_id=message.id,
-                sender=message.sender,
-                rcpt=copy.recipient.text,
-                headers=copy.headers,
-                received=message.received,
-                auth_user=message.auth_user,
-                outcome=outcome,
-                now=now,
-                expired=False,
-            )
-            write = functools.partial(
-                self._spool.record,
-                copy_id,
-                CopyState.FAILED,
-                now=now,
-                attempts=1,
-                outcome=outcome,
-                also_store=dsn,
-            )
-        return write
+        # Refused for good: failed now, and its sender is told.
+        dsn = notification(
+            self._config,
+            message_id=message.id,
+            sender=message.sender,
+            rcpt=copy.recipient.text,
+            headers=copy.headers,
+            received=message.received,
+            auth_user=message.auth_user,
+            outcome=outcome,
+            now=now,
+            expired=False,
+        )
+        return functools.partial(
+            self._spool.record,
+            copy_id,
+            CopyState.FAILED,
+            now=now,
+            attempts=1,
+            outcome=outcome,
+            also_store=dsn,
+        )
 
     async def _write(self, queue_id: str, what: str, write: Write) -> bool:
         """Try a spool write once; if it fails, retry it in the background (Rule 5)."""
