@@ -11,11 +11,13 @@ import asyncio
 import importlib.metadata
 import inspect
 import re
+from pathlib import Path
 
 import aiosmtpd
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP
 
+import relay.inbound
 from relay.inbound.smtp import AIOSMTPD_CHECKED, AIOSMTPD_INTERNALS, RelaySMTP
 
 
@@ -60,3 +62,13 @@ def test_the_check_itself_sees_a_missing_internal() -> None:
     assert _assigned_in(source, "_timeout_handle")
     assert not hasattr(SMTP, "_timeout_handle")
     assert not _assigned_in(source, "_no_such_internal")
+
+
+def test_every_listed_internal_is_used_in_relay_inbound() -> None:
+    """No stale line in the table: each name appears in relay/inbound outside the table."""
+    package = Path(relay.inbound.__file__).parent
+    source = "\n".join(path.read_text() for path in sorted(package.glob("*.py")))
+    start = source.index("AIOSMTPD_INTERNALS: dict")
+    source = source[:start] + source[source.index("\n}\n", start) :]
+    unused = [name for name in AIOSMTPD_INTERNALS if not re.search(rf"\b{name}\b", source)]
+    assert not unused, f"listed in AIOSMTPD_INTERNALS but not used: {unused}"
