@@ -113,7 +113,6 @@ class Intake:
         self._options = options
         self._upstream = upstream
         self._metrics = metrics
-        self._tokens = tokens
         self._spool = spool
         self._deliverer = deliverer
         self._now = now
@@ -123,6 +122,16 @@ class Intake:
         self._tasks: set[asyncio.Task[object]] = set()
         self._ends: dict[asyncio.Task[object], float] = {}
         self._stopping = asyncio.Event()  # retries go at their shortest delay from now on
+        self._report = Report(config, metrics=metrics, tokens=tokens)
+        self._settlement = Settlement(
+            config,
+            spool=spool,
+            metrics=metrics,
+            deliverer=deliverer,
+            rand=rand,
+            tasks=self._tasks,
+            stopping=self._stopping,
+        )
 
     async def accept(self, submission: Submission) -> Reply:
         """The reply to a message whose final dot has arrived.
@@ -161,7 +170,7 @@ class Intake:
             else:
                 plan = isolate(envelope, submission.data, self._options, trace)
         except Rejected as exc:
-            return self._refused(queue_id, submission, exc)
+            return self._report.refused(queue_id, submission, exc)
         return await self._take(queue_id, submission, plan, now)
 
     def _taken(self, task: asyncio.Task[Reply]) -> None:
@@ -202,23 +211,7 @@ class Intake:
             )
 
     async def _take(self, queue_id: str, submission: Submission, plan: Plan, now: float) -> Reply:
-        size = len(submission.data)
-        if plan.kept_recipients:  # SPEC 3's opt-out, from configuration: each use is seen
-            self._metrics.recipient_list_kept()
-            log.warning(
-                "recipient list kept",
-                extra={
-                    "fields": {
-                        "queue_id": queue_id,
-                        "sender": self._tokens(submission.sender.text if submission.sender else ""),
-                        "copies": len(plan.copies),
-                        "setting": "senders.keep_recipients",
-                    }
-                },
-            )
-        for warning in plan.warnings:
-            self._metrics.body_warning()
-            log.warning("body check", extra={"fields": {"queue_id": queue_id, "warning": warning}})
+        self._report.planned(queue_id, submission, plan)
         sender = submission.sender.text if submission.sender else ""
         if submission.credentials is not None:
             self._deliverer.credentials[submission.credentials.username] = submission.credentials
@@ -226,56 +219,8 @@ class Intake:
             reply = await self._queue(queue_id, sender, submission, plan, now)
         else:
             reply = await self._direct(queue_id, sender, submission, plan, now)
-        accepted = reply.code == 250
-        if accepted:
-            result = MessageResult.ACCEPTED
-        else:
-            result = MessageResult.DEFERRED if reply.code < 500 else MessageResult.REJECTED_POLICY
-        self._metrics.message_received(result, size, len(plan.copies))
-        if accepted:
-            for copy in plan.copies:
-                self._metrics.header_changes(copy.changes)
-        log.info(
-            "message received",
-            extra={
-                "fields": {
-                    "queue_id": queue_id,
-                    "sender": self._tokens(sender),
-                    # SPEC 3: who sent it, as a token too (``solo-relay token USER``).
-                    **(
-                        {"auth_user": self._tokens(submission.auth_user)}
-                        if submission.auth_user
-                        else {}
-                    ),
-                    "size": size,
-                    "copies": len(plan.copies),
-                    "merged_duplicates": plan.merged_duplicates,
-                    "mode": self._config.mode.value,
-                    "reply": str(reply),
-                }
-            },
-        )
+        self._report.received(queue_id, submission, plan, sender, reply)
         return reply
-
-    def _refused(self, queue_id: str, submission: Submission, exc: Rejected) -> Reply:
-        size = len(submission.data)
-        refusal = _RESULTS.get(type(exc), MessageResult.REJECTED_POLICY)
-        self._metrics.message_received(refusal, size, len(submission.recipients))
-        if isinstance(exc, LeakDetected):
-            self._metrics.leak_rejected()
-        log.warning(
-            "message rejected",
-            extra={
-                "fields": {
-                    "queue_id": queue_id,
-                    "reply": str(exc.reply),
-                    "reason": exc.reason,
-                    "size": size,
-                    "recipients": len(submission.recipients),
-                }
-            },
-        )
-        return exc.reply
 
     def _message(
         self,
@@ -357,10 +302,150 @@ class Intake:
             soft_bounce=self._config.delivery.soft_bounce,
             notifies=self._config.delivery.dsn and dsn_recipient_ok(sender),
         )
-        await self._settle(message, ids, plan.copies, result, now)
+        await self._settlement.settle(message, ids, plan.copies, result, now)
         return result.reply
 
-    async def _settle(
+    def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
+        self._metrics.copy_outcome(outcome, latency)
+        self._deliverer.note_reachability(outcome)
+        self._report.copy(queue_id, copy, outcome, latency)
+
+
+class Report:
+    """Rule 3: the log lines of one message and of each copy, tied by the queue id, and
+    the message's metrics; addresses appear only as keyed tokens."""
+
+    def __init__(self, config: Config, *, metrics: Metrics, tokens: AddressTokens) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._tokens = tokens
+
+    def planned(self, queue_id: str, submission: Submission, plan: Plan) -> None:
+        """What the isolation core's plan says an operator must see: the opt-out, warnings."""
+        if plan.kept_recipients:  # SPEC 3's opt-out, from configuration: each use is seen
+            self._metrics.recipient_list_kept()
+            log.warning(
+                "recipient list kept",
+                extra={
+                    "fields": {
+                        "queue_id": queue_id,
+                        "sender": self._tokens(submission.sender.text if submission.sender else ""),
+                        "copies": len(plan.copies),
+                        "setting": "senders.keep_recipients",
+                    }
+                },
+            )
+        for warning in plan.warnings:
+            self._metrics.body_warning()
+            log.warning("body check", extra={"fields": {"queue_id": queue_id, "warning": warning}})
+
+    def received(
+        self, queue_id: str, submission: Submission, plan: Plan, sender: str, reply: Reply
+    ) -> None:
+        """The message's line and metrics, once its reply is known."""
+        size = len(submission.data)
+        accepted = reply.code == 250
+        if accepted:
+            result = MessageResult.ACCEPTED
+        else:
+            result = MessageResult.DEFERRED if reply.code < 500 else MessageResult.REJECTED_POLICY
+        self._metrics.message_received(result, size, len(plan.copies))
+        if accepted:
+            for copy in plan.copies:
+                self._metrics.header_changes(copy.changes)
+        log.info(
+            "message received",
+            extra={
+                "fields": {
+                    "queue_id": queue_id,
+                    "sender": self._tokens(sender),
+                    # SPEC 3: who sent it, as a token too (``solo-relay token USER``).
+                    **(
+                        {"auth_user": self._tokens(submission.auth_user)}
+                        if submission.auth_user
+                        else {}
+                    ),
+                    "size": size,
+                    "copies": len(plan.copies),
+                    "merged_duplicates": plan.merged_duplicates,
+                    "mode": self._config.mode.value,
+                    "reply": str(reply),
+                }
+            },
+        )
+
+    def refused(self, queue_id: str, submission: Submission, exc: Rejected) -> Reply:
+        size = len(submission.data)
+        refusal = _RESULTS.get(type(exc), MessageResult.REJECTED_POLICY)
+        self._metrics.message_received(refusal, size, len(submission.recipients))
+        if isinstance(exc, LeakDetected):
+            self._metrics.leak_rejected()
+        log.warning(
+            "message rejected",
+            extra={
+                "fields": {
+                    "queue_id": queue_id,
+                    "reply": str(exc.reply),
+                    "reason": exc.reason,
+                    "size": size,
+                    "recipients": len(submission.recipients),
+                }
+            },
+        )
+        return exc.reply
+
+    def copy(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
+        """One copy's line (direct mode: each outcome as the upstream gave it)."""
+        log.info(
+            "copy",
+            extra={
+                "fields": {
+                    "queue_id": queue_id,
+                    "rcpt": self._tokens(copy.recipient.text),
+                    "outcome": outcome.status.value,
+                    "stage": outcome.stage.value,
+                    "code": outcome.code,
+                    "enhanced": outcome.enhanced,
+                    "ambiguous": outcome.ambiguous,
+                    "latency": round(latency, 4),
+                    **(
+                        {}
+                        if outcome.status is Status.DELIVERED
+                        else {"reply": self._tokens.redact(outcome.text[:REPLY_TEXT_CHARS])}
+                    ),
+                }
+            },
+        )
+
+
+class Settlement:
+    """Direct mode's write-down of each copy's fate (Rule 5), retried until it lands.
+
+    A write that fails after the upstream's reply is retried in the background
+    (``SETTLE_DELAYS``); its task joins ``tasks``, which ``Intake.drain`` waits for,
+    and ``stopping`` cuts its waits short.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        spool: Spool,
+        metrics: Metrics,
+        deliverer: Deliverer,
+        rand: Callable[[], float],
+        tasks: set[asyncio.Task[object]],
+        stopping: asyncio.Event,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._metrics = metrics
+        self._deliverer = deliverer
+        self._rand = rand
+        self._tasks = tasks
+        self._stopping = stopping
+
+    async def settle(
         self,
         message: NewMessage,
         ids: Sequence[int],
@@ -375,61 +460,73 @@ class Intake:
             # 5xx), or every copy arrived. One write drops it all.
             await self._write(message.id, "discard", lambda: self._spool.discard(message.id))
             return
-        policy = self._config.delivery
         writes: list[Awaitable[bool]] = []
         for copy_id, copy, outcome, fate in zip(
             ids, copies, result.outcomes, decision.fates, strict=True
         ):
-            write: Write
-            if fate is Fate.DELIVERED:
-                write = functools.partial(
-                    self._spool.record_delivered, copy_id, now=now, attempts=1, outcome=outcome
-                )
-            elif fate is Fate.RETRY:
-                # The queue's first backoff, jittered: copies deferred together do not
-                # all come back together; never past the message's lifetime.
-                delay = backoff(
-                    1,
-                    initial=policy.retry_initial,
-                    maximum=policy.retry_max,
-                    jitter=policy.retry_jitter,
-                    rand=self._rand(),
-                )
-                self._metrics.retry_scheduled()
-                write = functools.partial(
-                    self._spool.record,
-                    copy_id,
-                    CopyState.DEFERRED,
-                    now=now,
-                    next_try=min(now + delay, message.expires),
-                    attempts=1,
-                    outcome=outcome,
-                )
-            else:  # refused for good: failed now, and its sender is told
-                dsn = notification(
-                    self._config,
-                    message_id=message.id,
-                    sender=message.sender,
-                    rcpt=copy.recipient.text,
-                    headers=copy.headers,
-                    received=message.received,
-                    auth_user=message.auth_user,
-                    outcome=outcome,
-                    now=now,
-                    expired=False,
-                )
-                write = functools.partial(
-                    self._spool.record,
-                    copy_id,
-                    CopyState.FAILED,
-                    now=now,
-                    attempts=1,
-                    outcome=outcome,
-                    also_store=dsn,
-                )
+            write = self._fate_write(message, copy_id, copy, outcome, fate=fate, now=now)
             writes.append(self._write(message.id, fate.value, write))
         await asyncio.gather(*writes)  # concurrent: the spool commits them together
         self._deliverer.wake()
+
+    def _fate_write(
+        self,
+        message: NewMessage,
+        copy_id: int,
+        copy: Copy,
+        outcome: Outcome,
+        *,
+        fate: Fate,
+        now: float,
+    ) -> Write:
+        """The spool write that records one copy's fate."""
+        policy = self._config.delivery
+        if fate is Fate.DELIVERED:
+            return functools.partial(
+                self._spool.record_delivered, copy_id, now=now, attempts=1, outcome=outcome
+            )
+        if fate is Fate.RETRY:
+            # The queue's first backoff, jittered: copies deferred together do not
+            # all come back together; never past the message's lifetime.
+            delay = backoff(
+                1,
+                initial=policy.retry_initial,
+                maximum=policy.retry_max,
+                jitter=policy.retry_jitter,
+                rand=self._rand(),
+            )
+            self._metrics.retry_scheduled()
+            return functools.partial(
+                self._spool.record,
+                copy_id,
+                CopyState.DEFERRED,
+                now=now,
+                next_try=min(now + delay, message.expires),
+                attempts=1,
+                outcome=outcome,
+            )
+        # Refused for good: failed now, and its sender is told.
+        dsn = notification(
+            self._config,
+            message_id=message.id,
+            sender=message.sender,
+            rcpt=copy.recipient.text,
+            headers=copy.headers,
+            received=message.received,
+            auth_user=message.auth_user,
+            outcome=outcome,
+            now=now,
+            expired=False,
+        )
+        return functools.partial(
+            self._spool.record,
+            copy_id,
+            CopyState.FAILED,
+            now=now,
+            attempts=1,
+            outcome=outcome,
+            also_store=dsn,
+        )
 
     async def _write(self, queue_id: str, what: str, write: Write) -> bool:
         """Try a spool write once; if it fails, retry it in the background (Rule 5)."""
@@ -472,27 +569,3 @@ class Intake:
             )
             self._deliverer.wake()
             return
-
-    def _record(self, queue_id: str, copy: Copy, outcome: Outcome, latency: float) -> None:
-        self._metrics.copy_outcome(outcome, latency)
-        self._deliverer.note_reachability(outcome)
-        log.info(
-            "copy",
-            extra={
-                "fields": {
-                    "queue_id": queue_id,
-                    "rcpt": self._tokens(copy.recipient.text),
-                    "outcome": outcome.status.value,
-                    "stage": outcome.stage.value,
-                    "code": outcome.code,
-                    "enhanced": outcome.enhanced,
-                    "ambiguous": outcome.ambiguous,
-                    "latency": round(latency, 4),
-                    **(
-                        {}
-                        if outcome.status is Status.DELIVERED
-                        else {"reply": self._tokens.redact(outcome.text[:REPLY_TEXT_CHARS])}
-                    ),
-                }
-            },
-        )

@@ -360,3 +360,30 @@ async def test_a_database_quarantined_at_start_shows_in_the_first_scrape(tmp_pat
         get = relay.registry.get_sample_value
         assert get("solo_relay_spool_quarantine_present") == 1
         assert get("solo_relay_spool_quarantined_total") == 1
+
+
+EXPOSITION = Path(__file__).with_name("metrics_exposition.txt")
+
+
+def canonical_exposition(text: str) -> str:
+    """The exposition with each family's samples sorted (label children follow set order)."""
+    families: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or not families:
+            families.append([])
+        families[-1].append(line)
+    out = []
+    for family in families:
+        comments = [line for line in family if line.startswith("#")]
+        out += [*comments, *sorted(line for line in family if not line.startswith("#"))]
+    return "\n".join(out) + "\n"
+
+
+def test_exposition_of_a_fresh_registry_is_pinned(registry: CollectorRegistry) -> None:
+    """Every family's name, help, type, labels and buckets, byte for byte, in order.
+
+    A dashboard or alert reads these names: a change here is a change to them
+    (regenerate tests/metrics_exposition.txt only on purpose).
+    """
+    Metrics(registry, version="0.0.0-pinned")
+    assert canonical_exposition(generate_latest(registry).decode()) == EXPOSITION.read_text()

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -209,6 +211,222 @@ def header_label(name: str) -> str:
     return lowered if lowered in HEADER_LABELS else OTHER_HEADER
 
 
+MultiprocessMode = Literal["livesum", "livemax"]
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One exported family: the ``Metrics`` attribute that holds it, and how it is made."""
+
+    attr: str
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str  # after ``PREFIX`` and "_"
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()  # histograms only
+    mode: MultiprocessMode = "livesum"  # gauges only: how the supervisor adds up the workers
+
+    def build(self, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+        """The family, registered in ``registry``."""
+        name = f"{PREFIX}_{self.name}"
+        if self.kind is Histogram:
+            return Histogram(name, self.help, self.labels, buckets=self.buckets, registry=registry)
+        if self.kind is Gauge:
+            return Gauge(
+                name, self.help, self.labels, registry=registry, multiprocess_mode=self.mode
+            )
+        return Counter(name, self.help, self.labels, registry=registry)
+
+
+# Every family, in the order the exposition lists them.
+SERIES: tuple[Series, ...] = (
+    Series(
+        "_messages",
+        Counter,
+        "messages_received_total",
+        "Messages received from the application, by what the relay replied.",
+        ("result",),
+    ),
+    Series(
+        "_recipients",
+        Histogram,
+        "message_recipients",
+        "Envelope recipients per received message.",
+        buckets=RECIPIENT_BUCKETS,
+    ),
+    Series(
+        "_size",
+        Histogram,
+        "message_size_bytes",
+        "Size of each received message's data, in bytes.",
+        buckets=SIZE_BUCKETS,
+    ),
+    Series(
+        "_copies",
+        Counter,
+        "copies_total",
+        "Copy outcomes at the upstream, by outcome.",
+        ("outcome",),
+    ),
+    Series(
+        "_ambiguous",
+        Counter,
+        "copies_ambiguous_total",
+        "Copies with no reply after the final dot: they may have arrived.",
+    ),
+    Series(
+        "_replies",
+        Counter,
+        "upstream_replies_total",
+        "Final upstream replies for copies, by reply class and transaction stage.",
+        ("class", "stage"),
+    ),
+    Series(
+        "_latency",
+        Histogram,
+        "delivery_latency_seconds",
+        "Duration of each copy's delivery attempt, by outcome.",
+        ("outcome",),
+        buckets=LATENCY_BUCKETS,
+    ),
+    Series(
+        "_spool",
+        Gauge,
+        "spool_copies",
+        "Copies in the spool, by state.",
+        ("state",),
+        mode="livesum",
+    ),
+    Series(
+        "_oldest",
+        Gauge,
+        "spool_oldest_queued_age_seconds",
+        "Age of the oldest copy waiting for delivery (0 when none waits).",
+        mode="livemax",
+    ),
+    Series(
+        "_headers",
+        Counter,
+        "header_changes_total",
+        "Header changes made to copies, by field name (closed set) and kind of change.",
+        ("header", "change"),
+    ),
+    Series(
+        "_leaks",
+        Counter,
+        "leak_guard_rejections_total",
+        "Messages the leak guard refused (550 5.7.1): nothing of them was sent.",
+    ),
+    Series(
+        "_kept_lists",
+        Counter,
+        "recipient_lists_kept_total",
+        "Messages of a sender named in senders.keep_recipients: copies kept To: and Cc:.",
+    ),
+    Series(
+        "_body_warnings",
+        Counter,
+        "body_check_warnings_total",
+        "Messages whose body names a recipient of another copy (body_check = warn).",
+    ),
+    Series(
+        "_connections",
+        Counter,
+        "inbound_connections_total",
+        "Inbound SMTP connections, by result.",
+        ("result",),
+    ),
+    Series(
+        "_refusals",
+        Counter,
+        "smtp_refusals_total",
+        "Connections, MAIL, RCPT and DATA commands the relay refused, by reason.",
+        ("reason",),
+    ),
+    Series(
+        "_open",
+        Gauge,
+        "inbound_connections_open",
+        "Inbound SMTP connections open now.",
+        mode="livesum",
+    ),
+    Series(
+        "_inbound_tls",
+        Counter,
+        "inbound_tls_failures_total",
+        "Inbound STARTTLS handshakes that failed, by reason.",
+        ("reason",),
+    ),
+    Series(
+        "_inbound_auth",
+        Counter,
+        "inbound_auth_failures_total",
+        "Inbound AUTH exchanges that failed, by reason.",
+        ("reason",),
+    ),
+    Series(
+        "_inbound_closed",
+        Counter,
+        "inbound_sessions_closed_total",
+        "Inbound sessions the relay closed itself, by reason.",
+        ("reason",),
+    ),
+    Series(
+        "_overload",
+        Gauge,
+        "inbound_overload",
+        "1 while open sessions are near smtp.max_connections (shorter idle timeouts), else 0.",
+        mode="livemax",
+    ),
+    Series(
+        "_auth_failures",
+        Counter,
+        "upstream_auth_failures_total",
+        "Times the upstream refused the relay's credentials.",
+    ),
+    Series(
+        "_auth_paused",
+        Gauge,
+        "upstream_auth_paused",
+        "1 while delivery is paused after the upstream refused the credentials, else 0.",
+        mode="livemax",
+    ),
+    Series(
+        "_retries",
+        Counter,
+        "retries_total",
+        "Copies deferred for a later attempt after a transient failure.",
+    ),
+    Series(
+        "_dsns",
+        Counter,
+        "dsn_sent_total",
+        "Delivery status notifications the upstream accepted (failed or expired copies).",
+    ),
+    Series(
+        "_quarantined",
+        Counter,
+        "spool_quarantined_total",
+        "Spool records (or whole databases) set aside as unreadable.",
+    ),
+    Series(
+        "_quarantine_present",
+        Gauge,
+        "spool_quarantine_present",
+        "Spool records and whole databases in quarantine now (set aside at start too).",
+        mode="livesum",
+    ),
+    Series(
+        "_build",
+        Gauge,
+        "build_info",
+        "Always 1; the label names the running version.",
+        ("version",),
+        mode="livemax",
+    ),
+)
+
+
 class Metrics:
     """The relay's series, registered in ``registry`` (a fresh one per test).
 
@@ -216,166 +434,38 @@ class Metrics:
     series its docstring names.
     """
 
+    _messages: Counter
+    _recipients: Histogram
+    _size: Histogram
+    _copies: Counter
+    _ambiguous: Counter
+    _replies: Counter
+    _latency: Histogram
+    _spool: Gauge
+    _oldest: Gauge
+    _headers: Counter
+    _leaks: Counter
+    _kept_lists: Counter
+    _body_warnings: Counter
+    _connections: Counter
+    _refusals: Counter
+    _open: Gauge
+    _inbound_tls: Counter
+    _inbound_auth: Counter
+    _inbound_closed: Counter
+    _overload: Gauge
+    _auth_failures: Counter
+    _auth_paused: Gauge
+    _retries: Counter
+    _dsns: Counter
+    _quarantined: Counter
+    _quarantine_present: Gauge
+    _build: Gauge
+
     def __init__(self, registry: CollectorRegistry, *, version: str = __version__) -> None:
         self.registry = registry
-        p = PREFIX
-        self._messages = Counter(
-            f"{p}_messages_received_total",
-            "Messages received from the application, by what the relay replied.",
-            ["result"],
-            registry=registry,
-        )
-        self._recipients = Histogram(
-            f"{p}_message_recipients",
-            "Envelope recipients per received message.",
-            buckets=RECIPIENT_BUCKETS,
-            registry=registry,
-        )
-        self._size = Histogram(
-            f"{p}_message_size_bytes",
-            "Size of each received message's data, in bytes.",
-            buckets=SIZE_BUCKETS,
-            registry=registry,
-        )
-        self._copies = Counter(
-            f"{p}_copies_total",
-            "Copy outcomes at the upstream, by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
-        self._ambiguous = Counter(
-            f"{p}_copies_ambiguous_total",
-            "Copies with no reply after the final dot: they may have arrived.",
-            registry=registry,
-        )
-        self._replies = Counter(
-            f"{p}_upstream_replies_total",
-            "Final upstream replies for copies, by reply class and transaction stage.",
-            ["class", "stage"],
-            registry=registry,
-        )
-        self._latency = Histogram(
-            f"{p}_delivery_latency_seconds",
-            "Duration of each copy's delivery attempt, by outcome.",
-            ["outcome"],
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self._spool = Gauge(
-            f"{p}_spool_copies",
-            "Copies in the spool, by state.",
-            ["state"],
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self._oldest = Gauge(
-            f"{p}_spool_oldest_queued_age_seconds",
-            "Age of the oldest copy waiting for delivery (0 when none waits).",
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self._headers = Counter(
-            f"{p}_header_changes_total",
-            "Header changes made to copies, by field name (closed set) and kind of change.",
-            ["header", "change"],
-            registry=registry,
-        )
-        self._leaks = Counter(
-            f"{p}_leak_guard_rejections_total",
-            "Messages the leak guard refused (550 5.7.1): nothing of them was sent.",
-            registry=registry,
-        )
-        self._kept_lists = Counter(
-            f"{p}_recipient_lists_kept_total",
-            "Messages of a sender named in senders.keep_recipients: copies kept To: and Cc:.",
-            registry=registry,
-        )
-        self._body_warnings = Counter(
-            f"{p}_body_check_warnings_total",
-            "Messages whose body names a recipient of another copy (body_check = warn).",
-            registry=registry,
-        )
-        self._connections = Counter(
-            f"{p}_inbound_connections_total",
-            "Inbound SMTP connections, by result.",
-            ["result"],
-            registry=registry,
-        )
-        self._refusals = Counter(
-            f"{p}_smtp_refusals_total",
-            "Connections, MAIL, RCPT and DATA commands the relay refused, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self._open = Gauge(
-            f"{p}_inbound_connections_open",
-            "Inbound SMTP connections open now.",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self._inbound_tls = Counter(
-            f"{p}_inbound_tls_failures_total",
-            "Inbound STARTTLS handshakes that failed, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self._inbound_auth = Counter(
-            f"{p}_inbound_auth_failures_total",
-            "Inbound AUTH exchanges that failed, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self._inbound_closed = Counter(
-            f"{p}_inbound_sessions_closed_total",
-            "Inbound sessions the relay closed itself, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self._overload = Gauge(
-            f"{p}_inbound_overload",
-            "1 while open sessions are near smtp.max_connections (shorter idle timeouts), else 0.",
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self._auth_failures = Counter(
-            f"{p}_upstream_auth_failures_total",
-            "Times the upstream refused the relay's credentials.",
-            registry=registry,
-        )
-        self._auth_paused = Gauge(
-            f"{p}_upstream_auth_paused",
-            "1 while delivery is paused after the upstream refused the credentials, else 0.",
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
-        self._retries = Counter(
-            f"{p}_retries_total",
-            "Copies deferred for a later attempt after a transient failure.",
-            registry=registry,
-        )
-        self._dsns = Counter(
-            f"{p}_dsn_sent_total",
-            "Delivery status notifications the upstream accepted (failed or expired copies).",
-            registry=registry,
-        )
-        self._quarantined = Counter(
-            f"{p}_spool_quarantined_total",
-            "Spool records (or whole databases) set aside as unreadable.",
-            registry=registry,
-        )
-        self._quarantine_present = Gauge(
-            f"{p}_spool_quarantine_present",
-            "Spool records and whole databases in quarantine now (set aside at start too).",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self._build = Gauge(
-            f"{p}_build_info",
-            "Always 1; the label names the running version.",
-            ["version"],
-            registry=registry,
-            multiprocess_mode="livemax",
-        )
+        for spec in SERIES:
+            setattr(self, spec.attr, spec.build(registry))
         self._build.labels(version).set(1)
         self._preinitialise()
 
