@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay import delivery as delivery_module
 from relay.config import Config, load
 from relay.core.addresses import parse_address
 from relay.core.model import Copy, Credentials, Outcome, Stage, Status
 from relay.core.policy import RateLimiter
 from relay.custody.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, SpoolFull
 from relay.delivery import Deliverer
+from relay.delivery import settle as settle_module
 from relay.ops.logs import AddressTokens
 from relay.ops.metrics import Metrics
 from relay.upstream.outbox import CheckStep
@@ -701,7 +701,7 @@ async def test_delivered_copy_that_cannot_be_recorded_is_not_sent_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The upstream took it but the spool would not note it: it stays delivering, not re-queued."""
-    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    monkeypatch.setattr(settle_module, "RECORD_RETRY_FIRST", 0.01)
     spool = FailingRecords(tmp_path)
     with world(tmp_path, spool=spool) as w:
         await w.store("M1", [ALICE])
@@ -744,7 +744,7 @@ async def test_a_delivered_record_being_retried_holds_no_connection_slot(
     (Before, the retries slept inside the delivery task, which held the slot: with the
     disk full, every slot waited out the record's back-off and delivery stalled.)
     """
-    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    monkeypatch.setattr(settle_module, "RECORD_RETRY_FIRST", 0.01)
     spool = SlowRecords(tmp_path)
     with world(tmp_path, {"RELAY_DELIVERY_CONCURRENCY": "1"}, spool=spool) as w:
         await w.store("M1", [ALICE])
