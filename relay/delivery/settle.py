@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from relay.config import Config
 from relay.core.model import Credentials, Outcome, Stage, Status
-from relay.core.policy import backoff
+from relay.core.policy import Backoff
 from relay.custody.spool import CopyState, Job, Spool
 from relay.delivery.notify import notification_for
 from relay.ops.logs import AddressTokens
@@ -24,11 +24,10 @@ log = logging.getLogger("relay.delivery")
 
 # Failing at these stages with no reply means the upstream itself could not be reached.
 _UNREACHABLE = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
-# Writing down a delivered copy is retried (outside its connection slot) this soon, then
-# doubling to RECORD_RETRY_MAX, for as long as the process lives: a full disk that gets
-# some room back sees the record within seconds, and no slot waits for it meanwhile.
-RECORD_RETRY_FIRST = 0.25
-RECORD_RETRY_MAX = 5.0
+# Writing down a delivered copy is retried (outside its connection slot) after 0.25 s,
+# then doubling to 5 s, for as long as the process lives: a full disk that gets some
+# room back sees the record within seconds, and no slot waits for it meanwhile.
+RECORD_RETRY = Backoff(initial=0.25, maximum=5.0)
 REPLY_TEXT_CHARS = 500  # of an upstream reply logged (the spool keeps as much)
 
 
@@ -56,6 +55,9 @@ class Settler:
         self._rand = rand
         self._wake = wake
         self._dsn_credentials = dsn_credentials
+        self._retry = Backoff(
+            self._policy.retry_initial, self._policy.retry_max, self._policy.retry_jitter
+        )
         # Outcomes being written down, by copy: each its own task, so a slow or failing
         # spool never holds a connection slot. A copy here is ``delivering`` in the spool
         # and nothing releases it, so it is never claimed (or sent) again meanwhile.
@@ -91,7 +93,7 @@ class Settler:
             self.probing = True  # when the pause ends, one copy tries the credentials first
         elif not job.auth_user and outcome.stage not in _UNREACHABLE:
             self.probing = False  # past AUTH: the credentials work again
-        delay = RECORD_RETRY_FIRST
+        retries = 0  # of this record, after a failure
         failed = False
         while True:
             try:
@@ -115,12 +117,12 @@ class Settler:
             if not failed:
                 failed = True
                 self.unrecorded += 1
+            retries += 1
             try:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(RECORD_RETRY.delay(retries))
             except asyncio.CancelledError:
                 self.unrecorded -= 1
                 raise
-            delay = min(delay * 2, RECORD_RETRY_MAX)
         # Not sent, its outcome unwritten: queued again, but not due before the first
         # retry delay, so a refusal whose record fails is not resent at once in a loop.
         now = self._clock()
@@ -151,7 +153,7 @@ class Settler:
             return
         permanent = outcome.status is Status.PERMANENT and not self._policy.soft_bounce
         if not permanent:
-            delay = self._retry_delay(job.attempts + 1)
+            delay = self._retry.delay(job.attempts + 1, self._rand())
             if now < job.expires:
                 await self._deferred(job, outcome, now, fields, delay)
                 return
@@ -186,15 +188,6 @@ class Settler:
         log.error(
             "upstream refused the relay's credentials: delivery paused",
             extra={"fields": fields},
-        )
-
-    def _retry_delay(self, attempts: int) -> float:
-        return backoff(
-            attempts,
-            initial=self._policy.retry_initial,
-            maximum=self._policy.retry_max,
-            jitter=self._policy.retry_jitter,
-            rand=self._rand(),
         )
 
     async def _deferred(
