@@ -67,7 +67,6 @@ class Deliverer:
         rand: Callable[[], float] = random.random,
         reports_gauges: bool = True,
     ) -> None:
-        self._config = config
         # False for a spool left by a larger worker count: the gauges are the main spool's.
         self.reports_gauges = reports_gauges
         self._policy = config.delivery
@@ -81,7 +80,7 @@ class Deliverer:
         self._stopping = False
         self._stats_at = 0.0
         self._limited = False
-        self._bodies = BodyCache()
+        self._bodies = BodyCache()  # one body object per message (``SharedBodies`` loads them)
         # Copies stored ``delivering`` by intake and handed over in memory (no claim).
         self._ready: collections.deque[Job] = collections.deque()
         self._claim_after = 0.0

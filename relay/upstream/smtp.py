@@ -326,15 +326,16 @@ class SmtpUpstream:
         (RFC 2920 3.1), then the data: the refusal and its stage, or the final reply."""
         timeout = self._config.command_timeout
         replies: list[Reply] = []
+        refused = None
         for stages, data in commands.writes:
             with _at(stages[0]):
                 reader.write(data)
             for stage in stages:
                 with _at(stage):
                     replies.append(await reader.reply(timeout))
-            if transaction.refusal(replies) is not None:
+            refused = transaction.refusal(replies)
+            if refused is not None:
                 break
-        refused = transaction.refusal(replies)
         if refused is not None:
             if transaction.data_opened(replies):
                 # A server that opened DATA with nobody to deliver to: close it empty.
