@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from relay import delivery as delivery_module
 from relay.config import Config, load
 from relay.core.addresses import parse_address
 from relay.core.model import Copy, Credentials, Outcome, Stage, Status
-from relay.core.policy import RateLimiter
+from relay.core.policy import Backoff, RateLimiter, backoff
 from relay.custody.spool import CopyState, Job, NewCopy, NewMessage, Spool, SpoolError, SpoolFull
 from relay.delivery import Deliverer
+from relay.delivery import settle as settle_module
 from relay.ops.logs import AddressTokens
 from relay.ops.metrics import Metrics
 from relay.upstream.outbox import CheckStep
@@ -231,6 +231,27 @@ async def test_backoff_doubles_up_to_retry_max(tmp_path: Path) -> None:
             now = next_try
         assert delays == [60, 120, 240, 300, 300, 300]
         assert w.metric("retries_total") == 6
+
+
+def test_one_backoff_decides_both_the_retries_and_the_record_retries() -> None:
+    """The pure decision: ``Backoff`` is ``backoff`` with its parameters, nothing else.
+
+    A delivered copy's record is retried after 0.25 s doubling to 5 s, unjittered; the
+    queue's retries are the same function with ``delivery.retry_*`` and the jitter.
+    """
+    record = settle_module.RECORD_RETRY
+    assert [record.delay(n) for n in range(1, 9)] == [0.25, 0.5, 1, 2, 4, 5, 5, 5]
+    assert record.delay(3, rand=0.0) == record.delay(3, rand=0.99) == 1  # no jitter
+    assert record.delay(5000) == 5  # hours of a full disk: still the cap (2.0 ** 4999 overflows)
+    queue = Backoff(initial=60, maximum=300, jitter=0.2)
+    for attempt in range(1, 8):
+        for rand in (0.0, 0.25, 0.5, 0.999):
+            expected = backoff(attempt, initial=60, maximum=300, jitter=0.2, rand=rand)
+            assert queue.delay(attempt, rand) == expected
+    assert queue.delay(1, 0.0) == 48  # 60 * (1 - 0.2)
+    assert queue.delay(9, 0.5) == 300  # capped, then spread around the cap
+    with pytest.raises(AttributeError):
+        queue.initial = 1  # type: ignore[misc]  # a frozen value
 
 
 async def test_success_after_two_failures_delivers_exactly_once(tmp_path: Path) -> None:
@@ -701,7 +722,7 @@ async def test_delivered_copy_that_cannot_be_recorded_is_not_sent_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The upstream took it but the spool would not note it: it stays delivering, not re-queued."""
-    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    monkeypatch.setattr(settle_module, "RECORD_RETRY", Backoff(0.01, 5.0))
     spool = FailingRecords(tmp_path)
     with world(tmp_path, spool=spool) as w:
         await w.store("M1", [ALICE])
@@ -744,7 +765,7 @@ async def test_a_delivered_record_being_retried_holds_no_connection_slot(
     (Before, the retries slept inside the delivery task, which held the slot: with the
     disk full, every slot waited out the record's back-off and delivery stalled.)
     """
-    monkeypatch.setattr(delivery_module, "RECORD_RETRY_FIRST", 0.01)
+    monkeypatch.setattr(settle_module, "RECORD_RETRY", Backoff(0.01, 5.0))
     spool = SlowRecords(tmp_path)
     with world(tmp_path, {"RELAY_DELIVERY_CONCURRENCY": "1"}, spool=spool) as w:
         await w.store("M1", [ALICE])

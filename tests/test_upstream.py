@@ -8,12 +8,13 @@ import datetime
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from aiosmtplib import SMTP, SMTPResponseException, SMTPServerDisconnected
 
 from relay.config import UpstreamConfig
 from relay.core.addresses import parse_address
@@ -24,6 +25,18 @@ from relay.core.policy import classify_reply
 from relay.upstream.outbox import OutboxUpstream
 from relay.upstream.smtp import Upstream, open_upstream
 from relay.upstream.target import Target, parse_upstream_url
+from relay.upstream.transaction import (
+    MAX_REPLY_LINES,
+    MAX_REPLY_OCTETS,
+    Commands,
+    Reply,
+    ReplyParser,
+    commands,
+    data_opened,
+    prepare_body,
+    refusal,
+)
+from relay.upstream.wire import Reader
 from tests.conftest import message
 from tests.upstream_server import (
     DISCONNECT,
@@ -809,3 +822,193 @@ async def test_a_slow_goodbye_does_not_hold_the_outcome(plain_server: UpstreamSe
         outcome = await asyncio.wait_for(upstream.send(SENDER, make_copy(), smtputf8=False), 2)
         assert outcome.status is Status.DELIVERED
         assert len(plain_server.transactions) == 1
+
+
+# -- the transaction, as data, and its wire ----------------------------------------------
+
+
+def test_one_by_one_and_pipelined_send_the_same_commands() -> None:
+    """PIPELINING changes how the commands are grouped into writes, never their bytes."""
+    copy = make_copy()
+    body = prepare_body(copy.body)
+    assert body is not None
+    plain = commands({"size"}, SENDER, copy, body, smtputf8=False)
+    pipelined = commands({"size", "pipelining"}, SENDER, copy, body, smtputf8=False)
+    assert isinstance(plain, Commands) and isinstance(pipelined, Commands)
+    assert plain.mail == f"MAIL FROM:<{SENDER}> SIZE={copy.size}\r\n".encode()
+    assert plain.rcpt == f"RCPT TO:<{RCPT}>\r\n".encode()
+    assert [stages for stages, _ in plain.writes] == [(Stage.MAIL,), (Stage.RCPT,), (Stage.DATA,)]
+    assert [stages for stages, _ in pipelined.writes] == [(Stage.MAIL, Stage.RCPT, Stage.DATA)]
+    assert b"".join(d for _, d in plain.writes) == b"".join(d for _, d in pipelined.writes)
+    with pytest.raises(ValueError, match="control character"):
+        commands(set(), "a\r\nRSET@example.org", copy, body, smtputf8=False)
+
+
+def test_the_first_refusal_decides() -> None:
+    ok, opened = Reply(250, "ok"), Reply(354, "go on")
+    assert refusal([ok, Reply(251, "forwarded"), opened]) is None
+    assert refusal([Reply(550, "no"), Reply(554, "no rcpt"), opened]) == (
+        Stage.MAIL,
+        Reply(550, "no"),
+    )
+    assert refusal([ok, Reply(452, "full")]) == (Stage.RCPT, Reply(452, "full"))
+    assert refusal([ok, ok, Reply(503, "no")]) == (Stage.DATA, Reply(503, "no"))
+    assert data_opened([ok, Reply(550, "no"), opened])  # pipelined: close it empty
+    assert not data_opened([ok, Reply(550, "no")])
+
+
+def test_the_parser_reads_replies_however_the_reads_split_them() -> None:
+    """Multi-line replies, split at every byte, come out whole and in order."""
+    stream = b"250-first\r\n250-second line\r\n250 third\r\n354 go on\n221 2.0.0 bye\r\n"
+    expected = [
+        Reply(250, "first\nsecond line\nthird"),
+        Reply(354, "go on"),
+        Reply(221, "2.0.0 bye"),
+    ]
+    for cut in range(len(stream) + 1):
+        parser = ReplyParser()
+        first, problem = parser.feed(stream[:cut])
+        rest, later = parser.feed(stream[cut:])
+        assert (first + rest, problem, later) == (expected, None, None)
+
+
+def test_the_parser_refuses_what_is_not_a_reply() -> None:
+    replies, problem = ReplyParser().feed(b"250 ok\r\nthis is not smtp\r\n")
+    assert (replies, problem) == ([Reply(250, "ok")], "malformed reply")  # what came before stays
+    assert ReplyParser().feed(b"25x ok\r\n") == ([], "malformed reply")
+    assert ReplyParser().feed(b"250_ok\r\n") == ([], "malformed reply")
+    endless = b"250-" + b"x" * MAX_REPLY_OCTETS  # no line end: never buffered past the limit
+    assert ReplyParser().feed(endless) == ([], "reply too long")
+    many = b"250-more\r\n" * (MAX_REPLY_LINES + 1)
+    assert ReplyParser().feed(many) == ([], "reply too long")
+
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def scripted(script: Script, heard: list[bytes]) -> AsyncIterator[SMTP]:
+    """An aiosmtplib connection to a loopback server that greets, runs ``script``, then
+    answers what aiosmtplib sends (NOOP 250, QUIT 221); ``heard`` gets every line read."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 wire.test ready\r\n")
+        try:
+            await script(reader, writer)
+            while line := await reader.readline():
+                heard.append(line)
+                writer.write(b"221 2.0.0 bye\r\n" if line == b"QUIT\r\n" else b"250 2.0.0 here\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    smtp = SMTP(hostname="127.0.0.1", port=port, use_tls=False, start_tls=False, timeout=5)
+    try:
+        await smtp.connect()
+        yield smtp
+    finally:
+        smtp.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def pause(writer: asyncio.StreamWriter) -> None:
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the client reads what was written so far on its own
+
+
+async def test_the_reader_takes_split_replies_then_gives_the_connection_back() -> None:
+    """Multi-line and split replies off a real socket; after the transaction the
+    aiosmtplib session is whole again: a command of its own, then QUIT."""
+    heard: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.readline())
+        heard.append(await reader.readline())
+        writer.write(b"250-first\r\n250-sec")
+        await pause(writer)
+        writer.write(b"ond\r\n250 third\r\n2")
+        await pause(writer)
+        writer.write(b"51 2.1.5 ok\r\n")
+
+    async with scripted(script, heard) as smtp:
+        wire = Reader.borrow(smtp)
+        wire.write(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\n")
+        assert await wire.reply(5) == Reply(250, "first\nsecond\nthird")
+        assert await wire.reply(5) == Reply(251, "2.1.5 ok")
+        wire.give_back()
+        assert wire.error is None and smtp.is_connected
+        noop = await smtp.execute_command(b"NOOP")  # aiosmtplib's own protocol again
+        assert (noop.code, noop.message) == (250, "2.0.0 here")
+        assert (await smtp.quit()).code == 221
+    assert heard == [
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"RCPT TO:<b@example.com>\r\n",
+        b"NOOP\r\n",
+        b"QUIT\r\n",
+    ]
+
+
+async def test_the_reader_fails_on_garbage_and_a_reply_too_long() -> None:
+    """A malformed or endless reply is an error (code -1) after the good replies before it."""
+    for garbage, problem in [
+        (b"this is not smtp\r\n", "malformed reply"),
+        (b"250-" + b"x" * (MAX_REPLY_OCTETS + 10), "reply too long"),
+    ]:
+
+        async def script(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, garbage: bytes = garbage
+        ) -> None:
+            await reader.readline()
+            writer.write(b"250 ok\r\n" + garbage)
+            await pause(writer)
+
+        async with scripted(script, []) as smtp:
+            wire = Reader.borrow(smtp)
+            wire.write(b"MAIL FROM:<>\r\n")
+            assert await wire.reply(5) == Reply(250, "ok")
+            with pytest.raises(SMTPResponseException) as refused:
+                await wire.reply(5)
+            assert (refused.value.code, refused.value.message) == (-1, problem)
+            with pytest.raises(SMTPResponseException):
+                wire.write(b"RCPT TO:<b@example.com>\r\n")  # nothing more goes out
+            wire.give_back()
+
+
+async def test_the_reader_sees_the_connection_end_mid_transaction() -> None:
+    """EOF after MAIL's reply: the next reply and any write raise; the session is done."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"250 ok\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with scripted(script, []) as smtp:
+        wire = Reader.borrow(smtp)
+        wire.write(b"MAIL FROM:<>\r\n")
+        assert await wire.reply(5) == Reply(250, "ok")
+        with pytest.raises(SMTPServerDisconnected):
+            await wire.reply(5)
+        with pytest.raises(SMTPServerDisconnected):
+            wire.write(b"RCPT TO:<b@example.com>\r\n")
+        wire.give_back()
+        assert wire.error is not None and not smtp.is_connected
+        with pytest.raises(SMTPServerDisconnected):
+            Reader.borrow(smtp)  # nothing left to borrow
+
+
+async def test_the_reader_times_out_on_a_silent_server() -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()  # and never answers
+
+    async with scripted(script, []) as smtp:
+        wire = Reader.borrow(smtp)
+        wire.write(b"MAIL FROM:<>\r\n")
+        with pytest.raises(TimeoutError):
+            await wire.reply(0.2)
+        wire.give_back()

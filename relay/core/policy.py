@@ -11,6 +11,7 @@ the credentials are missing, which is no fault of the copy.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from relay.core.model import Outcome, Stage, Status
 
@@ -53,8 +54,30 @@ def backoff(attempt: int, *, initial: float, maximum: float, jitter: float, rand
     ``rand`` in [0, 1) (stamina's shape), so copies that failed together do not
     come back together.
     """
-    base = min(initial * 2.0 ** max(attempt - 1, 0), maximum)
+    # The exponent stops at 1000 (2.0 ** 1024 overflows): a record retried every 5 s
+    # passes attempt 1024 within 90 minutes, long after ``maximum`` was reached.
+    base = min(initial * 2.0 ** min(max(attempt - 1, 0), 1000), maximum)
     return float(base * (1 - jitter + 2 * jitter * rand))
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """One retry schedule, as a value: ``backoff`` with its parameters fixed.
+
+    The queue's retries (``delivery.retry_*``, jittered) and a delivered copy's
+    record being written again (no jitter) are both this; the callers only sleep
+    for (or schedule) what ``delay`` decides.
+    """
+
+    initial: float
+    maximum: float
+    jitter: float = 0.0
+
+    def delay(self, attempt: int, rand: float = 0.5) -> float:
+        """Seconds before retry number ``attempt`` (1 = the first retry); see ``backoff``."""
+        return backoff(
+            attempt, initial=self.initial, maximum=self.maximum, jitter=self.jitter, rand=rand
+        )
 
 
 class RateLimiter:

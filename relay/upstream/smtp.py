@@ -9,20 +9,24 @@ Rule 2: certificates are verified against the system store plus ``ca_file``,
 the host name is checked, and nothing older than TLS 1.2 is spoken (RFC 8314).
 Rule 3: every way a send can end is an ``Outcome``, never an exception. A
 reply is classified by ``classify_reply``; an aiosmtplib or socket error
-becomes an outcome in ``_failure`` only. This is the one module that imports
-aiosmtplib; nothing of it leaves here.
+becomes an outcome in ``_failure`` only. This module and its wire
+(``relay.upstream.wire``) are the ones that import aiosmtplib; nothing of it
+leaves them, and they touch only its public names.
 Rule 4: no reply after the final dot (disconnect or timeout) is ``ambiguous``:
 the copy may have arrived (RFC 5321 4.5.3.2.6 and 6.1).
 Rule 5: the bytes sent are exactly ``copy.headers + copy.body``, dot-stuffed.
 The body is shared by every copy of a message: it is never changed, and is
-scanned (and stuffed, when a line starts with a dot) once per message.
+scanned (and stuffed, when a line starts with a dot) once per message
+(``transaction.prepare_body``).
 Rule 6: the password never appears in a repr, an outcome or a check step.
-Rule 7: with an upstream that offers PIPELINING (RFC 2920), MAIL, RCPT and
-DATA go out in one write and their replies are read in order (``_Pipelined``,
-which stands in for aiosmtplib's protocol on the transport for one transaction,
-since that protocol drops replies it was not yet waiting for): two round trips
-a copy instead of four. Connection, TLS, EHLO, AUTH, RSET and QUIT stay
-aiosmtplib's.
+Rule 7: a transaction has one path: what to send, and what the replies say,
+is decided in ``relay.upstream.transaction`` (pure); the bytes go out and the
+replies come back through ``relay.upstream.wire``'s ``Reader``, which stands in
+for aiosmtplib's protocol on the transport for one transaction, since that
+protocol drops replies it was not yet waiting for. With an upstream that offers
+PIPELINING (RFC 2920), MAIL, RCPT and DATA go out in one write and their replies
+are read in order: two round trips a copy instead of four. Connection, TLS,
+EHLO, AUTH, RSET and QUIT stay aiosmtplib's.
 
 Classification (SPEC 5): 4xx, connection errors, timeouts, any failure
 before MAIL, and ``552`` at RCPT (RFC 5321 4.5.3.1.10) are transient; other
@@ -33,32 +37,22 @@ sets ``auth_failed`` so delivery pauses instead of bouncing mail.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import re
 import ssl
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-from aiosmtplib import (
-    SMTP,
-    SMTPConnectError,
-    SMTPException,
-    SMTPResponse,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-)
-from aiosmtplib.protocol import SMTPProtocol
+from aiosmtplib import SMTP, SMTPConnectError, SMTPException, SMTPResponseException
 
 from relay.config import HostPort, UpstreamConfig
 from relay.core.errors import ConfigError
 from relay.core.model import Copy, Credentials, Outcome, Stage, Status
-from relay.core.policy import classify_reply, split_enhanced
+from relay.core.policy import classify_reply
 from relay.files import read_secret
 from relay.ops.eventloop import finish_within
+from relay.upstream import transaction
 from relay.upstream.outbox import CheckStep, OutboxUpstream
 from relay.upstream.target import (
     Target,
@@ -66,11 +60,9 @@ from relay.upstream.target import (
     parse_upstream_url,
     tls_context,
 )
+from relay.upstream.transaction import Body, Commands, Reply
+from relay.upstream.wire import Reader, send_data
 
-_LINE_DOT = re.compile(rb"(?m)^\.")  # RFC 5321 4.5.2: transparency
-WRITE_SLICE = 256 * 1024  # body bytes handed to the transport at a time
-MAX_REPLY_OCTETS = 32 * 1024  # a reply line, or what is buffered of one (aiosmtplib: 8,192)
-MAX_REPLY_LINES = 100  # lines of one multi-line reply
 QUIT_GRACE = 1.0  # seconds a closing pool gives the QUITs already sent (a courtesy)
 
 
@@ -154,153 +146,6 @@ def _at(stage: Stage) -> Iterator[None]:
         raise _Failed(_failure(exc, stage)) from exc
 
 
-class _Channel(Protocol):
-    """Where a transaction's bytes go and its replies come from."""
-
-    def write(self, data: bytes) -> None: ...
-    async def drain(self) -> None: ...
-    async def reply(self, timeout: float) -> SMTPResponse: ...
-
-
-class _Sequential:
-    """aiosmtplib's own protocol: one command, then its reply (no PIPELINING upstream)."""
-
-    def __init__(self, protocol: SMTPProtocol) -> None:
-        self._protocol = protocol
-
-    def write(self, data: bytes) -> None:
-        self._protocol.write(data)
-
-    async def drain(self) -> None:
-        await self._protocol._drain_helper()  # the stdlib FlowControlMixin's wait, copied
-
-    async def reply(self, timeout: float) -> SMTPResponse:
-        return await self._protocol.read_response(timeout=timeout)
-
-
-class _Pipelined(asyncio.Protocol):
-    """Replies read straight off the transport, in order, for RFC 2920 PIPELINING.
-
-    aiosmtplib's protocol reads one reply per command it wrote and drops what
-    arrives before that reply was taken, so it cannot pipeline. For one
-    transaction this reader takes its place on the transport (``set_protocol``),
-    and hands the transport back after the final reply. It parses what RFC 5321
-    4.2 allows and nothing more: lines of three digits, "-" or " ", and text.
-    """
-
-    def __init__(self, transport: asyncio.WriteTransport) -> None:
-        self.transport = transport
-        self._buffer = bytearray()
-        self._lines: list[bytes] = []
-        self._replies: collections.deque[SMTPResponse] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._drained: asyncio.Future[None] | None = None
-        self._paused = False
-        self.error: BaseException | None = None  # the connection is gone, or spoke garbage
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        while (end := self._buffer.find(b"\n")) >= 0:
-            line = bytes(self._buffer[: end + 1])
-            del self._buffer[: end + 1]
-            if not line[:3].isdigit() or line[3:4] not in (b"-", b" ", b"\r", b"\n"):
-                self._fail(SMTPResponseException(-1, "malformed reply"))
-                return
-            self._lines.append(line)
-            if line[3:4] != b"-":
-                text = b"\n".join(part[4:].strip(b" \t\r\n") for part in self._lines)
-                self._replies.append(SMTPResponse(int(line[:3]), text.decode("utf-8", "replace")))
-                self._lines = []
-        if len(self._buffer) > MAX_REPLY_OCTETS or len(self._lines) > MAX_REPLY_LINES:
-            self._fail(SMTPResponseException(-1, "reply too long"))
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._fail(SMTPServerDisconnected("the upstream closed the connection"))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(exc or SMTPServerDisconnected("connection lost"))
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    def write(self, data: bytes) -> None:
-        if self.error is not None:
-            raise self.error
-        self.transport.write(data)
-
-    async def drain(self) -> None:
-        while self._paused and self.error is None:
-            self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
-        if self.error is not None:
-            raise self.error
-
-    async def reply(self, timeout: float) -> SMTPResponse:
-        async with asyncio.timeout(timeout):
-            while not self._replies:
-                if self.error is not None:
-                    raise self.error
-                self._waiter = asyncio.get_running_loop().create_future()
-                await self._waiter
-        return self._replies.popleft()
-
-    def _fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-        self._wake()
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-
-async def _stream(channel: _Channel, payload: bytes | memoryview) -> None:
-    """Write a body in slices, each once the transport has room for it.
-
-    One ``write`` of a 10 MB body would leave most of it copied into the
-    transport's buffer, once per connection; slices of the shared body keep
-    that to about one slice per connection (SPEC 8: memory flat per copy).
-    """
-    view = memoryview(payload)
-    for start in range(0, len(view), WRITE_SLICE):
-        channel.write(view[start : start + WRITE_SLICE])  # type: ignore[arg-type]  # a buffer
-        await channel.drain()
-
-
-@dataclass(frozen=True, slots=True)
-class _Body:
-    """A message body made ready to send: stuffed if needed, and what it needs upstream."""
-
-    payload: bytes | memoryview  # the shared body itself unless a line starts with "."
-    tail: bytes  # the end-of-data marker, after a CRLF when the body lacks one
-    eight_bit: bool
-
-
-def _prepare_body(body: memoryview) -> _Body | None:
-    """``None`` when the body holds a bare CR, LF or NUL (never sent: SPEC 4).
-
-    Byte counts and ``find`` run in C at memory speed; the equivalent regular
-    expressions (lookarounds, ``^`` in multiline mode) took 28 ms per megabyte.
-    """
-    data = bytes(body)  # one copy per message: bytes has the fast methods memoryview lacks
-    crlf = data.count(b"\r\n")
-    if b"\x00" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-        return None
-    stuffed = data.startswith(b".") or b"\n." in data
-    payload: bytes | memoryview = _LINE_DOT.sub(b"..", data) if stuffed else body
-    tail = b".\r\n" if not data or data.endswith(b"\r\n") else b"\r\n.\r\n"
-    return _Body(payload, tail, not data.isascii())
-
-
 # -- the SMTP pool -------------------------------------------------------------
 
 
@@ -340,7 +185,7 @@ class SmtpUpstream:
         self._idle: list[_Connection] = []
         self._quitting: set[asyncio.Future[None]] = set()  # QUITs after a final outcome
         self._busy = 0
-        self._bodies: OrderedDict[int, tuple[memoryview, _Body | None]] = OrderedDict()
+        self._bodies: OrderedDict[int, tuple[memoryview, Body | None]] = OrderedDict()
         self._closed = False
         self.connections_opened = 0
 
@@ -398,13 +243,13 @@ class SmtpUpstream:
         # Goodbyes under way: a moment for them, then their sockets close.
         await finish_within(set(self._quitting), QUIT_GRACE)
 
-    def _prepare(self, body: memoryview) -> _Body | None:
+    def _prepare(self, body: memoryview) -> Body | None:
         """Scan and stuff a shared body once per message (keeps the last ``pool_size`` bodies)."""
         hit = self._bodies.get(id(body))
         if hit is not None and hit[0] is body:
             self._bodies.move_to_end(id(body))
             return hit[1]
-        prepared = _prepare_body(body)
+        prepared = transaction.prepare_body(body)
         self._bodies[id(body)] = (body, prepared)
         while len(self._bodies) > max(2, self._config.pool_size):
             self._bodies.popitem(last=False)
@@ -430,7 +275,7 @@ class SmtpUpstream:
             conn.smtp.close()
 
     async def _transaction(
-        self, conn: _Connection, mail_from: str, copy: Copy, body: _Body, smtputf8: bool
+        self, conn: _Connection, mail_from: str, copy: Copy, body: Body, smtputf8: bool
     ) -> Outcome:
         try:
             outcome = await self._exchange(conn, mail_from, copy, body, smtputf8)
@@ -453,113 +298,55 @@ class SmtpUpstream:
         return outcome
 
     async def _exchange(
-        self, conn: _Connection, mail_from: str, copy: Copy, body: _Body, smtputf8: bool
+        self, conn: _Connection, mail_from: str, copy: Copy, body: Body, smtputf8: bool
     ) -> Outcome:
-        smtp, timeout = conn.smtp, self._config.command_timeout
-        offered = smtp.esmtp_extensions
-        rcpt = copy.recipient.text
-        non_ascii = not (mail_from.isascii() and rcpt.isascii() and copy.headers.isascii())
-        if non_ascii and "smtputf8" not in offered:
-            text = "the upstream does not offer SMTPUTF8, which this copy needs"
-            return Outcome(Status.PERMANENT, Stage.MAIL, 553, "5.6.7", text)  # RFC 6531 3.7.4.1
-        utf8 = (smtputf8 or non_ascii) and "smtputf8" in offered
-        eight_bit = body.eight_bit or not copy.headers.isascii()
-        if eight_bit and "8bitmime" not in offered and not utf8:
-            text = "the upstream does not offer 8BITMIME, which this copy needs"
-            return Outcome(Status.PERMANENT, Stage.MAIL, 554, "5.6.3", text)  # RFC 6152 3
-        options = [f"SIZE={copy.size}".encode()] if "size" in offered else []
-        options += [b"BODY=8BITMIME"] if eight_bit and "8bitmime" in offered else []
-        options += [b"SMTPUTF8"] if utf8 else []
-        encoding = "utf-8" if utf8 else "ascii"
-        if "pipelining" in offered:  # RFC 2920: MAIL, RCPT and DATA in one write
-            mail = b" ".join([b"MAIL FROM:<" + mail_from.encode(encoding) + b">", *options])
-            to = b"RCPT TO:<" + rcpt.encode(encoding) + b">"
-            return await self._pipelined(conn, mail + b"\r\n" + to + b"\r\nDATA\r\n", copy, body)
+        smtp = conn.smtp
+        commands = transaction.commands(
+            smtp.esmtp_extensions, mail_from, copy, body, smtputf8=smtputf8
+        )
+        if isinstance(commands, Outcome):  # the upstream lacks an extension the copy needs
+            return commands
         with _at(Stage.MAIL):
-            sender = b"FROM:<" + mail_from.encode(encoding) + b">"
-            reply = await smtp.execute_command(b"MAIL", sender, *options, timeout=timeout)
-        if reply.code != 250:
-            return await self._refused(conn, Stage.MAIL, reply.code, reply.message)
-        with _at(Stage.RCPT):
-            to = b"TO:<" + rcpt.encode(encoding) + b">"
-            reply = await smtp.execute_command(b"RCPT", to, timeout=timeout)
-        if reply.code not in (250, 251):
-            return await self._refused(conn, Stage.RCPT, reply.code, reply.message)
-        with _at(Stage.DATA):
-            reply = await smtp.execute_command(b"DATA", timeout=timeout)
-            if reply.code != 354:
-                return await self._refused(conn, Stage.DATA, reply.code, reply.message)
-            protocol = smtp.protocol
-            if protocol is None:
-                raise ConnectionResetError("connection lost after DATA")
-            channel = _Sequential(protocol)
-            await self._data(channel, copy, body)
-        with _at(Stage.DOT):  # RFC 5321 4.5.3.2.6: up to 10 minutes for this reply
-            reply = await channel.reply(self._config.data_timeout)
-        return await self._final(conn, reply)
-
-    async def _data(self, channel: _Channel, copy: Copy, body: _Body) -> None:
-        """The copy's header section and the shared body, dot-stuffed, and the final dot."""
-        headers = _LINE_DOT.sub(b"..", copy.headers)
-        if len(body.payload) <= WRITE_SLICE:  # one write, one system call
-            channel.write(b"".join((headers, body.payload, body.tail)))
-            return
-        channel.write(headers)
-        async with asyncio.timeout(self._config.data_timeout):
-            await _stream(channel, body.payload)
-        channel.write(body.tail)
-
-    async def _final(self, conn: _Connection, reply: SMTPResponse) -> Outcome:
-        if reply.code != 250:
-            return await self._refused(conn, Stage.DOT, reply.code, reply.message)
-        conn.transactions += 1
-        enhanced, text = split_enhanced(reply.code, reply.message)
-        return Outcome(Status.DELIVERED, Stage.DOT, reply.code, enhanced, text)
-
-    async def _pipelined(
-        self, conn: _Connection, commands: bytes, copy: Copy, body: _Body
-    ) -> Outcome:
-        """MAIL, RCPT and DATA in one write; their replies read in order (RFC 2920 3.1)."""
-        smtp, timeout = conn.smtp, self._config.command_timeout
-        transport, protocol = smtp.transport, smtp.protocol
-        if transport is None or protocol is None or transport.is_closing():
-            raise _Failed(Outcome(Status.TRANSIENT, Stage.MAIL, text="connection lost"))
-        reader = _Pipelined(cast("asyncio.WriteTransport", transport))  # uvloop's: duck-typed
-        transport.set_protocol(reader)
+            reader = Reader.borrow(smtp)
         try:
-            with _at(Stage.MAIL):
-                reader.write(commands)
-                mail = await reader.reply(timeout)
-            with _at(Stage.RCPT):
-                rcpt = await reader.reply(timeout)
-            with _at(Stage.DATA):
-                data = await reader.reply(timeout)
-            refusal = None
-            if mail.code != 250:
-                refusal = (Stage.MAIL, mail)
-            elif rcpt.code not in (250, 251):
-                refusal = (Stage.RCPT, rcpt)
-            elif data.code != 354:
-                refusal = (Stage.DATA, data)
-            if refusal is not None and data.code == 354:
-                # A server that opened DATA with nobody to deliver to: close it empty.
-                with _at(Stage.DATA):
-                    reader.write(b".\r\n")
-                    await reader.reply(timeout)
-            if refusal is None:
-                with _at(Stage.DATA):
-                    await self._data(reader, copy, body)
-                with _at(Stage.DOT):  # RFC 5321 4.5.3.2.6: up to 10 minutes for this reply
-                    final = await reader.reply(self._config.data_timeout)
+            stage, reply = await self._run(reader, commands, copy, body)
         finally:
-            if not transport.is_closing():
-                transport.set_protocol(protocol)  # aiosmtplib's own again (RSET, QUIT, reuse)
+            reader.give_back()
         if reader.error is not None:  # gone after its last reply: never reused
             smtp.close()
-        if refusal is not None:
-            stage, reply = refusal
+        if stage is not Stage.DOT or reply.code != 250:
             return await self._refused(conn, stage, reply.code, reply.message)
-        return await self._final(conn, final)
+        conn.transactions += 1
+        return transaction.delivered(reply)
+
+    async def _run(
+        self, reader: Reader, commands: Commands, copy: Copy, body: Body
+    ) -> tuple[Stage, Reply]:
+        """MAIL, RCPT and DATA (in one write when pipelined), their replies read in order
+        (RFC 2920 3.1), then the data: the refusal and its stage, or the final reply."""
+        timeout = self._config.command_timeout
+        replies: list[Reply] = []
+        refused = None
+        for stages, data in commands.writes:
+            with _at(stages[0]):
+                reader.write(data)
+            for stage in stages:
+                with _at(stage):
+                    replies.append(await reader.reply(timeout))
+            refused = transaction.refusal(replies)
+            if refused is not None:
+                break
+        if refused is not None:
+            if transaction.data_opened(replies):
+                # A server that opened DATA with nobody to deliver to: close it empty.
+                with _at(Stage.DATA):
+                    reader.write(transaction.EMPTY_DATA)
+                    await reader.reply(timeout)
+            return refused
+        with _at(Stage.DATA):
+            await send_data(reader, copy.headers, body, self._config.data_timeout)
+        with _at(Stage.DOT):  # RFC 5321 4.5.3.2.6: up to 10 minutes for this reply
+            return Stage.DOT, await reader.reply(self._config.data_timeout)
 
     async def _refused(self, conn: _Connection, stage: Stage, code: int, message: str) -> Outcome:
         """Classify a refusal; RSET so the session can carry the next copy (or drop it)."""
