@@ -38,6 +38,7 @@ from relay.upstream.transaction import (
 )
 from relay.upstream.wire import Reader
 from tests.conftest import message
+from tests.relay_harness import until
 from tests.upstream_server import (
     DISCONNECT,
     PASSWORD,
@@ -328,7 +329,7 @@ async def test_a_pooled_connection_the_server_dropped_is_replaced(
         for protocol in plain_server._protocols:
             assert protocol.transport is not None
             protocol.transport.close()
-        await asyncio.sleep(0.05)
+        await until(lambda: plain_server.open_connections() == 0, "the server's close")
         idle_closed = await upstream.send(SENDER, make_copy(), smtputf8=False)
         plain_server.script("MAIL", [DISCONNECT])
         dropped_at_mail = await upstream.send(SENDER, make_copy(), smtputf8=False)
@@ -341,7 +342,7 @@ async def test_cancelled_send_does_not_return_its_connection(plain_server: Upstr
     plain_server.script("DOT", [Delay(1.0, 250)])
     async with opened(config(plain_server)) as upstream:
         task = asyncio.ensure_future(upstream.send(SENDER, make_copy(), smtputf8=False))
-        await asyncio.sleep(0.2)
+        await until(lambda: plain_server.delays_begun == 1, "the upstream holding the final dot")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
