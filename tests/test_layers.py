@@ -9,7 +9,8 @@ one above:
     core            pure: no I/O, no clock, no asyncio
     config, files   the one configuration object; reading the files it names
     custody         the spool (the only sqlite3 importer)
-    ops             metrics, health, logs, workers, event loop
+    ops, limits     metrics, health, logs, workers, event loop; the fleet's limits
+                    (the only redis importer)
     upstream        the provider side (the only aiosmtplib importer)
     inbound         the listener (the only aiosmtpd importer)
     delivery, direct
@@ -31,7 +32,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("relay.core",),
     ("relay.config", "relay.files"),
     ("relay.custody",),
-    ("relay.ops",),
+    ("relay.ops", "relay.limits"),
     ("relay.upstream",),
     ("relay.inbound",),
     ("relay.delivery", "relay.direct"),
@@ -71,6 +72,7 @@ CORE_ALLOWED = frozenset(
 OWNERS = {
     "aiosmtpd": ("relay.inbound",),
     "aiosmtplib": ("relay.upstream",),
+    "redis": ("relay.limits",),
     # The queue commands still open the spool themselves; their queries move
     # into relay.custody next, and relay.cli leaves this line.
     "sqlite3": ("relay.custody", "relay.cli"),

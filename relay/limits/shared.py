@@ -1,0 +1,248 @@
+"""One upstream's rate and daily quota, shared by every relay of a fleet on Redis (or Valkey).
+
+Rule 1: each grant is one Lua script, atomic on the server: GCRA for the rate
+(the theoretical arrival time, as redis-cell and KumoMTA's throttles keep it)
+and a counter for the day, read and raised together, on the server's clock
+(``TIME``), so the fleet's sum never passes the quota whatever the pods' clocks
+say. Keys are ``solo-relay:{fleet}:{upstream}:rate`` and ``...:day:{period}``;
+a day's counter expires at the provider's reset.
+Rule 2: tokens are taken in batches (one round trip for several copies) and
+held for at most ``LEASE_SECONDS``; what is not used by then goes back.
+Rule 3: Redis unreachable or slower than its timeout: the relay goes on at its
+local share (the quota over ``expected_replicas``), tries Redis again with a
+backoff, and on its return adds the copies it sent meanwhile to the day's
+counter. The limiter only says how many copies may start now: it never holds,
+loses or repeats a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from relay.core.policy import Backoff, RateLimiter
+from relay.limits.reset import DailyReset
+
+log = logging.getLogger("relay.limits")
+
+LEASE_SECONDS = 1.0  # tokens held unused longer than this go back to the fleet
+RECONNECT = Backoff(initial=0.5, maximum=30.0)  # the tries of an unreachable store
+
+# KEYS: rate, day. ARGV: want, microseconds per copy (0: no rate), burst in copies,
+# copies per day (0: no quota), the day counter's expiry (unix ms). Returns
+# {granted, microseconds until one more copy may go, copies counted today}.
+GRANT = """
+local want = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local quota = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local grant = want
+local tat = now
+if interval > 0 then
+  tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+  grant = math.min(grant, math.max(math.floor((burst * interval - (tat - now)) / interval), 0))
+end
+local used = 0
+if quota > 0 then
+  used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  grant = math.min(grant, math.max(quota - used, 0))
+end
+if grant > 0 then
+  if interval > 0 then
+    tat = tat + grant * interval
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX',
+               math.floor((tat - now) / 1000) + 1000)
+  end
+  if quota > 0 then
+    used = redis.call('INCRBY', KEYS[2], grant)
+    redis.call('PEXPIREAT', KEYS[2], ARGV[5])
+  end
+end
+local wait = 0
+if grant < want and interval > 0 then
+  wait = math.max(tat + interval - burst * interval - now, 0)
+end
+return {grant, wait, used}
+"""
+
+# KEYS: rate, day. ARGV: copies given back, microseconds per copy, the day's expiry
+# (unix ms), copies to add to the day without a rate (those sent while degraded),
+# copies per day (0: no day counter).
+GIVE_BACK = """
+local back = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+if back > 0 and interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if tat > now then
+    tat = math.max(tat - back * interval, now)
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX',
+               math.floor((tat - now) / 1000) + 1000)
+  end
+end
+local change = tonumber(ARGV[4]) - back
+local counted = change > 0 or (change < 0 and redis.call('EXISTS', KEYS[2]) == 1)
+if tonumber(ARGV[5]) > 0 and counted then
+  if redis.call('INCRBY', KEYS[2], change) < 0 then
+    redis.call('SET', KEYS[2], 0)
+  end
+  redis.call('PEXPIREAT', KEYS[2], ARGV[3])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """One upstream's limits: copies per second (burst: one second's worth) and per day."""
+
+    per_second: float = 0.0
+    per_day: int = 0
+    reset: DailyReset = field(default_factory=DailyReset)
+
+
+class SharedLimiter:
+    """The fleet's budget for one upstream, with the local share as a fallback (Rule 3)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        fleet: str,
+        upstream: str,
+        quota: Quota,
+        expected_replicas: int,
+        batch: int = 8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._prefix = f"solo-relay:{fleet}:{upstream}"
+        self._quota = quota
+        self._interval = round(1_000_000 / quota.per_second) if quota.per_second else 0
+        self._burst = max(int(quota.per_second), 1)
+        self._batch = max(batch, 1)
+        self._clock = clock
+        self._grant = client.register_script(GRANT)
+        self._give_back = client.register_script(GIVE_BACK)
+        share = max(expected_replicas, 1)
+        self._local = RateLimiter(quota.per_second / share, quota.per_day // share)
+        self._held = 0  # granted by the fleet, not yet used
+        self._held_since = 0.0
+        self._unsynced = 0  # sent at the local share while the store was away
+        self.degraded = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self.latency = 0.0  # seconds of the last round trip to the store
+        self.wait = 0.0  # seconds until the fleet's rate lets one more copy go
+
+    async def take(self, want: int) -> int:
+        """How many of ``want`` copies may start now (0 to ``want``)."""
+        if want <= 0:
+            return 0
+        now = self._clock()
+        await self.release_stale()  # an old lease goes back before a new one
+        if self._held >= want:
+            self._held -= want
+            return want
+        if self.degraded and now < self._retry_at:
+            return self._take_local(now, want)
+        ask = max(want - self._held, self._batch)
+        try:
+            granted = await self._call_grant(ask, now)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._degrade(now, exc)
+            return self._take_local(now, want)
+        if self.degraded:
+            await self._recovered()
+        if granted and not self._held:
+            self._held_since = now
+        self._held += granted
+        allowed = min(self._held, want)
+        self._held -= allowed
+        return allowed
+
+    async def release_stale(self) -> None:
+        """Give back a lease held unused for more than ``LEASE_SECONDS`` (call it when idle)."""
+        if self._held and self._clock() - self._held_since > LEASE_SECONDS:
+            await self.give_back(0)
+
+    async def give_back(self, count: int) -> None:
+        """Return ``count`` copies taken but not started, and any unused lease."""
+        if self.degraded:
+            self._local.give_back(count)
+            self._unsynced = max(self._unsynced - count, 0)
+            return
+        back = count + self._held
+        self._held = 0
+        if back <= 0:
+            return
+        try:
+            await self._call_give_back(back, 0)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._degrade(self._clock(), exc)
+
+    async def aclose(self) -> None:
+        """Hand back what is held, then close the connection to the store."""
+        try:
+            await self.give_back(0)
+        finally:
+            await self._client.aclose()
+
+    # -- the store -------------------------------------------------------------------
+
+    def _keys(self, now: float) -> list[str]:
+        return [f"{self._prefix}:rate", f"{self._prefix}:day:{self._quota.reset.period(now)}"]
+
+    def _expiry_ms(self, now: float) -> int:
+        return int(self._quota.reset.next_reset(now) * 1000)
+
+    async def _call_grant(self, ask: int, now: float) -> int:
+        started = time.monotonic()
+        args = [ask, self._interval, self._burst, self._quota.per_day, self._expiry_ms(now)]
+        granted, wait, _used = await self._grant(keys=self._keys(now), args=args)
+        self.latency = time.monotonic() - started
+        self.wait = int(wait) / 1_000_000
+        return int(granted)
+
+    async def _call_give_back(self, back: int, add: int) -> None:
+        now = self._clock()
+        args = [back, self._interval, self._expiry_ms(now), add, self._quota.per_day]
+        await self._give_back(keys=self._keys(now), args=args)
+
+    # -- degraded: the local share (Rule 3) -------------------------------------------
+
+    def _take_local(self, now: float, want: int) -> int:
+        allowed = self._local.take(now, want)
+        self._unsynced += allowed
+        return allowed
+
+    def _degrade(self, now: float, exc: BaseException) -> None:
+        self._failures += 1
+        self._retry_at = now + RECONNECT.delay(self._failures)
+        self._held = 0  # a lease the store may have lost: counted there already, never reused
+        if not self.degraded:
+            self.degraded = True
+            log.warning(
+                "shared limits unreachable: sending at the local share",
+                extra={"fields": {"limits": self._prefix, "error": type(exc).__name__}},
+            )
+
+    async def _recovered(self) -> None:
+        self.degraded = False
+        self._failures = 0
+        log.info("shared limits back", extra={"fields": {"limits": self._prefix}})
+        unsynced, self._unsynced = self._unsynced, 0
+        if unsynced:  # the day's count learns what was sent meanwhile (no rate cost)
+            try:
+                await self._call_give_back(0, unsynced)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._unsynced = unsynced
+                self._degrade(self._clock(), exc)
