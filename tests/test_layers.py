@@ -71,9 +71,7 @@ CORE_ALLOWED = frozenset(
 OWNERS = {
     "aiosmtpd": ("relay.inbound",),
     "aiosmtplib": ("relay.upstream",),
-    # The queue commands still open the spool themselves; their queries move
-    # into relay.custody next, and relay.cli leaves this line.
-    "sqlite3": ("relay.custody", "relay.cli"),
+    "sqlite3": ("relay.custody",),
 }
 
 
