@@ -73,9 +73,7 @@ OWNERS = {
     "aiosmtpd": ("relay.inbound",),
     "aiosmtplib": ("relay.upstream",),
     "redis": ("relay.limits",),
-    # The queue commands still open the spool themselves; their queries move
-    # into relay.custody next, and relay.cli leaves this line.
-    "sqlite3": ("relay.custody", "relay.cli"),
+    "sqlite3": ("relay.custody",),
 }
 
 

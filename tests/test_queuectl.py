@@ -1,8 +1,15 @@
-"""`solo-relay queue` as a process, on a spool built with ``relay.custody.spool.Spool``."""
+"""`solo-relay queue` on a spool built with ``relay.custody.spool.Spool``.
+
+In-process (``relay.cli.main.main`` with the environment the process would have),
+except ``python -m relay queue`` itself: the entry point with ``--config`` before
+or after the action, and a command waiting for a lock held by another process.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import sqlite3
 import subprocess
@@ -11,9 +18,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
+from relay.cli import main as cli
 from relay.config import LogConfig
 from relay.custody.spool import CopyState, NewCopy, NewMessage, Spool
 from relay.ops.logs import AddressTokens, load_key
@@ -112,11 +121,31 @@ def running(spool_dir: Path) -> Iterator[Spool]:
 def queue(
     spool_dir: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """``solo-relay queue ARGS`` in this process, with ``RELAY_SPOOL_DIR`` and no other
+    RELAY_* setting, in ``spool_dir``'s parent: what ``python -m relay queue`` would get."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        mock.patch.dict(
+            os.environ, {**clean, "RELAY_SPOOL_DIR": str(spool_dir), **(env or {})}, clear=True
+        ),
+        contextlib.chdir(spool_dir.parent),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            status = cli.main(["queue", *args])
+        except SystemExit as exc:  # --help, and argparse's usage errors
+            status = int(exc.code or 0)
+    return subprocess.CompletedProcess(["queue", *args], status, out.getvalue(), err.getvalue())
+
+
+def queue_process(spool_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m relay queue ARGS`` with ``RELAY_SPOOL_DIR`` and no other RELAY_* setting."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     return subprocess.run(
         [sys.executable, "-m", "relay", "queue", *args],
-        env={**clean, "RELAY_SPOOL_DIR": str(spool_dir), **(env or {})},
+        env={**clean, "RELAY_SPOOL_DIR": str(spool_dir)},
         cwd=spool_dir.parent,
         capture_output=True,
         text=True,
@@ -278,7 +307,7 @@ def test_unknown_id_exits_1(spool_dir: Path) -> None:
 def test_missing_database_is_not_created(tmp_path: Path) -> None:
     """No spool database: exit 1 naming the path; neither directory nor database is created."""
     missing = tmp_path / "nowhere"
-    result = queue(missing, "stats")
+    result = queue_process(missing, "stats")  # the exit status of the real process
     assert result.returncode == 1
     assert result.stderr.startswith("solo-relay queue: no spool database at ")
     assert str(missing / "spool.db") in result.stderr

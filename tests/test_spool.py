@@ -22,7 +22,9 @@ import pytest
 from relay.cli import main as cli
 from relay.config import load
 from relay.core.model import Outcome, Stage, Status
+from relay.custody import schema as schema_module
 from relay.custody import spool as spool_module
+from relay.custody import writer as writer_module
 from relay.custody.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError
 from tests.relay_harness import running_relay
 
@@ -168,7 +170,7 @@ async def test_a_failed_delivered_batch_does_not_fail_the_records_after_it(
 ) -> None:
     """A delivered record that failed (another writer held the lock too long) leaves the
     next records free: they are written once the spool can be, not failed for ever."""
-    monkeypatch.setattr(spool_module, "BUSY_TIMEOUT_MS", 200)
+    monkeypatch.setattr(schema_module, "BUSY_TIMEOUT_MS", 200)
     with opened(tmp_path) as spool:
         await spool.store(new_message("M1", (ALICE, BOB)))
         first, second = await spool.claim_due(T0, 10)
@@ -564,7 +566,7 @@ def test_a_busy_database_stops_the_open_and_is_not_quarantined(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A lock held past the busy timeout is trouble to report, not corruption to set aside."""
-    monkeypatch.setattr(spool_module, "BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(schema_module, "BUSY_TIMEOUT_MS", 100)
     with opened(tmp_path) as spool:
         asyncio.run(spool.store(new_message("M1", (ALICE,))))
     holder = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
@@ -803,7 +805,7 @@ async def test_wal_and_database_shrink_back_when_idle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a burst is delivered, an idle spool truncates its WAL and frees its pages."""
-    monkeypatch.setattr(spool_module, "MAINTAIN_IDLE_SECONDS", 0.05)
+    monkeypatch.setattr(writer_module, "MAINTAIN_IDLE_SECONDS", 0.05)
     with opened(tmp_path) as spool:
         for n in range(120):
             await spool.store(new_message(f"M{n}", (ALICE,), body=b"x" * 60_000))
@@ -881,7 +883,7 @@ async def test_a_spool_made_without_auto_vacuum_is_converted_when_idle_and_shrin
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An older spool (auto_vacuum off) gets one VACUUM when idle and mostly free, then shrinks."""
-    monkeypatch.setattr(spool_module, "MAINTAIN_IDLE_SECONDS", 0.05)
+    monkeypatch.setattr(writer_module, "MAINTAIN_IDLE_SECONDS", 0.05)
     with contextlib.closing(sqlite3.connect(tmp_path / "spool.db", isolation_level=None)) as conn:
         conn.execute(f"PRAGMA page_size = {spool_module.PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode = WAL")

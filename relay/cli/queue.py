@@ -1,7 +1,7 @@
 """``solo-relay queue``: inspect and act on the spool of a running or stopped relay.
 
-Rule 1: the command opens ``spool.dir/spool.db`` itself with sqlite3, read-write
-but never creating it (a missing database is an error, not an empty spool).
+Rule 1: the command opens ``spool.dir/spool.db`` through ``relay.custody.admin``,
+read-write but never creating it (a missing database is an error, not an empty spool).
 Each command is one short transaction: reads share the WAL with the relay's
 writer; writes take the lock with ``BEGIN IMMEDIATE``, waiting up to the
 spool's busy timeout, and hold it only for their few statements.
@@ -19,30 +19,20 @@ formatting characters escaped, so a header cannot drive the terminal.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
-import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
 from relay.cli import queuefmt, queueview
 from relay.config import Config, load
 from relay.core.errors import ConfigError
-from relay.custody import recovery
-from relay.custody.spool import (
-    BODIES,
-    BUSY_TIMEOUT_MS,
-    LIVE,
-    CopyRow,
-    CopyState,
-    SpoolError,
-    add_recovered,
-    read_stats,
-)
+from relay.custody import admin
+from relay.custody.admin import Store, StoreError, UnknownMessage
+from relay.custody.spool import LIVE, CopyRow, CopyState, SpoolError
 from relay.ops.logs import AddressTokens, load_key
 from relay.ops.workers import spool_dirs
 
@@ -100,14 +90,6 @@ _STATS_HELP = """\
 Copies by state (all five), messages, the age of the oldest message with a
 live copy, records set aside in quarantine, and the database's size.
 """
-
-
-class SpoolNotFound(Exception):
-    """There is no spool database where the configuration says."""
-
-
-class UnknownMessage(Exception):
-    """No message with that queue id in the spool."""
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -213,36 +195,52 @@ def run(
     )
     if handled is not None:
         return handled
-    found = False
-    broken = False  # a spool that could not be read: the others are still shown
-    for path in paths:
-        try:
-            conn = _connect(path)
-        except (SpoolNotFound, sqlite3.Error) as exc:
-            print(f"solo-relay queue: cannot open {path}: {exc}", file=err)
-            broken = True
-            continue
-        try:
-            text = _act(conn, path, args, tokens, clock())
-            every = action in ("stats", "list") or (action == "retry" and args.every)
-            out.write(f"spool {path.parent}:\n{text}" if every and len(paths) > 1 else text)
-            found = True
-        except UnknownMessage:
-            continue  # a queue id lives in one spool: look in the next
-        except sqlite3.Error as exc:
-            print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
-            broken = True
-            continue
-        finally:
-            conn.close()
-        if action in ("show", "delete") or (action == "retry" and not args.every):
-            break  # done: that message was found
+    found, broken = _each_spool(paths, args, tokens, clock(), out=out, err=err)
     if broken:
         return EXIT_NOT_FOUND
     if not found:
         print(f"solo-relay queue: no message {queuefmt.safe(args.queue_id)} in the spool", file=err)
         return EXIT_NOT_FOUND
     return EXIT_OK
+
+
+def _each_spool(
+    paths: Sequence[Path],
+    args: argparse.Namespace,
+    tokens: AddressTokens | None,
+    now: float,
+    *,
+    out: TextIO,
+    err: TextIO,
+) -> tuple[bool, bool]:
+    """The action on each spool in turn: whether the message (or a spool) was found, and
+    whether a spool could not be read (the others are still shown)."""
+    action: str = args.queue_action
+    found = False
+    broken = False  # a spool that could not be read: the others are still shown
+    for path in paths:
+        try:
+            store = Store.open(path, durable=True)
+        except StoreError as exc:
+            print(f"solo-relay queue: cannot open {path}: {exc}", file=err)
+            broken = True
+            continue
+        try:
+            text = _act(store, path, args, tokens, now)
+            every = action in ("stats", "list") or (action == "retry" and args.every)
+            out.write(f"spool {path.parent}:\n{text}" if every and len(paths) > 1 else text)
+            found = True
+        except UnknownMessage:
+            continue  # a queue id lives in one spool: look in the next
+        except StoreError as exc:
+            print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
+            broken = True
+            continue
+        finally:
+            store.close()
+        if action in ("show", "delete") or (action == "retry" and not args.every):
+            break  # done: that message was found
+    return found, broken
 
 
 def _recover(source: Path, directory: Path, out: TextIO, err: TextIO, fsync: bool) -> int:
@@ -267,16 +265,16 @@ def _recover(source: Path, directory: Path, out: TextIO, err: TextIO, fsync: boo
         )
         return EXIT_NOT_FOUND
     try:
-        found = recovery.salvage(source)
-    except (OSError, sqlite3.Error) as exc:
+        found = admin.salvage(source)
+    except (OSError, StoreError) as exc:
         print(
             f"solo-relay queue: cannot read {source}: {exc} (try: sqlite3 {source} .recover)",
             file=err,
         )
         return EXIT_NOT_FOUND
     try:
-        added = add_recovered(directory, found.messages, fsync=fsync)
-    except (OSError, sqlite3.Error, SpoolError) as exc:
+        added = admin.add_recovered(directory, found.messages, fsync=fsync)
+    except (OSError, SpoolError) as exc:
         print(f"solo-relay queue: cannot write to {directory / DB_NAME}: {exc}", file=err)
         return EXIT_NOT_FOUND
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -295,7 +293,7 @@ def _recover(source: Path, directory: Path, out: TextIO, err: TextIO, fsync: boo
 
 
 def _act(
-    conn: sqlite3.Connection,
+    store: Store,
     path: Path,
     args: argparse.Namespace,
     tokens: AddressTokens | None,
@@ -304,49 +302,15 @@ def _act(
     """One spool's part of ``solo-relay queue ACTION`` (``UnknownMessage``: not in this one)."""
     action: str = args.queue_action
     if action == "stats":
-        return _stats(conn, path, now)
+        return _stats(store, path, now)
     if action == "retry":
-        return _retry(conn, None if args.every else args.queue_id, now)
+        return _retry(store, None if args.every else args.queue_id, now)
     if action == "delete":
-        return _delete(conn, path, args.queue_id)
+        return _delete(store, args.queue_id)
     assert tokens is not None
     if action == "list":
-        return _list(conn, tokens, now)
-    return _show(conn, path, args.queue_id, tokens, now)
-
-
-# -- the database ------------------------------------------------------------------
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """The existing spool database (``mode=rw``: never created here)."""
-    if not path.is_file():
-        raise SpoolNotFound(path)
-    conn = sqlite3.connect(
-        path.resolve().as_uri() + "?mode=rw",
-        uri=True,
-        isolation_level=None,
-        timeout=BUSY_TIMEOUT_MS / 1000,
-    )
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA synchronous = FULL")  # a retry or delete is durable when we say so
-    except sqlite3.Error:
-        conn.close()
-        raise
-    return conn
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection, *, write: bool = False) -> Iterator[None]:
-    """One short transaction: a consistent snapshot to read, or the write lock to change."""
-    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+        return _list(store, tokens, now)
+    return _show(store, args.queue_id, tokens, now)
 
 
 def _tokens(config: Config, directory: Path, *, show: bool) -> AddressTokens:
@@ -355,28 +319,11 @@ def _tokens(config: Config, directory: Path, *, show: bool) -> AddressTokens:
     return AddressTokens(load_key(config.log, directory))
 
 
-def _copies(conn: sqlite3.Connection, message_id: str | None = None) -> list[CopyRow]:
-    where = "c.message = ?" if message_id is not None else "c.state IN (?, ?, ?, ?)"
-    params = (message_id,) if message_id is not None else tuple(s.value for s in LISTED)
-    rows = conn.execute(
-        "SELECT c.id, c.message, c.rcpt, c.state, c.attempts, c.next_try, c.last_code,"
-        " c.last_enhanced, c.last_text, m.received, m.sender"
-        " FROM copies c JOIN messages m ON m.id = c.message"
-        f" WHERE {where} ORDER BY m.received, c.message, c.id",
-        params,
-    ).fetchall()
-    return [
-        CopyRow(r[0], r[1], r[2], CopyState(r[3]), r[4], r[5], r[6], r[7], r[8], r[9], r[10])
-        for r in rows
-    ]
-
-
 # -- the actions ---------------------------------------------------------------------
 
 
-def _list(conn: sqlite3.Connection, tokens: AddressTokens, now: float) -> str:
-    with _transaction(conn):
-        copies = _copies(conn)
+def _list(store: Store, tokens: AddressTokens, now: float) -> str:
+    copies = store.copies(LISTED)
     if not copies:
         return "no copies in the spool\n"
     header = ("QUEUE ID", "COPY", "STATE", "TRIES", "NEXT TRY", "LAST REPLY", "AGE", "FROM", "TO")
@@ -405,25 +352,14 @@ def _list(conn: sqlite3.Connection, tokens: AddressTokens, now: float) -> str:
     )
 
 
-def _show(
-    conn: sqlite3.Connection, path: Path, message_id: str, tokens: AddressTokens, now: float
-) -> str:
-    with _transaction(conn):
-        message = conn.execute(
-            "SELECT sender, smtputf8, auth_user, received, expires,"
-            " CASE body_file WHEN 1 THEN -1 ELSE length(body) END, is_dsn"
-            " FROM messages WHERE id = ?",
-            (message_id,),
-        ).fetchone()
-        if message is None:
-            raise UnknownMessage(message_id)
-        copies = _copies(conn, message_id)
-        headers = dict(
-            conn.execute("SELECT id, headers FROM copies WHERE message = ?", (message_id,))
-        )
+def _show(store: Store, message_id: str, tokens: AddressTokens, now: float) -> str:
+    shown = store.message(message_id)
+    if shown is None:
+        raise UnknownMessage(message_id)
+    message, copies, headers = shown
     sender, smtputf8, auth_user, received, expires, size, is_dsn = message
     if size == -1:  # a large body is a file of its own (relay.spool, Rule 3)
-        size = queuefmt.file_size(path.parent / BODIES / message_id)
+        size = queuefmt.file_size(store.bodies / message_id)
     addresses = [sender, *(c.rcpt for c in copies)]
     lines = [
         f"queue id   {queuefmt.safe(message_id)}",
@@ -455,52 +391,30 @@ def _show(
     return "\n".join(lines) + "\n"
 
 
-def _retry(conn: sqlite3.Connection, message_id: str | None, now: float) -> str:
-    states = tuple(s.value for s in RETRYABLE)
-    with _transaction(conn, write=True):
-        if message_id is None:
-            cursor = conn.execute(
-                "UPDATE copies SET next_try = MIN(next_try, ?) WHERE state IN (?, ?)",
-                (now, *states),
-            )
-        else:
-            _require(conn, message_id)
-            cursor = conn.execute(
-                "UPDATE copies SET next_try = MIN(next_try, ?)"
-                " WHERE message = ? AND state IN (?, ?)",
-                (now, message_id, *states),
-            )
-        count = cursor.rowcount
+def _retry(store: Store, message_id: str | None, now: float) -> str:
+    count = store.retry(message_id, now, RETRYABLE)
     scope = "" if message_id is None else f" of {queuefmt.safe(message_id)}"
     return f"{_copies_word(count)}{scope} due now\n"
 
 
-def _delete(conn: sqlite3.Connection, path: Path, message_id: str) -> str:
-    with _transaction(conn, write=True):
-        _require(conn, message_id)
-        (in_flight,) = conn.execute(
-            "SELECT COUNT(*) FROM copies WHERE message = ? AND state = ?",
-            (message_id, CopyState.DELIVERING.value),
-        ).fetchone()
-        count = conn.execute("DELETE FROM copies WHERE message = ?", (message_id,)).rowcount
-        [(in_file,)] = conn.execute(
-            "DELETE FROM messages WHERE id = ? RETURNING body_file", (message_id,)
-        ).fetchall()
-    if in_file == 1:  # after the commit, as the relay does (a file no row names is harmless)
-        (path.parent / BODIES / message_id).unlink(missing_ok=True)
+def _delete(store: Store, message_id: str) -> str:
+    count, in_flight = store.delete(message_id)
     text = f"deleted {queuefmt.safe(message_id)}: {_copies_word(count)}\n"
     if in_flight:
         text += f"  {_copies_word(in_flight)} being delivered at that moment may still arrive\n"
     return text
 
 
-def _stats(conn: sqlite3.Connection, path: Path, now: float) -> str:
-    with _transaction(conn):
-        counts, oldest = read_stats(conn)
-        (messages,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
-        (quarantined,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
+def _stats(store: Store, path: Path, now: float) -> str:
+    stats = store.stats()
+    counts, oldest, messages, quarantined = (
+        stats.counts,
+        stats.oldest,
+        stats.messages,
+        stats.quarantined,
+    )
     sizes = {suffix: queuefmt.file_size(Path(f"{path}{suffix}")) for suffix in ("", "-wal")}
-    bodies = path.parent / BODIES
+    bodies = store.bodies
     files = [entry.stat().st_size for entry in os.scandir(bodies)] if bodies.is_dir() else []
     lines = [f"{state.value:<12} {counts[state]}" for state in CopyState]
     lines.append(f"{'messages':<12} {messages}")
@@ -517,11 +431,6 @@ def _stats(conn: sqlite3.Connection, path: Path, now: float) -> str:
     )
     lines.append(f"{'body files':<12} {len(files)}, {_bytes(sum(files))}")
     return "\n".join(lines) + "\n"
-
-
-def _require(conn: sqlite3.Connection, message_id: str) -> None:
-    if conn.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone() is None:
-        raise UnknownMessage(message_id)
 
 
 # -- formatting ----------------------------------------------------------------------

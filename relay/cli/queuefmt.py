@@ -1,8 +1,7 @@
-"""What the ``queue`` views share: opening a spool to read, and printing what it holds.
+"""What the ``queue`` views share: printing what a spool holds.
 
-Rule 1: a spool database is opened as it is, never created (``mode=rw``: a WAL
-reader needs its ``-shm``), and waits for the relay's writer like
-``relay.cli.queue`` does.
+Rule 1: a spool database is opened as it is, never created, and waits for the
+relay's writer (``relay.custody.admin``, as ``relay.cli.queue`` opens it).
 Rule 2: whatever the spool holds is escaped before it is printed (control and
 bidirectional formatting characters), so a header cannot drive the terminal.
 Rule 3: the Message-ID is shown as the application wrote it (an operator looks
@@ -13,13 +12,12 @@ own message (``<bob@example.com>``) is shown as a token like the address.
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from relay.custody import history
-from relay.custody.spool import BUSY_TIMEOUT_MS, LIVE, CopyState
+from relay.custody.spool import LIVE, CopyState
 from relay.ops.logs import AddressTokens
 
 EXIT_OK = 0
@@ -30,20 +28,6 @@ RETRYABLE = frozenset(s.value for s in (CopyState.QUEUED, CopyState.DEFERRED))
 
 # C0 controls but tab, DEL, C1 controls, line/paragraph separators, bidi overrides/isolates.
 _UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    """The existing spool database at ``path`` (Rule 1); ``sqlite3.Error`` if it cannot be."""
-    if not path.is_file():
-        raise sqlite3.OperationalError(f"no spool database at {path}")
-    conn = sqlite3.connect(
-        path.resolve().as_uri() + "?mode=rw",
-        uri=True,
-        isolation_level=None,
-        timeout=BUSY_TIMEOUT_MS / 1000,
-    )
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    return conn
 
 
 def shown_message_id(header_id: str, addresses: Sequence[str], tokens: AddressTokens) -> str:

@@ -9,7 +9,6 @@ its message. Times are Unix seconds, with an ISO 8601 twin. Never a body.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,7 +17,6 @@ from relay.cli.queuefmt import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     RETRYABLE,
-    connect,
     file_size,
     redact_headers,
     safe,
@@ -27,7 +25,8 @@ from relay.cli.queuefmt import (
     when,
 )
 from relay.custody import history
-from relay.custody.spool import BODIES, CopyState, read_stats
+from relay.custody.admin import Store, StoreError
+from relay.custody.spool import CopyState
 from relay.ops.logs import AddressTokens
 
 
@@ -38,35 +37,24 @@ def stats_json(paths: Sequence[Path], now: float, err: TextIO) -> tuple[dict[str
     broken = False
     for path in paths:
         try:
-            conn = connect(path)
-            try:
-                conn.execute("BEGIN")
-                counts, oldest = read_stats(conn)
-                (messages,) = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
-                (quarantined,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
-                kept = (
-                    conn.execute(f"SELECT COUNT(*) FROM {history.TABLE}").fetchone()[0]
-                    if history.present(conn)
-                    else 0
-                )
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
+            with Store.open(path) as store:
+                stats = store.stats(with_history=True)
+                bodies = store.bodies
+        except StoreError as exc:
             print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
             broken = True
             continue
+        counts, oldest = stats.counts, stats.oldest
         for state, n in counts.items():
             total[state.value] += n
-        bodies = path.parent / BODIES
         spools.append(
             {
                 "spool": str(path.parent),
                 "copies": {state.value: n for state, n in counts.items()},
-                "messages": messages,
+                "messages": stats.messages,
                 "oldest_live_age_seconds": None if oldest is None else round(now - oldest, 3),
-                "quarantined": quarantined,
-                "history": kept,
+                "quarantined": stats.quarantined,
+                "history": stats.history,
                 "database_bytes": sum(file_size(Path(f"{path}{s}")) for s in ("", "-wal")),
                 "body_files": len(list(bodies.iterdir())) if bodies.is_dir() else 0,
             }
@@ -75,29 +63,15 @@ def stats_json(paths: Sequence[Path], now: float, err: TextIO) -> tuple[dict[str
 
 
 def show_json(
-    conn: sqlite3.Connection, path: Path, queue_id: str, tokens: AddressTokens, now: float
+    store: Store, path: Path, queue_id: str, tokens: AddressTokens, now: float
 ) -> dict[str, Any] | None:
     """One message as JSON (envelope, times, copies with their header sections), or None."""
-    conn.execute("BEGIN")
-    try:
-        message = conn.execute(
-            "SELECT sender, smtputf8, auth_user, received, expires,"
-            " CASE body_file WHEN 1 THEN -1 ELSE length(body) END, is_dsn"
-            " FROM messages WHERE id = ?",
-            (queue_id,),
-        ).fetchone()
-        copies = conn.execute(
-            "SELECT id, rcpt, state, attempts, next_try, last_code, last_enhanced, last_text,"
-            " headers FROM copies WHERE message = ? ORDER BY id",
-            (queue_id,),
-        ).fetchall()
-    finally:
-        conn.execute("COMMIT")
+    message, copies = store.message_rows(queue_id)
     if message is None:
         return None
     sender, smtputf8, auth_user, received, expires, size, is_dsn = message
     if size == -1:
-        size = file_size(path.parent / BODIES / queue_id)
+        size = file_size(store.bodies / queue_id)
     header_id = next(
         (history.message_id(bytes(c[8])) for c in copies if isinstance(c[8], bytes)), ""
     )
@@ -148,12 +122,9 @@ def run_show_json(
     """``queue show ID --json``: the first spool that holds the message."""
     for path in paths:
         try:
-            conn = connect(path)
-            try:
-                shown = show_json(conn, path, queue_id, tokens, now)
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
+            with Store.open(path) as store:
+                shown = show_json(store, path, queue_id, tokens, now)
+        except StoreError as exc:
             print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
             continue
         if shown is not None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,6 @@ from relay.cli.queuefmt import (
     EXIT_OK,
     LISTED,
     RETRYABLE,
-    connect,
     safe,
     sender_text,
     shown_message_id,
@@ -42,6 +40,7 @@ from relay.cli.queuefmt import (
     when,
 )
 from relay.custody import history
+from relay.custody.admin import Store, StoreError
 from relay.custody.spool import CopyState
 from relay.ops.logs import TOKEN_PREFIX, AddressTokens
 
@@ -172,25 +171,24 @@ def run_list(
     for path in paths:
         name = "." if path.parent == base else str(path.parent.relative_to(base))
         try:
-            conn = connect(path)
-        except sqlite3.Error as exc:
+            store = Store.open(path)
+        except StoreError as exc:
             print(f"solo-relay queue: cannot open {path}: {exc}", file=err)
             broken = True
             continue
         try:
-            conn.execute("BEGIN")
             if args.delivered:
-                if history.present(conn):
+                kept = store.history()
+                if kept is not None:
                     kept_history = True
-                    rows += _history_rows(conn, name)
+                    rows += _history_rows(kept, name)
             else:
-                rows += _spool_rows(conn, name)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+                rows += _spool_rows(store, name)
+        except StoreError as exc:
             print(f"solo-relay queue: cannot use {path}: {exc}", file=err)
             broken = True
         finally:
-            conn.close()
+            store.close()
     rows = _filter(rows, args, keyed, now)
     rows.sort(key=lambda r: (r.received, r.message_id, r.copy_id))
     several = len(paths) > 1
@@ -203,24 +201,10 @@ def run_list(
     return EXIT_NOT_FOUND if broken else EXIT_OK
 
 
-def _spool_rows(conn: sqlite3.Connection, spool: str) -> list[Row]:
-    states = tuple(s.value for s in LISTED)
-    found = conn.execute(
-        "SELECT c.id, c.message, c.rcpt, c.state, c.attempts, c.next_try, c.last_code,"
-        " c.last_enhanced, c.last_text, m.received, m.sender, m.auth_user"
-        " FROM copies c JOIN messages m ON m.id = c.message"
-        " WHERE c.state IN (?, ?, ?, ?) ORDER BY m.received, c.message, c.id",
-        states,
-    ).fetchall()
-    # The Message-ID is the same on every copy: read one header section per message.
-    ids = {
-        message: history.message_id(bytes(headers))
-        for message, headers in conn.execute(
-            "SELECT message, headers FROM copies WHERE id IN"
-            " (SELECT MIN(id) FROM copies GROUP BY message)"
-        )
-        if isinstance(headers, bytes)
-    }
+def _spool_rows(store: Store, spool: str) -> list[Row]:
+    found, headers = store.listing(LISTED)
+    # The Message-ID is the same on every copy: one header section per message was read.
+    ids = {message: history.message_id(bytes(section)) for message, section in headers.items()}
     return [
         Row(
             spool,
@@ -242,11 +226,7 @@ def _spool_rows(conn: sqlite3.Connection, spool: str) -> list[Row]:
     ]
 
 
-def _history_rows(conn: sqlite3.Connection, spool: str) -> list[Row]:
-    found = conn.execute(
-        "SELECT copy, message, rcpt, state, attempts, last_code, last_enhanced, last_text,"
-        f" received, sender, message_id, at, auth_user FROM {history.TABLE}"
-    ).fetchall()
+def _history_rows(found: Sequence[tuple[Any, ...]], spool: str) -> list[Row]:
     return [
         Row(
             spool,

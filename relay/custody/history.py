@@ -12,7 +12,7 @@ a minute (``PRUNE_SECONDS``), so the table holds about N days of copies.
 Rule 3: ``solo-relay queue list --delivered`` reads it; the relay never does.
 
 Functions that take a connection run inside the spool writer's transaction
-(``relay.custody.spool``) or a reader's snapshot (``relay.cli.queueview``).
+(``relay.custody.spool``) or a reader's snapshot (``relay.custody.admin``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.custody.spool import BODIES, LIVE, CopyState, NewCopy, NewMessage
+from relay.custody.bodyfiles import BODIES
+from relay.custody.records import LIVE, CopyState, NewCopy, NewMessage
 
 # Rowids probed past the last one seen when the table's own maximum cannot be read.
 PROBE_SLACK = 10_000
