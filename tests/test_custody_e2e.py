@@ -8,6 +8,7 @@ import base64
 import contextlib
 import email
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from relay import intake
+from relay.custody.rows import Rows
 from relay.custody.spool import Spool, SpoolError
 from tests.relay_harness import RawClient, running_relay, until
 from tests.upstream_server import USER, Delay, Transaction, UpstreamServer
@@ -68,13 +70,15 @@ async def test_client_gone_during_the_spool_write_still_gets_its_copies_delivere
     message is in custody), so its copies must be delivered now, not left marked
     ``delivering`` until the next start (found in review).
     """
-    insert = Spool._insert
+    insert = Rows.insert
+    writing = threading.Event()
 
-    def slow_insert(self: Spool, conn: Any, message: Any) -> None:
+    def slow_insert(self: Rows, conn: Any, message: Any) -> None:
+        writing.set()
         time.sleep(0.3)  # a slow disk, in the writer thread
         insert(self, conn, message)
 
-    monkeypatch.setattr(Spool, "_insert", slow_insert)
+    monkeypatch.setattr(Rows, "insert", slow_insert)
     async with running_relay(tmp_path, plain_server.url(), QUEUE) as relay:
         client = await RawClient.connect(relay.smtp_port)
         await client.command("EHLO app.example.org")
@@ -83,7 +87,7 @@ async def test_client_gone_during_the_spool_write_still_gets_its_copies_delivere
         await client.command("RCPT TO:<bob@example.com>")
         await client.command("DATA")
         await client.send(b"From: news@example.org\r\nSubject: t\r\n\r\nhi\r\n.\r\nQUIT\r\n")
-        await asyncio.sleep(0.05)
+        await until(writing.is_set, "the slow spool write under way")
         client.writer.write_eof()  # gone before the 250
         await client.reader.read()
         await client.close()
@@ -284,18 +288,21 @@ async def test_client_gone_before_the_reply_is_still_accounted(
 ) -> None:
     """Final dot, then EOF before the reply (while the spool write, or the isolation of a
     large message in its thread, is under way): taken, delivered, logged and counted."""
+    busy = threading.Event()  # the slow part is under way
     if slow == "spool":
-        insert = Spool._insert
+        insert = Rows.insert
 
-        def slow_insert(self: Spool, conn: Any, message: Any) -> None:
+        def slow_insert(self: Rows, conn: Any, message: Any) -> None:
+            busy.set()
             time.sleep(0.3)  # a slow disk, in the writer thread
             insert(self, conn, message)
 
-        monkeypatch.setattr(Spool, "_insert", slow_insert)
+        monkeypatch.setattr(Rows, "insert", slow_insert)
     else:
         isolate = intake.isolate
 
         def slow_isolate(*args: Any) -> Any:
+            busy.set()
             time.sleep(0.3)  # a large message, in its thread
             return isolate(*args)
 
@@ -310,7 +317,7 @@ async def test_client_gone_before_the_reply_is_still_accounted(
         await client.command("RCPT TO:<bob@example.com>")
         await client.command("DATA")
         await client.send(b"From: news@example.org\r\nSubject: t\r\n\r\nhi\r\n.\r\n")
-        await asyncio.sleep(0.05)
+        await until(busy.is_set, f"the slow {slow} under way")
         client.writer.write_eof()  # gone before the reply
         await client.reader.read()
         await client.close()

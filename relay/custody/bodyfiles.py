@@ -9,10 +9,10 @@ from pathlib import Path
 
 BODY_FILE_OCTETS = 64 * 1024  # bodies this large or larger live in files (Rule 3)
 BODIES = "bodies"
-_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # a queue id safe as a file name
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # a queue id safe as a file name
 
 
-class _BodyFiles:
+class BodyFiles:
     """Large bodies as files in ``bodies/`` (Rule 3), in step with the writer's transactions.
 
     Used only on the writer thread (and by ``open`` before it starts). Files written
@@ -103,11 +103,11 @@ class _BodyFiles:
             self.bytes = max(0, self.bytes - size)
 
 
-def _entries(directory: Path) -> int:
+def entries(directory: Path) -> int:
     """How many entries ``directory`` holds (0 when it does not exist)."""
     try:
-        with os.scandir(directory) as entries:
-            return sum(1 for _ in entries)
+        with os.scandir(directory) as found:
+            return sum(1 for _ in found)
     except (FileNotFoundError, NotADirectoryError):
         return 0
 

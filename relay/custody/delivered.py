@@ -11,9 +11,9 @@ import threading
 from dataclasses import dataclass, field
 
 from relay.core.model import Outcome
-from relay.custody.records import _LIVE_BYTES, CopyState
-from relay.custody.rows import _Rows
-from relay.custody.writer import _Writer
+from relay.custody.records import LIVE_BYTES, CopyState
+from relay.custody.rows import Rows
+from relay.custody.writer import Writer
 
 
 @dataclass(slots=True)
@@ -24,15 +24,16 @@ class _DeliveredBatch:
     task: asyncio.Future[set[int]] | None = None
 
 
-class _Delivered(_Writer, _Rows):
-    """``Spool.record_delivered`` and the one write of its batch."""
+class DeliveredBatches:
+    """``Spool.record_delivered``: the open batch, and the one write of each batch."""
 
-    _delivered: _DeliveredBatch | None
-    _delivered_lock: threading.Lock
+    def __init__(self, writer: Writer, rows: Rows) -> None:
+        self._writer = writer
+        self._rows = rows
+        self._delivered: _DeliveredBatch | None = None  # the open batch
+        self._delivered_lock = threading.Lock()  # shared with the writer thread
 
-    async def record_delivered(
-        self, copy_id: int, *, now: float, attempts: int, outcome: Outcome
-    ) -> bool:
+    async def record(self, copy_id: int, *, now: float, attempts: int, outcome: Outcome) -> bool:
         """``record(copy_id, DELIVERED, ...)``, batched with other copies delivered meanwhile.
 
         The workers finish hundreds of copies a second: every copy that reports while
@@ -48,12 +49,12 @@ class _Delivered(_Writer, _Rows):
             batch.items.append((copy_id, now, attempts, outcome))
         if batch.task is None:  # the first in this batch (all callers are on one loop)
             batch.task = asyncio.ensure_future(
-                self._submit(functools.partial(self._write_delivered, batch), outcome=True)
+                self._writer.submit(functools.partial(self._write, batch), outcome=True)
             )
         found = await asyncio.shield(batch.task)
         return copy_id in found
 
-    def _write_delivered(self, batch: _DeliveredBatch, conn: sqlite3.Connection) -> set[int]:
+    def _write(self, batch: _DeliveredBatch, conn: sqlite3.Connection) -> set[int]:
         with self._delivered_lock:  # closed: later copies start the next batch
             if self._delivered is batch:
                 self._delivered = None
@@ -84,9 +85,9 @@ class _Delivered(_Writer, _Rows):
                 if copy_id in found
             ],
         )
-        self._added -= sum(state in _LIVE_BYTES for _, state in found.values())
+        self._rows.added -= sum(state in LIVE_BYTES for _, state in found.values())
         if found:
-            self._keep_history(conn, sorted(found), max(item[1] for item in items))
+            self._rows.keep_history(conn, sorted(found), max(item[1] for item in items))
         for message_id in {message_id for message_id, _ in found.values()}:
-            self._drop_if_done(conn, message_id)
+            self._rows.drop_if_done(conn, message_id)
         return set(found)

@@ -24,11 +24,11 @@ class SpoolFull(SpoolError):
     reply = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
-class _Damaged(Exception):
+class Damaged(Exception):
     """Rule 6: a positive verdict that the database is damaged (the reason is the message)."""
 
 
-def _damage(exc: BaseException) -> bool:
+def damage(exc: BaseException) -> bool:
     """Rule 6: whether an error reading the spool is a verdict that the file is damaged."""
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
@@ -39,7 +39,7 @@ def _damage(exc: BaseException) -> bool:
     return isinstance(exc, ValueError | TypeError | OverflowError)
 
 
-def _full(exc: BaseException) -> bool:
+def full(exc: BaseException) -> bool:
     """A full file system or quota (or SQLite's own limit, ``spool.max_bytes``)."""
     if isinstance(exc, OSError):
         return exc.errno in _FULL_ERRNOS
@@ -49,11 +49,11 @@ def _full(exc: BaseException) -> bool:
     )
 
 
-def _environment_error(exc: BaseException) -> SpoolError:
+def environment_error(exc: BaseException) -> SpoolError:
     """Rule 6: trouble that is not damage, as the one line an operator needs."""
     if isinstance(exc, SpoolError):
         return exc
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    if _full(exc):
+    if full(exc):
         return SpoolFull(f"cannot open the spool: {text} (free space, then start again)")
     return SpoolError(f"cannot open the spool: {text}")

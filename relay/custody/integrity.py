@@ -9,63 +9,68 @@ from pathlib import Path
 from urllib.parse import quote
 
 from relay.custody import schema
-from relay.custody.bodyfiles import BODIES, _entries
-from relay.custody.errors import _damage, _Damaged, _environment_error
-from relay.custody.queries import _count_live
-from relay.custody.records import _LIVE_BYTES, CopyState, _body_crc, _copy_crc, _numbers, _utf8
-from relay.custody.rows import _Rows
+from relay.custody.bodyfiles import BODIES, entries
+from relay.custody.errors import Damaged, damage, environment_error
+from relay.custody.queries import count_live
+from relay.custody.records import CopyState, body_crc, copy_crc, numbers, utf8
+from relay.custody.rows import Rows
 
 log = logging.getLogger("relay.spool")
 
 
-class _Integrity(_Rows):
-    """``Spool.open``'s checks, on the read-only verdict and then the writer's connection."""
+class Integrity:
+    """``Spool.open``'s checks: the read-only verdict, then the writer's connection recovered.
 
-    directory: Path
-    path: Path
-    quarantined: int
-    live: int
-    _added: int
-    _fsync: bool
-    _max_bytes: int
+    ``open_checked`` returns that connection and its live copies; records it sets
+    aside go through ``rows`` (and count in ``rows.quarantined``).
+    """
 
-    def _open_checked(self) -> sqlite3.Connection:
-        """The verdict (read-only), then the read-write connection, recovered."""
+    def __init__(self, directory: Path, rows: Rows, *, fsync: bool, max_bytes: int) -> None:
+        self.directory = directory
+        self.path = directory / "spool.db"
+        self._rows = rows
+        self._files = rows.files
+        self._fsync = fsync
+        self._max_bytes = max_bytes
+        self._live = 0
+
+    def open_checked(self) -> tuple[sqlite3.Connection, int]:
+        """The verdict (read-only), then the read-write connection, recovered; its live copies."""
         try:
             self._inspect()
-        except _Damaged as damage:
-            self._set_aside(str(damage))
-        counted = self.quarantined
+        except Damaged as verdict:
+            self._set_aside(str(verdict))
+        counted = self._rows.quarantined
         conn = self._connect()
         try:
             self._recover(conn)
         except Exception as exc:
             conn.close()  # rolls back what the scan had set aside: the whole file goes
-            if not _damage(exc):
-                raise _environment_error(exc) from exc
-            self.quarantined = counted
+            if not damage(exc):
+                raise environment_error(exc) from exc
+            self._rows.quarantined = counted
             self._set_aside(f"{type(exc).__name__}: {exc}")
             conn = self._connect()
             try:
                 self._recover(conn)
             except Exception as again:
                 conn.close()
-                raise _environment_error(again) from again
-        return conn
+                raise environment_error(again) from again
+        return conn, self._live
 
     def _inspect(self) -> None:
-        """Rule 6: raise ``_Damaged`` on a positive verdict, ``SpoolError`` on trouble.
+        """Rule 6: raise ``Damaged`` on a positive verdict, ``SpoolError`` on trouble.
 
         Read-only: nothing is written to the database or its WAL, so a damaged spool
         is set aside exactly as it was found.
         """
-        bodies = _entries(self._files.directory)
+        bodies = entries(self._files.directory)
         wal = Path(str(self.path) + "-wal")
         size = self.path.stat().st_size if self.path.exists() else 0
         if size == 0:
             if bodies or (wal.exists() and wal.stat().st_size > 0):
                 state = "missing" if not self.path.exists() else "empty"
-                raise _Damaged(f"spool.db {state} beside {bodies} body files or a WAL")
+                raise Damaged(f"spool.db {state} beside {bodies} body files or a WAL")
             return  # a new spool
         try:
             conn = sqlite3.connect(
@@ -75,7 +80,7 @@ class _Integrity(_Rows):
                 check_same_thread=False,
             )
         except sqlite3.Error as exc:
-            raise _environment_error(exc) from exc
+            raise environment_error(exc) from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {schema.BUSY_TIMEOUT_MS}")
             # integrity_check, not quick_check: it also compares each index with its
@@ -83,13 +88,13 @@ class _Integrity(_Rows):
             # then failed every claim with SQLITE_CORRUPT). 100,000 copies: 0.3 s, not 0.2.
             row = conn.execute("PRAGMA integrity_check(1)").fetchone()
             if row is None or row[0] != "ok":
-                raise _Damaged(f"integrity_check: {row[0] if row else None}")
-        except _Damaged:
+                raise Damaged(f"integrity_check: {row[0] if row else None}")
+        except Damaged:
             raise
         except Exception as exc:
-            if _damage(exc):
-                raise _Damaged(f"{type(exc).__name__}: {exc}") from exc
-            raise _environment_error(exc) from exc
+            if damage(exc):
+                raise Damaged(f"{type(exc).__name__}: {exc}") from exc
+            raise environment_error(exc) from exc
         finally:
             conn.close()
 
@@ -97,7 +102,7 @@ class _Integrity(_Rows):
         try:
             conn = self._open_db()
         except sqlite3.Error as exc:
-            raise _environment_error(exc) from exc
+            raise environment_error(exc) from exc
         return conn
 
     def _set_aside(self, reason: str) -> None:
@@ -112,13 +117,13 @@ class _Integrity(_Rows):
             if self._files.directory.is_dir():  # its large bodies go with it, for recovery
                 self._files.directory.rename(Path(str(aside) + "." + BODIES))
         except OSError as exc:
-            raise _environment_error(exc) from exc
+            raise environment_error(exc) from exc
         log.error(
             "spool database damaged, quarantined: solo-relay queue recover brings back"
             " what is readable",
             extra={"fields": {"error": reason, "moved_to": str(aside)}},
         )
-        self.quarantined += 1
+        self._rows.quarantined += 1
 
     def _open_db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -126,7 +131,7 @@ class _Integrity(_Rows):
             schema.configure(
                 conn,
                 fsync=self._fsync,
-                history_seconds=self._history_seconds,
+                history_seconds=self._rows.history_seconds,
                 max_bytes=self._max_bytes,
             )
         except sqlite3.DatabaseError:
@@ -152,17 +157,17 @@ class _Integrity(_Rows):
         ):
             if in_file == 1:
                 in_files.add(message_id)
-            stored = self._read_body(message_id, body, in_file)
-            if not _utf8(*texts):
+            stored = self._rows.read_body(message_id, body, in_file)
+            if not utf8(*texts):
                 bad_messages.append((message_id, "message text damaged"))
             elif stored is None and in_file == 1:
                 bad_messages.append((message_id, "body file missing"))
-            elif _body_crc(stored) != crc:
+            elif body_crc(stored) != crc:
                 bad_messages.append((message_id, "body checksum mismatch"))
-            elif not _numbers(received, expires):
+            elif not numbers(received, expires):
                 bad_messages.append((message_id, "times damaged"))
         for message_id, reason in bad_messages:
-            self._quarantine_message(conn, message_id, reason, now)
+            self._rows.quarantine_message(conn, message_id, reason, now)
         # rcpt and state are read as bytes: a corrupt byte is a mismatch, not a decode error.
         states = {s.value.encode() for s in CopyState}
         bad_copies = []
@@ -181,59 +186,19 @@ class _Integrity(_Rows):
             " attempts, next_try, CAST(last_enhanced AS BLOB), CAST(last_text AS BLOB)"
             " FROM copies"
         ):
-            if _copy_crc(rcpt, headers) != crc:
+            if copy_crc(rcpt, headers) != crc:
                 bad_copies.append((copy_id, message_id, "copy checksum mismatch"))
             elif state not in states:
                 bad_copies.append((copy_id, message_id, "copy state unknown"))
-            elif not isinstance(attempts, int) or not _numbers(next_try) or not _utf8(*texts):
+            elif not isinstance(attempts, int) or not numbers(next_try) or not utf8(*texts):
                 bad_copies.append((copy_id, message_id, "copy record damaged"))
         for copy_id, message_id, reason in bad_copies:
-            self._quarantine_copy(conn, copy_id, message_id, reason, now)
+            self._rows.quarantine_copy(conn, copy_id, message_id, reason, now)
         conn.execute("DELETE FROM copies WHERE message NOT IN (SELECT id FROM messages)")
         conn.execute("COMMIT")
         self._files.committed()
         self._files.sweep(in_files - {message_id for message_id, _ in bad_messages})
-        self.live = _count_live(conn)
-
-    def _quarantine_message(
-        self, conn: sqlite3.Connection, message_id: str, reason: str, now: float
-    ) -> None:
-        row = conn.execute(
-            "SELECT body, body_file FROM messages WHERE id = ?", (message_id,)
-        ).fetchone()
-        data = None if row is None else self._read_body(message_id, row[0], row[1])
-        conn.execute(
-            "INSERT INTO quarantine (kind, ref, reason, at, data) VALUES ('message', ?, ?, ?, ?)",
-            (message_id, reason, now, data),
-        )
-        self._added -= _count_live(conn, message_id)
-        self._delete_message(conn, message_id)
-        self.quarantined += 1
-        log.error(
-            "spool record quarantined", extra={"fields": {"queue_id": message_id, "reason": reason}}
-        )
-
-    def _quarantine_copy(
-        self, conn: sqlite3.Connection, copy_id: int, message_id: str, reason: str, now: float
-    ) -> None:
-        # The state as bytes: a damaged row's may not even be UTF-8.
-        state = conn.execute(
-            "SELECT CAST(state AS BLOB) FROM copies WHERE id = ?", (copy_id,)
-        ).fetchone()
-        if state is None:
-            return  # already gone with its message
-        conn.execute(
-            "INSERT INTO quarantine (kind, ref, reason, at, data)"
-            " SELECT 'copy', ?, ?, ?, headers FROM copies WHERE id = ?",
-            (f"{message_id}/{copy_id}", reason, now, copy_id),
-        )
-        self._added -= state[0] in _LIVE_BYTES
-        conn.execute("DELETE FROM copies WHERE id = ?", (copy_id,))
-        self._drop_if_done(conn, message_id)  # else a message with no live copy stays forever
-        self.quarantined += 1
-        log.error(
-            "spool record quarantined", extra={"fields": {"queue_id": message_id, "reason": reason}}
-        )
+        self._live = count_live(conn)
 
 
 def _unused(path: Path) -> Path:

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import IO
 
-from relay.custody.errors import SpoolError, _environment_error
+from relay.custody.errors import SpoolError, environment_error
 
 
-def _take_lock(path: Path, *, write_pid: bool = True) -> IO[bytes]:
+def take_lock(path: Path, *, write_pid: bool = True) -> IO[bytes]:
     """An exclusive lock on the spool directory for this process's life: one relay per spool.
 
     The lock file holds the holder's process id, so a second relay can name it.
@@ -19,7 +19,7 @@ def _take_lock(path: Path, *, write_pid: bool = True) -> IO[bytes]:
     try:
         handle = open(path, "a+b")  # noqa: SIM115 - held open until close()
     except OSError as exc:
-        raise _environment_error(exc) from exc
+        raise environment_error(exc) from exc
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -44,4 +44,4 @@ def check_unlocked(directory: Path) -> None:
     worker would be refused and started again without end. A spool not made yet is free.
     """
     if (directory / "spool.lock").exists():
-        _take_lock(directory / "spool.lock", write_pid=False).close()
+        take_lock(directory / "spool.lock", write_pid=False).close()

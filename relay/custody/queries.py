@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from relay.custody.records import _LIVE_VALUES, LIVE, CopyState, _numbers
+from relay.custody.records import LIVE, LIVE_VALUES, CopyState, numbers
 
 
 def read_stats(conn: sqlite3.Connection) -> tuple[dict[CopyState, int], float | None]:
@@ -18,10 +18,10 @@ def read_stats(conn: sqlite3.Connection) -> tuple[dict[CopyState, int], float | 
         " WHERE c.state IN (?, ?, ?)",
         tuple(s.value for s in LIVE),
     ).fetchone()
-    return counts, (float(row[0]) if row is not None and _numbers(row[0]) else None)
+    return counts, (float(row[0]) if row is not None and numbers(row[0]) else None)
 
 
-def _used_bytes(conn: sqlite3.Connection) -> int:
+def used_bytes(conn: sqlite3.Connection) -> int:
     """Bytes of the database in use (free pages, reused before it grows, excluded)."""
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -29,16 +29,16 @@ def _used_bytes(conn: sqlite3.Connection) -> int:
     return int((pages - free) * size)
 
 
-def _count_live(conn: sqlite3.Connection, message_id: str | None = None) -> int:
+def count_live(conn: sqlite3.Connection, message_id: str | None = None) -> int:
     """Live copies in the spool, or of one message."""
     if message_id is None:
         row = conn.execute(
-            "SELECT COUNT(*) FROM copies WHERE state IN (?, ?, ?)", _LIVE_VALUES
+            "SELECT COUNT(*) FROM copies WHERE state IN (?, ?, ?)", LIVE_VALUES
         ).fetchone()
     else:
         row = conn.execute(
             "SELECT COUNT(*) FROM copies WHERE message = ? AND state IN (?, ?, ?)",
-            (message_id, *_LIVE_VALUES),
+            (message_id, *LIVE_VALUES),
         ).fetchone()
     return int(row[0])
 
@@ -55,6 +55,6 @@ def next_due(conn: sqlite3.Connection) -> float | None:
         row[0]
         for state in (CopyState.QUEUED, CopyState.DEFERRED)  # each an index lookup
         for row in conn.execute("SELECT MIN(next_try) FROM copies WHERE state = ?", (state.value,))
-        if _numbers(row[0])
+        if numbers(row[0])
     ]
     return float(min(times)) if times else None

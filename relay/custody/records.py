@@ -28,8 +28,8 @@ class CopyState(enum.Enum):
 
 
 LIVE = (CopyState.QUEUED, CopyState.DELIVERING, CopyState.DEFERRED)
-_LIVE_VALUES = tuple(s.value for s in LIVE)
-_LIVE_BYTES = tuple(s.value.encode() for s in LIVE)
+LIVE_VALUES = tuple(s.value for s in LIVE)
+LIVE_BYTES = tuple(s.value.encode() for s in LIVE)
 FINAL = (CopyState.DELIVERED, CopyState.FAILED)
 
 
@@ -121,7 +121,7 @@ def jobs_for(
     ]
 
 
-def _utf8(*values: object) -> bool:
+def utf8(*values: object) -> bool:
     """Every value is stored text that decodes (a column read ``CAST(... AS BLOB)``)."""
     try:
         for value in values:
@@ -134,17 +134,17 @@ def _utf8(*values: object) -> bool:
     return True
 
 
-def _sort_time(value: object) -> float:
+def sort_time(value: object) -> float:
     """A stored time for ordering; a damaged one (quarantined by the caller) sorts first."""
-    return float(value) if _numbers(value) else float("-inf")  # type: ignore[arg-type]
+    return float(value) if numbers(value) else float("-inf")  # type: ignore[arg-type]
 
 
-def _numbers(*values: object) -> bool:
+def numbers(*values: object) -> bool:
     """Every value is a real number (a damaged row can hold text where a time should be)."""
     return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
 
 
-def _copy_crc(rcpt: object, headers: object) -> int | None:
+def copy_crc(rcpt: object, headers: object) -> int | None:
     """The copy's checksum; None (never equal to a stored one) when a column has the wrong type.
 
     ``rcpt`` is the address, or its stored UTF-8 bytes (the recovery scan reads them raw).
@@ -156,9 +156,9 @@ def _copy_crc(rcpt: object, headers: object) -> int | None:
     return zlib.crc32(headers, zlib.crc32(rcpt))
 
 
-def _body_crc(body: object) -> int | None:
+def body_crc(body: object) -> int | None:
     return zlib.crc32(body) if isinstance(body, bytes) else None
 
 
-def _size(message: NewMessage) -> int:
+def message_size(message: NewMessage) -> int:
     return len(message.body) + sum(len(c.headers) + len(c.rcpt) for c in message.copies)

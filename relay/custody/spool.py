@@ -43,42 +43,40 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 from relay.core.model import Outcome
-from relay.custody import history
-from relay.custody.bodyfiles import BODIES, BODY_FILE_OCTETS, _BodyFiles
-from relay.custody.delivered import _Delivered, _DeliveredBatch
-from relay.custody.errors import SpoolError, SpoolFull, _environment_error
-from relay.custody.integrity import _Integrity
-from relay.custody.lock import _take_lock, check_unlocked
-from relay.custody.queries import _count_live, _used_bytes, next_due, quarantine_records, read_stats
+from relay.custody.bodyfiles import BODIES, BODY_FILE_OCTETS, BodyFiles
+from relay.custody.delivered import DeliveredBatches
+from relay.custody.errors import SpoolError, SpoolFull, environment_error
+from relay.custody.integrity import Integrity
+from relay.custody.lock import check_unlocked, take_lock
+from relay.custody.queries import count_live, next_due, quarantine_records, read_stats, used_bytes
 from relay.custody.records import (
-    _LIVE_BYTES,
     FINAL,
     LIVE,
+    LIVE_BYTES,
     CopyRow,
     CopyState,
     Job,
     NewCopy,
     NewMessage,
-    _body_crc,
-    _copy_crc,
-    _numbers,
-    _size,
-    _sort_time,
+    body_crc,
+    copy_crc,
     jobs_for,
+    message_size,
     new_queue_id,
+    numbers,
+    sort_time,
 )
 from relay.custody.reserve import Reserve
+from relay.custody.rows import Rows
 from relay.custody.schema import BUSY_TIMEOUT_MS, PAGE_SIZE, SCHEMA
-from relay.custody.writer import MAINTAIN_IDLE_SECONDS, _Item
+from relay.custody.writer import MAINTAIN_IDLE_SECONDS, Writer
 
 # Names importable from here as before the spool was split into modules.
 __all__ = [
@@ -106,8 +104,14 @@ __all__ = [
 ]
 
 
-class Spool(_Delivered, _Integrity):
-    """The spool database. ``open`` it, then ``await`` its methods from the event loop."""
+class Spool:
+    """The spool database. ``open`` it, then ``await`` its methods from the event loop.
+
+    Made of parts, each holding its own state: ``Rows`` (the row writes and body
+    files), ``Writer`` (the thread and group commit), ``Integrity`` (the checks
+    at open) and ``DeliveredBatches`` (``record_delivered``). This class holds
+    the operations, each one closure the writer runs in its transaction.
+    """
 
     def __init__(
         self,
@@ -121,27 +125,36 @@ class Spool(_Delivered, _Integrity):
         self.directory = directory
         # ``spool.reserve_bytes``: room for outcomes when the disk is full (relay.custody.reserve).
         self.reserve = Reserve(directory, reserve_bytes)
-        # ``spool.history_days``: final copies kept as rows of ``history`` (relay.custody.history).
-        self._history_seconds = history_days * history.DAY
-        self._pruned_at = 0.0
         self.path = directory / "spool.db"
-        self._fsync = fsync
         self._max_bytes = max_bytes
-        self._files = _BodyFiles(directory / BODIES, fsync=fsync)
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._rows = Rows(BodyFiles(directory / BODIES, fsync=fsync), history_days=history_days)
+        self._writer = Writer(self._rows, self.reserve)
+        self._integrity = Integrity(directory, self._rows, fsync=fsync, max_bytes=max_bytes)
+        self._delivered = DeliveredBatches(self._writer, self._rows)
         self._lock: IO[bytes] | None = None
-        self.quarantined = 0  # records moved aside since open
-        self.live = 0  # copies queued, delivering or deferred (see LIVE_RECOUNT_SECONDS)
-        self._counted_at = 0.0
-        self._added = 0  # change in live copies by the transaction in progress
-        self._delivered: _DeliveredBatch | None = None  # record_delivered's open batch
-        self._delivered_lock = threading.Lock()  # shared with the writer thread
-        self.commits = 0  # transactions committed (each one fsync): group commit at work
-        self.maintained = 0  # idle checkpoints and vacuums done (Rule 7)
 
     def __repr__(self) -> str:
         return f"<Spool {self.path} live={self.live} commits={self.commits}>"
+
+    @property
+    def live(self) -> int:
+        """Copies queued, delivering or deferred (see ``writer.LIVE_RECOUNT_SECONDS``)."""
+        return self._writer.live
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed (each one fsync): group commit at work."""
+        return self._writer.commits
+
+    @property
+    def maintained(self) -> int:
+        """Idle checkpoints and vacuums done (Rule 7)."""
+        return self._writer.maintained
+
+    @property
+    def quarantined(self) -> int:
+        """Records (and databases) moved aside since open."""
+        return self._rows.quarantined
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -155,22 +168,18 @@ class Spool(_Delivered, _Integrity):
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _environment_error(exc) from exc
-        self._lock = _take_lock(self.directory / "spool.lock")
+            raise environment_error(exc) from exc
+        self._lock = take_lock(self.directory / "spool.lock")
         try:
-            conn = self._open_checked()
+            conn, live = self._integrity.open_checked()
         except BaseException:
             self._lock_release()
             raise
         self.reserve.ensure()
-        self._thread = threading.Thread(target=self._run, args=(conn,), name="spool", daemon=True)
-        self._thread.start()
+        self._writer.start(conn, live)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        self._writer.stop()
         self._lock_release()
 
     def _lock_release(self) -> None:
@@ -188,26 +197,26 @@ class Spool(_Delivered, _Integrity):
 
         def write(conn: sqlite3.Connection) -> list[int]:
             if self._max_bytes and (
-                _used_bytes(conn) + self._files.bytes + _size(message) > self._max_bytes
+                used_bytes(conn) + self._rows.files.bytes + message_size(message) > self._max_bytes
             ):
                 raise SpoolError("database or disk is full (spool.max_bytes)")
-            self._insert(conn, message)
-            self._added += sum(c.state in LIVE for c in message.copies)
+            self._rows.insert(conn, message)
+            self._rows.added += sum(c.state in LIVE for c in message.copies)
             rows = conn.execute(
                 "SELECT id FROM copies WHERE message = ? ORDER BY id", (message.id,)
             ).fetchall()
             return [int(row[0]) for row in rows]
 
-        return await self._submit(write)
+        return await self._writer.submit(write)
 
     async def discard(self, message_id: str) -> None:
         """Remove a message that was never acknowledged (direct mode: nothing delivered)."""
 
         def write(conn: sqlite3.Connection) -> None:
-            self._added -= _count_live(conn, message_id)
-            self._delete_message(conn, message_id)
+            self._rows.added -= count_live(conn, message_id)
+            self._rows.delete_message(conn, message_id)
 
-        await self._submit(write, outcome=True)
+        await self._writer.submit(write, outcome=True)
 
     async def claim_due(self, now: float, limit: int) -> list[Job]:
         """Up to ``limit`` copies due by ``now``, marked ``delivering`` durably."""
@@ -230,16 +239,20 @@ class Spool(_Delivered, _Integrity):
                         (state.value, now, limit),
                     ).fetchall()
                 ),
-                key=lambda row: (_sort_time(row[12]), row[0]),
+                key=lambda row: (sort_time(row[12]), row[0]),
             )
             jobs = []
             for row in rows:
                 copy_id, message_id, rcpt, headers, crc = row[:5]
-                if _copy_crc(rcpt, headers) != crc:
-                    self._quarantine_copy(conn, copy_id, message_id, "copy checksum mismatch", now)
+                if copy_crc(rcpt, headers) != crc:
+                    self._rows.quarantine_copy(
+                        conn, copy_id, message_id, "copy checksum mismatch", now
+                    )
                     continue
-                if not isinstance(row[5], int) or not _numbers(row[9], row[10]):
-                    self._quarantine_copy(conn, copy_id, message_id, "copy record damaged", now)
+                if not isinstance(row[5], int) or not numbers(row[9], row[10]):
+                    self._rows.quarantine_copy(
+                        conn, copy_id, message_id, "copy record damaged", now
+                    )
                     continue
                 jobs.append(
                     Job(
@@ -262,7 +275,7 @@ class Spool(_Delivered, _Integrity):
             )
             return jobs
 
-        return await self._submit(claim)
+        return await self._writer.submit(claim)
 
     async def body(self, message_id: str) -> bytes | None:
         """The message body, or None if it is gone or corrupt (then quarantined)."""
@@ -273,15 +286,15 @@ class Spool(_Delivered, _Integrity):
             ).fetchone()
             if row is None:
                 return None
-            body = self._read_body(message_id, row[0], row[2])
-            if not isinstance(body, bytes) or _body_crc(body) != row[1]:
+            body = self._rows.read_body(message_id, row[0], row[2])
+            if not isinstance(body, bytes) or body_crc(body) != row[1]:
                 missing = body is None and row[2] == 1
                 reason = "body file missing" if missing else "body checksum mismatch"
-                self._quarantine_message(conn, message_id, reason, time.time())
+                self._rows.quarantine_message(conn, message_id, reason, time.time())
                 return None
             return body
 
-        return await self._submit(read)
+        return await self._writer.submit(read)
 
     async def record(
         self,
@@ -307,7 +320,7 @@ class Spool(_Delivered, _Integrity):
             ).fetchone()
             if row is None:
                 return False  # deleted meanwhile (`solo-relay queue delete`, quarantine)
-            self._added += (state in LIVE) - (row[2] in _LIVE_BYTES)
+            self._rows.added += (state in LIVE) - (row[2] in LIVE_BYTES)
             conn.execute(
                 "UPDATE copies SET state = ?, next_try = ?, attempts = ?, last_code = ?,"
                 " last_enhanced = ?, last_text = ?, updated = ? WHERE id = ?",
@@ -323,14 +336,21 @@ class Spool(_Delivered, _Integrity):
                 ),
             )
             if also_store is not None:
-                self._insert(conn, also_store)  # the DSN commits with the failure, or neither
-                self._added += len(also_store.copies)
+                self._rows.insert(conn, also_store)  # the DSN commits with the failure, or neither
+                self._rows.added += len(also_store.copies)
             if state in FINAL:
-                self._keep_history(conn, [copy_id], now)
-            self._drop_if_done(conn, row[0])
+                self._rows.keep_history(conn, [copy_id], now)
+            self._rows.drop_if_done(conn, row[0])
             return True
 
-        return await self._submit(write, outcome=True)
+        return await self._writer.submit(write, outcome=True)
+
+    async def record_delivered(
+        self, copy_id: int, *, now: float, attempts: int, outcome: Outcome
+    ) -> bool:
+        """``record(copy_id, DELIVERED, ...)``, batched with the other copies delivered
+        meanwhile into one operation (``relay.custody.delivered``)."""
+        return await self._delivered.record(copy_id, now=now, attempts=attempts, outcome=outcome)
 
     async def release(
         self, copy_ids: Sequence[int], now: float, *, next_try: float | None = None
@@ -354,20 +374,20 @@ class Spool(_Delivered, _Integrity):
                 [(CopyState.QUEUED.value, now, i, CopyState.DELIVERING.value) for i in copy_ids],
             )
 
-        await self._submit(write, outcome=True)
+        await self._writer.submit(write, outcome=True)
 
     async def stats(self) -> tuple[dict[CopyState, int], float | None]:
         """Copies by state, and the ``received`` time of the oldest live copy's message."""
-        return await self._submit(read_stats)
+        return await self._writer.submit(read_stats)
 
     async def quarantine_present(self) -> int:
         """Records in the quarantine table plus databases set aside in ``quarantine/`` now."""
         aside = self.directory / "quarantine"
         databases = sum(1 for _ in aside.glob("spool-*.db")) if aside.is_dir() else 0
-        return await self._submit(quarantine_records) + databases
+        return await self._writer.submit(quarantine_records) + databases
 
     async def next_due(self) -> float | None:
-        return await self._submit(next_due)
+        return await self._writer.submit(next_due)
 
 
 def add_recovered(directory: Path, messages: Sequence[NewMessage], *, fsync: bool = True) -> int:
@@ -397,16 +417,16 @@ def add_recovered(directory: Path, messages: Sequence[NewMessage], *, fsync: boo
             for message in messages:
                 if conn.execute("SELECT 1 FROM messages WHERE id = ?", (message.id,)).fetchone():
                     continue
-                spool._insert(conn, message)
+                spool._rows.insert(conn, message)
                 added += 1
-            spool._files.before_commit()
+            spool._rows.files.before_commit()
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            spool._files.rolled_back()
+            spool._rows.files.rolled_back()
             raise
-        spool._files.committed()
+        spool._rows.files.committed()
     finally:
         conn.close()
     return added

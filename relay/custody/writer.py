@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-from relay.custody.bodyfiles import _BodyFiles
-from relay.custody.errors import SpoolError, SpoolFull, _full
-from relay.custody.queries import _count_live
+from relay.custody.errors import SpoolError, SpoolFull, full
+from relay.custody.queries import count_live
 from relay.custody.reserve import Reserve
+from relay.custody.rows import Rows
 from relay.custody.schema import PAGE_SIZE
 
 log = logging.getLogger("relay.spool")
@@ -39,26 +39,39 @@ CONVERT_MAX_BYTES = 64 * 1024 * 1024  # live data a one-time VACUUM may rewrite 
 VACUUM_MAX_PAGES = 4096  # pages given back per idle moment (64 MiB), so a write never waits long
 
 
-class _Item(NamedTuple):
+class Item(NamedTuple):
     """One operation for the writer thread, and the caller's future."""
 
     operation: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
-    outcome: bool  # may use the reserve (``_submit``)
+    outcome: bool  # may use the reserve (``submit``)
 
 
-class _Writer:
-    """The writer thread of ``Spool``: all SQLite work for the relay happens on it."""
+class Writer:
+    """The spool's writer thread: all SQLite work for the relay happens on it (Rule 2)."""
 
-    _queue: queue.SimpleQueue[_Item | None]
-    _thread: threading.Thread | None
-    _files: _BodyFiles
-    reserve: Reserve
-    _added: int
-    live: int
-    _counted_at: float
-    commits: int
-    maintained: int
+    def __init__(self, rows: Rows, reserve: Reserve) -> None:
+        self._rows = rows
+        self._reserve = reserve
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.live = 0  # copies queued, delivering or deferred (see LIVE_RECOUNT_SECONDS)
+        self._counted_at = 0.0
+        self.commits = 0  # transactions committed (each one fsync): group commit at work
+        self.maintained = 0  # idle checkpoints and vacuums done (Rule 7)
+
+    def start(self, conn: sqlite3.Connection, live: int) -> None:
+        """Run the thread on ``conn`` (opened and recovered: ``live`` copies are live)."""
+        self.live = live
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="spool", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is queued, close the connection and end the thread."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     def _run(self, conn: sqlite3.Connection) -> None:
         stopping = False
@@ -127,14 +140,14 @@ class _Writer:
                         conn.execute("ROLLBACK")
                     raise
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            self.reserve.ensure()  # made again once the disk has room (relay.custody.reserve)
+            self._reserve.ensure()  # made again once the disk has room (relay.custody.reserve)
             self.maintained += 1
         except sqlite3.Error as exc:
             log.info("spool maintenance postponed", extra={"fields": {"error": str(exc)}})
 
-    def _commit(self, conn: sqlite3.Connection, batch: Sequence[_Item]) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: Sequence[Item]) -> None:
         results: list[_Answer] = []
-        self._added = 0
+        self._rows.added = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
             for operation, future, _ in batch:
@@ -144,12 +157,12 @@ class _Writer:
                 if future.cancelled():
                     continue
                 conn.execute("SAVEPOINT op")
-                files = self._files.mark()
+                files = self._rows.files.mark()
                 try:
                     result = operation(conn)
                 except _OWN_FAULT as exc:  # this operation's data (a duplicate id): it alone
                     conn.execute("ROLLBACK TO op")
-                    self._files.rollback_to(files)
+                    self._rows.files.rollback_to(files)
                     own = SpoolError(str(exc))
                     own.__cause__ = exc
                     results.append((future, None, own))
@@ -157,20 +170,20 @@ class _Writer:
                     raise  # the disk or the file: the whole transaction is suspect
                 except Exception as exc:  # a bad operation fails alone
                     conn.execute("ROLLBACK TO op")
-                    self._files.rollback_to(files)
+                    self._rows.files.rollback_to(files)
                     results.append((future, None, exc))
                 else:
                     results.append((future, result, None))
                 conn.execute("RELEASE op")
-            self._files.before_commit()
+            self._rows.files.before_commit()
             conn.execute("COMMIT")
-            self._files.committed()
+            self._rows.files.committed()
         except (sqlite3.DatabaseError, OSError) as exc:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            self._files.rolled_back()
-            failure = SpoolFull(str(exc)) if _full(exc) else SpoolError(str(exc))
+            self._rows.files.rolled_back()
+            failure = SpoolFull(str(exc)) if full(exc) else SpoolError(str(exc))
             if isinstance(failure, SpoolFull) and self._into_reserve(conn, batch, failure):
                 return
             log.error("spool write failed", extra={"fields": {"error": str(exc)}})
@@ -179,27 +192,27 @@ class _Writer:
             self.commits += 1
             now = time.monotonic()
             if now - self._counted_at < LIVE_RECOUNT_SECONDS:
-                self.live += self._added
+                self.live += self._rows.added
             else:
                 with contextlib.suppress(sqlite3.Error):  # committed: a count never undoes that
-                    self.live = _count_live(conn)
+                    self.live = count_live(conn)
                     self._counted_at = now
         _answer(results)
 
     def _into_reserve(
-        self, conn: sqlite3.Connection, batch: Sequence[_Item], full: SpoolFull
+        self, conn: sqlite3.Connection, batch: Sequence[Item], failure: SpoolFull
     ) -> bool:
         """Rule 1 of relay.custody.reserve: a group that failed for want of space and holds outcomes
         gives up the reserve, and the outcomes go again, alone, into the room it gave
         back; new mail in the group fails as it would have. False: no reserve to give."""
         outcomes = [item for item in batch if item.outcome]
-        if not outcomes or not self.reserve.release():
+        if not outcomes or not self._reserve.release():
             return False
-        _answer([(item.future, None, full) for item in batch if not item.outcome])
+        _answer([(item.future, None, failure) for item in batch if not item.outcome])
         self._commit(conn, outcomes)
         return True
 
-    async def _submit(
+    async def submit(
         self, operation: Callable[[sqlite3.Connection], T], *, outcome: bool = False
     ) -> T:
         """Queue ``operation`` for the writer; ``outcome``: it ends (or hands back) a copy's
@@ -207,7 +220,7 @@ class _Writer:
         if self._thread is None:
             raise SpoolError("spool is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Item(operation, future, outcome))
+        self._queue.put(Item(operation, future, outcome))
         return await future
 
 
