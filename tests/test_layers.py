@@ -1,4 +1,5 @@
-"""The import contract: the layers of ``relay/`` as the README's Code layout draws them.
+"""The import contract: the layers of ``relay/`` as the README's Code layout draws them,
+and the size rule: no class over 300 lines, no function over 60 without a reason.
 
 Read from the source with ``ast`` (nothing is imported), so a module that
 reaches across a line fails here, naming the module, the line and the import.
@@ -176,3 +177,50 @@ def test_the_contract_catches_each_kind_of_crossing() -> None:
     assert owner_violations("relay.delivery", [(9, "aiosmtplib.errors")]) != []
     assert owner_violations("relay.upstream.smtp", [(9, "aiosmtplib.errors")]) == []
     assert floor_violations("relay.newthing", []) != []
+
+
+# -- sizes: units small enough to hold in your head --------------------------------
+
+MAX_CLASS_LINES = 300
+MAX_FUNCTION_LINES = 60
+# A longer function says why in its docstring, on a line of its own beginning so.
+LENGTH_REASON = "Long because"
+
+
+def size_violations(path: Path, source: str) -> list[str]:
+    """Classes over ``MAX_CLASS_LINES``; functions over ``MAX_FUNCTION_LINES`` with no reason."""
+    wrong: list[str] = []
+    for node in ast.walk(ast.parse(source, str(path))):
+        if not isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        assert node.end_lineno is not None
+        lines = node.end_lineno - node.lineno + 1
+        where = f"{path.name}:{node.lineno} {node.name} is {lines} lines"
+        if isinstance(node, ast.ClassDef):
+            if lines > MAX_CLASS_LINES:
+                wrong.append(f"{where} (a class holds at most {MAX_CLASS_LINES})")
+        elif lines > MAX_FUNCTION_LINES:
+            doc = ast.get_docstring(node) or ""
+            if not any(line.strip().startswith(LENGTH_REASON) for line in doc.splitlines()):
+                wrong.append(
+                    f"{where} (over {MAX_FUNCTION_LINES}: split it, or say"
+                    f" '{LENGTH_REASON} ...' in its docstring)"
+                )
+    return wrong
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(RELAY)))
+def test_no_unit_is_too_big_to_hold(path: Path) -> None:
+    wrong = size_violations(path, path.read_text())
+    assert not wrong, wrong
+
+
+def test_the_size_rule_catches_a_long_unit_and_takes_a_reason() -> None:
+    body = "".join(f"    x{n} = {n}\n" for n in range(MAX_FUNCTION_LINES))
+    long_function = f"def f():\n{body}"
+    assert size_violations(Path("m.py"), long_function) != []
+    reasoned = f'def f():\n    """One table.\n\n    {LENGTH_REASON} it is one table."""\n{body}'
+    assert size_violations(Path("m.py"), reasoned) == []
+    methods = "".join(f"    def m{n}(self):\n        return {n}\n\n" for n in range(110))
+    assert size_violations(Path("m.py"), f"class C:\n{methods}") != []
+    assert size_violations(Path("m.py"), "class C:\n    pass\n") == []
