@@ -56,7 +56,7 @@ from relay.core.model import (
     Status,
     Trace,
 )
-from relay.core.policy import backoff
+from relay.core.policy import Backoff, backoff
 from relay.custody.spool import CopyState, NewCopy, NewMessage, Spool, SpoolError, new_queue_id
 from relay.delivery import REPLY_TEXT_CHARS, Deliverer, notification
 from relay.direct import Fate, Result, deliver_direct
@@ -68,10 +68,10 @@ from relay.upstream.smtp import Upstream
 
 log = logging.getLogger("relay.intake")
 
-# Seconds between the tries of a spool write that failed after the upstream's reply
-# (direct mode); then every last one while the process lives, or every first one
+# The tries of a spool write that failed after the upstream's reply (direct mode):
+# 0.5 s doubling to 30 s, then every 30 s while the process lives, or every 0.5 s
 # once the relay is stopping (the stop waits a little for them: ``drain``).
-SETTLE_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+SETTLE_RETRY = Backoff(initial=0.5, maximum=30.0)
 # Seconds a message being taken may take at a stop beyond its own delivery time
 # (direct mode: ``delivery.direct_deadline``): isolation, the spool writes, the reply.
 TAKE_GRACE = 5.0
@@ -422,7 +422,7 @@ class Settlement:
     """Direct mode's write-down of each copy's fate (Rule 5), retried until it lands.
 
     A write that fails after the upstream's reply is retried in the background
-    (``SETTLE_DELAYS``); its task joins ``tasks``, which ``Intake.drain`` waits for,
+    (``SETTLE_RETRY``); its task joins ``tasks``, which ``Intake.drain`` waits for,
     and ``stopping`` cuts its waits short.
     """
 
@@ -544,20 +544,21 @@ class Settlement:
         return False
 
     async def _retry(self, queue_id: str, what: str, write: Write) -> None:
-        """Try ``write`` after each of ``SETTLE_DELAYS``, then every last one, until it lands."""
+        """Try ``write`` at each of ``SETTLE_RETRY``'s delays until it lands."""
         attempt = 0
         while True:
+            delay = SETTLE_RETRY.delay(attempt + 1)
             if self._stopping.is_set():
-                await asyncio.sleep(SETTLE_DELAYS[0])
+                await asyncio.sleep(SETTLE_RETRY.initial)
             else:  # a stop cuts the wait short: one try at once, then the shortest delay
                 with contextlib.suppress(TimeoutError):
-                    delay = SETTLE_DELAYS[min(attempt, len(SETTLE_DELAYS) - 1)]
                     await asyncio.wait_for(self._stopping.wait(), delay)
             attempt += 1
             try:
                 await write()
             except Exception:
-                if attempt == len(SETTLE_DELAYS):  # once at the last delay, not every time
+                # Logged once, when the delay first reaches its maximum; not every time.
+                if delay >= SETTLE_RETRY.maximum > SETTLE_RETRY.delay(attempt - 1):
                     log.exception(
                         "spool write still failing",
                         extra={"fields": {"queue_id": queue_id, "write": what}},

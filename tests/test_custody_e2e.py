@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from relay import intake
+from relay.core.policy import Backoff
 from relay.custody.rows import Rows
 from relay.custody.spool import Spool, SpoolError
 from tests.relay_harness import RawClient, running_relay, until
@@ -170,7 +171,7 @@ class FlakySpool:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int) -> None:
         self.left = count
         self.failed = 0
-        monkeypatch.setattr(intake, "SETTLE_DELAYS", (0.05, 0.1))  # no waiting for seconds
+        monkeypatch.setattr(intake, "SETTLE_RETRY", Backoff(0.05, 0.1))  # no waiting for seconds
         for name in ("discard", "record", "record_delivered"):
             real = getattr(Spool, name)
             monkeypatch.setattr(Spool, name, self._wrap(real))

@@ -27,6 +27,7 @@ import bcrypt
 
 from relay import files
 from relay.core.errors import ConfigError
+from relay.core.policy import Backoff
 
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 BCRYPT_LENGTH = 60  # "$2b$" cost "$" 22 salt + 31 hash characters
@@ -157,7 +158,8 @@ class FailureDelays:
 
 
 def delay(failures: int, initial: float, maximum: float) -> float:
-    """Seconds owed for a client's ``failures``-th failure: ``initial`` doubling, capped."""
+    """Seconds owed for a client's ``failures``-th failure: ``initial`` doubling, capped
+    (the one backoff, ``relay.core.policy``, without jitter: a delay a client can count on)."""
     if failures < 1:
         return 0.0
-    return float(min(initial * 2 ** min(failures - 1, 32), maximum))
+    return Backoff(initial, maximum).delay(failures)
