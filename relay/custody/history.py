@@ -21,27 +21,12 @@ import re
 import sqlite3
 from collections.abc import Sequence
 
+from relay.custody.schema import HISTORY_TABLE
+
 DAY = 86_400.0
 PRUNE_SECONDS = 60.0  # how often the writer removes rows past the retention
-TABLE = "history"
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS {TABLE} (
-    copy INTEGER NOT NULL,
-    message TEXT NOT NULL,
-    rcpt TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    auth_user TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    last_code INTEGER NOT NULL,
-    last_enhanced TEXT NOT NULL,
-    last_text TEXT NOT NULL,
-    received REAL NOT NULL,
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS {TABLE}_at ON {TABLE} (at);
-"""
+# The table itself is ``relay.custody.schema``'s (the one owner of the schema).
+TABLE = HISTORY_TABLE
 MAX_MESSAGE_ID = 998  # one header line's worth (RFC 5322 2.1.1)
 
 # The Message-ID field, its folds included (RFC 5322 3.6.4), at the start of a line.

@@ -1,12 +1,11 @@
-"""The one owner of the spool's schema: its tables, its PRAGMA configuration and
-its migrations (``relay.custody.history`` holds the history table's own).
+"""The one owner of the spool's schema: every table (the history's too), the PRAGMA
+configuration and the migrations. The statements that read and write the rows
+are custody's alone (``rows``, ``writer``, ``integrity``, ``queries``, ``admin``).
 """
 
 from __future__ import annotations
 
 import sqlite3
-
-from relay.custody import history
 
 # Room above ``spool.max_bytes`` kept for state changes and DSNs (at least this much):
 # a state change rewrites its copy's row (a header section of up to 1 MiB), and a DSN
@@ -58,6 +57,26 @@ CREATE TABLE IF NOT EXISTS quarantine (
     data BLOB
 );
 """
+# Created only with spool.history_days above 0 (Rule 1 of relay.custody.history).
+HISTORY_TABLE = "history"  # copies that left the spool (relay.custody.history)
+HISTORY_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} (
+    copy INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    auth_user TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_code INTEGER NOT NULL,
+    last_enhanced TEXT NOT NULL,
+    last_text TEXT NOT NULL,
+    received REAL NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {HISTORY_TABLE}_at ON {HISTORY_TABLE} (at);
+"""
 
 
 def configure(
@@ -76,7 +95,7 @@ def configure(
     conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'OFF'}")
     conn.executescript(SCHEMA)
     if history_seconds:
-        conn.executescript(history.SCHEMA)
+        conn.executescript(HISTORY_SCHEMA)
     columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     if "body_file" not in columns:  # a spool made before bodies could be files
         conn.execute("ALTER TABLE messages ADD COLUMN body_file INTEGER NOT NULL DEFAULT 0")
