@@ -32,7 +32,7 @@ from relay.config import Config, load
 from relay.core.errors import ConfigError
 from relay.custody import admin
 from relay.custody.admin import Store, StoreError, UnknownMessage
-from relay.custody.spool import LIVE, CopyRow, CopyState, SpoolError
+from relay.custody.spool import CopyRow, CopyState, SpoolError
 from relay.ops.logs import AddressTokens, load_key
 from relay.ops.workers import spool_dirs
 
@@ -42,7 +42,6 @@ EXIT_CONFIG = 2  # bad configuration (argparse also exits 2 for a usage error)
 
 DB_NAME = "spool.db"
 RECOVERED_LEDGER = "recovered.txt"  # checksums of quarantined files recovered into the spool
-LISTED = (*LIVE, CopyState.FAILED)  # delivered copies are history, not work
 RETRYABLE = (CopyState.QUEUED, CopyState.DEFERRED)  # delivering: already claimed; final: done
 
 _QUEUE_HELP = """\
@@ -323,7 +322,7 @@ def _tokens(config: Config, directory: Path, *, show: bool) -> AddressTokens:
 
 
 def _list(store: Store, tokens: AddressTokens, now: float) -> str:
-    copies = store.copies(LISTED)
+    copies = store.copies(queuefmt.LISTED)
     if not copies:
         return "no copies in the spool\n"
     header = ("QUEUE ID", "COPY", "STATE", "TRIES", "NEXT TRY", "LAST REPLY", "AGE", "FROM", "TO")

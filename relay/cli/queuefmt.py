@@ -23,7 +23,10 @@ from relay.ops.logs import AddressTokens
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1  # an unknown queue id, or a spool that cannot be read
 EXIT_CONFIG = 2
-LISTED = (*LIVE, CopyState.FAILED)  # as relay.cli.queue lists them: live copies, and failed ones
+LISTED = (
+    *LIVE,
+    CopyState.FAILED,
+)  # what queue list shows: live copies and failed ones (delivered copies are history, not work)
 RETRYABLE = frozenset(s.value for s in (CopyState.QUEUED, CopyState.DEFERRED))
 
 # C0 controls but tab, DEL, C1 controls, line/paragraph separators, bidi overrides/isolates.

@@ -69,13 +69,19 @@ def show_json(
     message, copies = store.message_rows(queue_id)
     if message is None:
         return None
-    sender, smtputf8, auth_user, received, expires, size, is_dsn = message
+    sender, auth_user, received, expires = (
+        message.sender,
+        message.auth_user,
+        message.received,
+        message.expires,
+    )
+    size = message.body_bytes
     if size == -1:
         size = file_size(store.bodies / queue_id)
     header_id = next(
-        (history.message_id(bytes(c[8])) for c in copies if isinstance(c[8], bytes)), ""
+        (history.message_id(bytes(c.headers)) for c in copies if isinstance(c.headers, bytes)), ""
     )
-    addresses = [sender, *(c[1] for c in copies)]
+    addresses = [sender, *(c.rcpt for c in copies)]
     return {
         "queue_id": safe(queue_id),
         "spool": str(path.parent),
@@ -87,22 +93,22 @@ def show_json(
         "expires": expires,
         "expires_iso": when(expires),
         "body_bytes": size,
-        "smtputf8": bool(smtputf8),
-        "dsn": bool(is_dsn),
+        "smtputf8": bool(message.smtputf8),
+        "dsn": bool(message.is_dsn),
         "copies": [
             {
-                "copy": c[0],
-                "rcpt": tokens(c[1]),
-                "state": c[2],
-                "attempts": c[3],
-                "next_try": c[4] if c[2] in RETRYABLE else None,
-                "last_code": c[5] or None,
-                "last_enhanced": c[6] or None,
-                "last_reply": safe(tokens.redact(c[7])) if c[7] else None,
+                "copy": c.copy_id,
+                "rcpt": tokens(c.rcpt),
+                "state": c.state,
+                "attempts": c.attempts,
+                "next_try": c.next_try if c.state in RETRYABLE else None,
+                "last_code": c.last_code or None,
+                "last_enhanced": c.last_enhanced or None,
+                "last_reply": safe(tokens.redact(c.last_text)) if c.last_text else None,
                 "headers": safe(
-                    redact_headers(bytes(c[8]).decode("utf-8", "replace"), addresses, tokens)
+                    redact_headers(bytes(c.headers).decode("utf-8", "replace"), addresses, tokens)
                 )
-                if isinstance(c[8], bytes)
+                if isinstance(c.headers, bytes)
                 else "",
             }
             for c in copies

@@ -40,7 +40,7 @@ from relay.cli.queuefmt import (
     when,
 )
 from relay.custody import history
-from relay.custody.admin import Store, StoreError
+from relay.custody.admin import HistoryRow, Store, StoreError
 from relay.custody.spool import CopyState
 from relay.ops.logs import TOKEN_PREFIX, AddressTokens
 
@@ -208,42 +208,42 @@ def _spool_rows(store: Store, spool: str) -> list[Row]:
     return [
         Row(
             spool,
-            r[1],
-            r[0],
-            r[3],
-            r[4],
-            r[5],
-            r[6],
-            r[7],
-            r[8],
-            r[9],
-            r[10],
-            r[2],
-            ids.get(r[1], ""),
-            auth_user=r[11],
+            r.message_id,
+            r.copy_id,
+            r.state,
+            r.attempts,
+            r.next_try,
+            r.last_code,
+            r.last_enhanced,
+            r.last_text,
+            r.received,
+            r.sender,
+            r.rcpt,
+            ids.get(r.message_id, ""),
+            auth_user=r.auth_user,
         )
         for r in found
     ]
 
 
-def _history_rows(found: Sequence[tuple[Any, ...]], spool: str) -> list[Row]:
+def _history_rows(found: Sequence[HistoryRow], spool: str) -> list[Row]:
     return [
         Row(
             spool,
-            r[1],
-            r[0],
-            r[3],
-            r[4],
+            r.message_id,
+            r.copy_id,
+            r.state,
+            r.attempts,
             0.0,
-            r[5],
-            r[6],
-            r[7],
-            r[8],
-            r[9],
-            r[2],
-            r[10],
-            finished=r[11],
-            auth_user=r[12],
+            r.last_code,
+            r.last_enhanced,
+            r.last_text,
+            r.received,
+            r.sender,
+            r.rcpt,
+            r.header_id,
+            finished=r.finished,
+            auth_user=r.auth_user,
         )
         for r in found
     ]

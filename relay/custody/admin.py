@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from relay.custody import history, recovery, schema, spool
 from relay.custody.bodyfiles import BODIES
@@ -33,6 +33,67 @@ class StoreError(SpoolError):
 
 class UnknownMessage(Exception):
     """No message with that queue id in the spool."""
+
+
+class StoredMessage(NamedTuple):
+    """A message's envelope and times as ``queue show --json`` prints them."""
+
+    sender: str
+    smtputf8: int
+    auth_user: str
+    received: float
+    expires: float
+    body_bytes: int  # -1: the body is a file (its size is the file's)
+    is_dsn: int
+
+
+class StoredCopy(NamedTuple):
+    """One copy of a message, with its header section (``queue show --json``)."""
+
+    copy_id: int
+    rcpt: str
+    state: str
+    attempts: int
+    next_try: float
+    last_code: int
+    last_enhanced: str
+    last_text: str
+    headers: bytes
+
+
+class ListedCopy(NamedTuple):
+    """One live copy as ``queue list`` reads it."""
+
+    copy_id: int
+    message_id: str
+    rcpt: str
+    state: str
+    attempts: int
+    next_try: float
+    last_code: int
+    last_enhanced: str
+    last_text: str
+    received: float
+    sender: str
+    auth_user: str
+
+
+class HistoryRow(NamedTuple):
+    """One copy of the delivered history (``queue list --delivered``)."""
+
+    copy_id: int
+    message_id: str
+    rcpt: str
+    state: str
+    attempts: int
+    last_code: int
+    last_enhanced: str
+    last_text: str
+    received: float
+    sender: str
+    header_id: str  # the application's Message-ID
+    finished: float
+    auth_user: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +203,8 @@ class Store:
             )
         return tuple(message), copies, headers
 
-    def message_rows(self, queue_id: str) -> tuple[tuple[Any, ...] | None, list[tuple[Any, ...]]]:
-        """``queue show --json``: the message row as ``message`` reads it (None when there
-        is none), and its copies (id, rcpt, state, attempts, next_try, last_code,
-        last_enhanced, last_text, headers) by id."""
+    def message_rows(self, queue_id: str) -> tuple[StoredMessage | None, list[StoredCopy]]:
+        """``queue show --json``: the message (None when there is none), and its copies by id."""
         with _errors():
             conn = self._conn
             conn.execute("BEGIN")
@@ -163,7 +222,10 @@ class Store:
                 ).fetchall()
             finally:
                 conn.execute("COMMIT")
-        return (None if message is None else tuple(message)), [tuple(c) for c in copies]
+        return (
+            None if message is None else StoredMessage(*message),
+            [StoredCopy(*c) for c in copies],
+        )
 
     def stats(self, *, with_history: bool = False) -> StoreStats:
         """Copies by state, messages, the oldest live one, quarantined records; and with
@@ -179,12 +241,9 @@ class Store:
             )
         return StoreStats(counts, oldest, messages, quarantined, kept)
 
-    def listing(
-        self, states: Sequence[CopyState]
-    ) -> tuple[list[tuple[Any, ...]], dict[str, bytes]]:
-        """``queue list``: the copies in ``states`` (id, message, rcpt, state, attempts,
-        next_try, last_code, last_enhanced, last_text, received, sender, auth_user), and
-        one header section per message (the Message-ID is the same on every copy)."""
+    def listing(self, states: Sequence[CopyState]) -> tuple[list[ListedCopy], dict[str, bytes]]:
+        """``queue list``: the copies in ``states``, and one header section per message
+        (the Message-ID is the same on every copy)."""
         values = tuple(s.value for s in states)
         with self._transaction() as conn:
             found = conn.execute(
@@ -203,12 +262,11 @@ class Store:
                 )
                 if isinstance(headers, bytes)
             }
-        return [tuple(r) for r in found], headers
+        return [ListedCopy(*r) for r in found], headers
 
-    def history(self) -> list[tuple[Any, ...]] | None:
-        """``queue list --delivered``: the rows of the delivered history (copy, message,
-        rcpt, state, attempts, last_code, last_enhanced, last_text, received, sender,
-        message_id, at, auth_user); None when this spool keeps none."""
+    def history(self) -> list[HistoryRow] | None:
+        """``queue list --delivered``: the rows of the delivered history; None when this
+        spool keeps none."""
         with self._transaction() as conn:
             if not history.present(conn):
                 return None
@@ -217,7 +275,7 @@ class Store:
                 " last_text, received, sender, message_id, at, auth_user"
                 f" FROM {history.TABLE}"
             ).fetchall()
-        return [tuple(r) for r in found]
+        return [HistoryRow(*r) for r in found]
 
     # -- writes ----------------------------------------------------------------------
 
