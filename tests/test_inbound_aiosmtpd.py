@@ -8,9 +8,11 @@ the new aiosmtpd/smtp.py and adding its version to ``AIOSMTPD_CHECKED``.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import importlib.metadata
 import inspect
 import re
+import ssl
 from pathlib import Path
 
 import aiosmtpd
@@ -18,7 +20,7 @@ import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP
 
 import relay.inbound
-from relay.inbound.smtp import AIOSMTPD_CHECKED, AIOSMTPD_INTERNALS, RelaySMTP
+from relay.inbound.smtp import AIOSMTPD_CHECKED, AIOSMTPD_INTERNALS, STDLIB_INTERNALS, RelaySMTP
 
 
 def test_the_installed_aiosmtpd_is_a_version_checked() -> None:
@@ -72,3 +74,16 @@ def test_every_listed_internal_is_used_in_relay_inbound() -> None:
     source = source[:start] + source[source.index("\n}\n", start) :]
     unused = [name for name in AIOSMTPD_INTERNALS if not re.search(rf"\b{name}\b", source)]
     assert not unused, f"listed in AIOSMTPD_INTERNALS but not used: {unused}"
+
+
+def test_every_stdlib_internal_relied_on_is_in_this_python() -> None:
+    """STDLIB_INTERNALS: a Python that renamed one fails here, not in a session."""
+    present = {
+        "asyncio.StreamReader._buffer": hasattr(asyncio.StreamReader(), "_buffer"),
+        "asyncio.sslproto.SSLProtocol": hasattr(asyncio.sslproto, "SSLProtocol"),
+        "asyncio.sslproto.SSLProtocol._app_transport": "_app_transport"
+        in inspect.getsource(asyncio.sslproto.SSLProtocol.__init__),
+        "ssl._ssl": hasattr(ssl, "_ssl"),
+    }
+    assert set(present) == set(STDLIB_INTERNALS)
+    assert all(present.values()), [name for name, there in present.items() if not there]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import importlib.metadata
 import re
 import socket
 import ssl
@@ -36,7 +37,7 @@ from relay.upstream.transaction import (
     prepare_body,
     refusal,
 )
-from relay.upstream.wire import Reader
+from relay.upstream.wire import AIOSMTPLIB_CHECKED, Reader
 from tests.conftest import message
 from tests.relay_harness import until
 from tests.upstream_server import (
@@ -1013,3 +1014,10 @@ async def test_the_reader_times_out_on_a_silent_server() -> None:
         with pytest.raises(TimeoutError):
             await wire.reply(0.2)
         wire.give_back()
+
+
+def test_the_installed_aiosmtplib_is_a_version_the_wire_was_checked_against() -> None:
+    installed = importlib.metadata.version("aiosmtplib")
+    assert installed in AIOSMTPLIB_CHECKED, (
+        f"aiosmtplib {installed}: read Reader.borrow against it, then add it to AIOSMTPLIB_CHECKED"
+    )

@@ -71,6 +71,7 @@ from relay.ops.metrics import AuthFailure, Metrics, Refusal, SessionClosed
 __all__ = [
     "AIOSMTPD_CHECKED",
     "AIOSMTPD_INTERNALS",
+    "STDLIB_INTERNALS",
     "RelaySMTP",
     "Submission",
     "make_protocol_factory",
@@ -123,6 +124,19 @@ AIOSMTPD_INTERNALS: dict[str, str] = {
     "check_auth_needed": "what aiosmtpd's smtp_DATA asks next (auth_required)",
     "_set_post_data_state": "ends the transaction after DATA, as aiosmtpd's smtp_DATA does",
     "_call_handler_hook": "runs handle_DATA, as aiosmtpd's smtp_DATA does",
+}
+
+# The standard library's private names relay.inbound relies on, read in CPython 3.11
+# to 3.13; tests/test_inbound_aiosmtpd.py checks each is there in the running Python.
+STDLIB_INTERNALS: dict[str, str] = {
+    "asyncio.StreamReader._buffer": "reading.py: the AUTH line is looked at before it is"
+    " read (no echo in logs), and bytes read past DATA's end are put back",
+    "asyncio.sslproto.SSLProtocol": "session_tls.py: STARTTLS layers TLS over the"
+    " session's transport as aiosmtpd does (no public API wraps a server transport)",
+    "asyncio.sslproto.SSLProtocol._app_transport": "session_tls.py: the TLS transport"
+    " the session writes to after STARTTLS (aiosmtpd reads the same attribute)",
+    "ssl._ssl": "tls.py: SSL_CTX_set1_groups_list through the OpenSSL _ssl is linked with;"
+    " checked by reading the context's options both ways, else one curve (P-256)",
 }
 
 

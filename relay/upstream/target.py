@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 from relay.config import DeliveryConfig, HostPort, UpstreamConfig
 from relay.core.errors import ConfigError
 from relay.core.model import Credentials
-from relay.files import read_secret
+from relay.files import read_secret, read_text
 
 DEFAULT_PORTS = {"smtps": 465, "smtp": 587, "smtp+plain": 25}  # RFC 8314 3.3, RFC 6409, RFC 5321
 URL_FORMS = "smtps://user@host:465, smtp://user@host:587, smtp+plain://host:25 or outbox:DIR"
@@ -150,8 +150,9 @@ def tls_context(ca_file: str) -> ssl.SSLContext:
     context = ssl.create_default_context()  # system store, CERT_REQUIRED, host name checked
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca_file:
+        pem = read_text("upstream.ca_file", ca_file)  # an unreadable file: relay.files says so
         try:
-            context.load_verify_locations(cafile=ca_file)  # in addition to the system store
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("upstream.ca_file", f"cannot load it: {exc}") from None
+            context.load_verify_locations(cadata=pem)  # in addition to the system store
+        except ssl.SSLError as exc:
+            raise ConfigError("upstream.ca_file", f"cannot load {ca_file}: {exc}") from None
     return context
