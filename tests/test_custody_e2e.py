@@ -49,13 +49,10 @@ async def test_queue_mode_answers_after_the_spool_write_then_delivers(
     async with running_relay(tmp_path, plain_server.url(), QUEUE) as relay:
         _, reply = await send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
         assert reply.startswith("250 2.0.0 OK: queued as ")
-        async with asyncio.timeout(10):
-            while len(plain_server.transactions) < 2:
-                await asyncio.sleep(0.02)
+        await until(lambda: len(plain_server.transactions) >= 2, "both copies at the upstream")
         assert relay.spool is not None and relay.deliverer is not None
-        async with asyncio.timeout(10):
-            while relay.spool.live:
-                await asyncio.sleep(0.02)
+        spool = relay.spool
+        await until(lambda: spool.live == 0, "an empty spool")
     assert sorted(t.rcpt_tos[0] for t in plain_server.transactions) == [
         "alice@example.com",
         "bob@example.com",

@@ -10,7 +10,7 @@ import pytest
 from relay.inbound import gate
 from relay.inbound.gate import Gate, overload_at
 from relay.server import Relay
-from tests.relay_harness import RawClient, running_relay
+from tests.relay_harness import RawClient, running_relay, until
 from tests.test_inbound_hostile import envelope, letter, quit_cleanly, send_data, stuff
 from tests.upstream_server import UpstreamServer
 
@@ -46,11 +46,9 @@ def session_tasks() -> int:
 
 
 async def settle(relay: Relay) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while session_tasks() != relay.open_sessions and loop.time() < deadline:
-        await asyncio.sleep(0.02)
-    assert session_tasks() == relay.open_sessions
+    await until(
+        lambda: session_tasks() == relay.open_sessions, "one task per open session", timeout=5
+    )
 
 
 async def ends_with(client: RawClient, prefix: str, timeout: float = 5) -> None:
@@ -151,10 +149,7 @@ async def test_per_client_limit_off_loopback(plain_server: UpstreamServer, tmp_p
         assert await asyncio.wait_for(third.reader.read(), 5) == b""
         await third.close()
         await quit_cleanly(first)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while relay.open_sessions > 1 and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        await until(lambda: relay.open_sessions <= 1, "the first session's end", timeout=5)
         again = await ehlo(relay)  # a slot of this client's is free again
         await quit_cleanly(again)
         await quit_cleanly(second)

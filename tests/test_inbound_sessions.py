@@ -14,7 +14,7 @@ import pytest
 from relay.core.errors import Reply
 from relay.inbound.smtp import Submission
 from relay.intake import Intake
-from tests.relay_harness import RawClient, running_relay
+from tests.relay_harness import RawClient, running_relay, until
 from tests.test_inbound_hostile import envelope, letter, stuff
 from tests.test_inbound_overload import settle
 from tests.upstream_server import UpstreamServer
@@ -59,8 +59,8 @@ async def test_reset_after_final_dot_arms_no_timer_on_the_closed_session(
         await client.send(stuff(letter()))
         await asyncio.wait_for(entered.wait(), 5)
         reset(client)
-        await asyncio.sleep(1.2)  # past the custody delay plus the idle timeout
-        assert relay.open_sessions == 0
+        # The session ends once custody (0.3 s) and then its idle timeout are past.
+        await until(lambda: relay.open_sessions == 0, "the reset session's end", timeout=5)
         await settle(relay)
     assert errors == [], [str(e.get("exception") or e.get("message")) for e in errors]
 
@@ -86,10 +86,7 @@ async def test_close_during_data_is_logged_once(
                 client.writer.write_eof()
                 await asyncio.wait_for(client.reader.read(), 5)
                 await client.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while relay.open_sessions and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await until(lambda: relay.open_sessions == 0, "both sessions closed", timeout=5)
         await settle(relay)
     lines = [r for r in caplog.records if r.getMessage() == CLOSED_DURING_DATA]
     assert len(lines) == 2

@@ -22,7 +22,7 @@ import pytest
 from relay.config import TlsProfile
 from relay.inbound import tls as tlsconf
 from relay.server import Relay
-from tests.relay_harness import RawClient, running_relay
+from tests.relay_harness import RawClient, running_relay, until
 from tests.test_inbound_hostile import client_tls, envelope, letter, quit_cleanly, send_data, stuff
 from tests.test_inbound_overload import settle
 from tests.upstream_server import UpstreamServer
@@ -105,15 +105,16 @@ async def test_failed_handshakes_log_one_line_each(
         caplog.clear()
         for _ in range(rounds):
             await attack(await starttls_ready(relay))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while (
-            sample(relay, "solo_relay_inbound_tls_failures_total", reason="handshake")
-            + sample(relay, "solo_relay_inbound_tls_failures_total", reason="aborted")
-            < rounds
-            or relay.open_sessions
-        ) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await until(
+            lambda: (
+                sample(relay, "solo_relay_inbound_tls_failures_total", reason="handshake")
+                + sample(relay, "solo_relay_inbound_tls_failures_total", reason="aborted")
+                >= rounds
+                and not relay.open_sessions
+            ),
+            "every failed handshake counted and its session closed",
+            timeout=5,
+        )
         records = [r for r in caplog.records if not r.name.startswith("mail.log")]
         failures = sum(
             sample(relay, "solo_relay_inbound_tls_failures_total", reason=r)
@@ -146,11 +147,7 @@ async def test_stalled_handshake_times_out_quietly(
     async with tls_relay(tmp_path, plain_server, {"RELAY_SMTP_IDLE_TIMEOUT": "0.3"}) as relay:
         client = await starttls_ready(relay)
         await wait_closed(client)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while relay.open_sessions and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        assert relay.open_sessions == 0
+        await until(lambda: relay.open_sessions == 0, "the idle session closed", timeout=5)
         await settle(relay)
         assert sample(relay, "solo_relay_inbound_tls_failures_total", reason="timeout") == 1
     ours = [r for r in caplog.records if r.name == "relay.inbound"]

@@ -20,7 +20,7 @@ from typing import Any
 from relay.config import LogConfig, LogFormat
 from relay.ops.logs import AddressTokens, setup_logging
 from relay.server import Relay
-from tests.relay_harness import TEST_KEY, running_relay
+from tests.relay_harness import TEST_KEY, running_relay, until
 from tests.upstream_server import PASSWORD, USER, UpstreamServer
 
 SENDER = "news@example.org"
@@ -136,13 +136,11 @@ async def test_readyz_is_not_ready_while_delivery_is_paused_for_credentials(
     async with running_relay(tmp_path, plain_server.url(user=USER), env) as relay:
         assert (await readyz(relay))[0] == 200
         assert await asyncio.to_thread(send, relay.smtp_port, [BOB]) == {}
-        assert relay.deliverer is not None
-        for _ in range(400):
-            if relay.deliverer.paused_until:
-                break
-            await asyncio.sleep(0.025)
+        deliverer = relay.deliverer
+        assert deliverer is not None
+        await until(lambda: deliverer.paused_until, "delivery paused")
         status, body = await readyz(relay)
-        assert relay.deliverer.upstream_reachable  # the upstream answered: only the pause says no
+        assert deliverer.upstream_reachable  # the upstream answered: only the pause says no
     assert status == 503
     assert body == "delivery paused: the upstream refused the relay's credentials\n"
     assert plain_server.transactions == []

@@ -393,7 +393,7 @@ def test_waits_for_the_relays_write_lock(running: Spool, spool_dir: Path) -> Non
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(2.0)
+        until_waiting_for_the_lock(retry, spool_dir)
         assert retry.poll() is None  # waiting for the lock, not failed
         release.set()
         out, err = retry.communicate(timeout=30)
@@ -402,6 +402,26 @@ def test_waits_for_the_relays_write_lock(running: Spool, spool_dir: Path) -> Non
     finally:
         release.set()
         holder.join()
+
+
+def until_waiting_for_the_lock(child: subprocess.Popen[str], spool_dir: Path) -> None:
+    """Until ``child`` has begun its write transaction and sleeps in SQLite's busy handler.
+
+    It opens ``spool.db-wal`` at its first access to the database, ``BEGIN IMMEDIATE``
+    (the statements before it touch no file), and while the lock is held elsewhere it
+    can only sleep and try again: its state is ``S`` between tries. (Linux's /proc;
+    elsewhere this waits its 30 s, and the test still holds.)
+    """
+    wal = str((spool_dir / "spool.db-wal").resolve())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and child.poll() is None:
+        with contextlib.suppress(OSError):
+            fds = Path(f"/proc/{child.pid}/fd")
+            opened = any(os.readlink(fd) == wal for fd in fds.iterdir())
+            state = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if opened and state == "S":
+                return
+        time.sleep(0.01)
 
 
 def test_a_large_body_kept_as_a_file_is_sized_and_deleted(spool_dir: Path) -> None:

@@ -25,7 +25,7 @@ from relay.core.model import Outcome, Stage, Status
 from relay.custody import history
 from relay.custody.spool import CopyState, NewCopy, NewMessage, Spool
 from relay.ops.logs import AddressTokens, load_key
-from tests.relay_harness import running_relay
+from tests.relay_harness import running_relay, until
 from tests.upstream_server import UpstreamServer
 
 SENDER = "alice@example.org"
@@ -296,10 +296,10 @@ async def test_queue_list_delivered_shows_what_the_relay_delivered(
 
     async with running_relay(tmp_path, plain_server.url(), env) as relay:
         await asyncio.to_thread(send, relay.smtp_port)
-        for _ in range(400):
-            if len(plain_server.transactions) == 2 and relay.spool and relay.spool.live == 0:
-                break
-            await asyncio.sleep(0.025)
+        await until(
+            lambda: len(plain_server.transactions) == 2 and relay.spool and relay.spool.live == 0,
+            "both copies delivered and recorded",
+        )
     monkeypatch.setenv("RELAY_SPOOL_DIR", str(tmp_path / "spool"))
     monkeypatch.setenv("RELAY_LOG_HASH_KEY", "k" * 32)  # the harness's key
     found = listing("--delivered")

@@ -13,7 +13,6 @@ import re
 import shutil
 import smtplib
 import ssl
-from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import trustme
 
 from relay.config import LogConfig, LogFormat
 from relay.ops.logs import setup_logging
-from tests.relay_harness import TEST_KEY, RawClient, running_relay
+from tests.relay_harness import TEST_KEY, RawClient, running_relay, until
 from tests.upstream_server import DISCONNECT, PASSWORD, USER, Transaction, UpstreamServer
 
 RECEIVED = re.compile(
@@ -261,16 +260,9 @@ async def test_one_recipient_refused_permanently_still_gives_250(
     async with running_relay(tmp_path, plain_server.url(), env) as relay:
         reply = await raw_send(relay.smtp_port, ["alice@example.com", "bob@example.com"])
         assert reply.startswith("250 2.0.0") and "1 refused" in reply
-        await wait_until(lambda: len(plain_server.transactions) == 2)
+        await until(lambda: len(plain_server.transactions) == 2, "both copies at the upstream")
     rcpts = {t.rcpt_tos[0] for t in plain_server.transactions}  # either copy may be the one
     assert "news@example.org" in rcpts and rcpts & {"alice@example.com", "bob@example.com"}
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Queue mode answers before it delivers: wait, bounded, for what delivery does."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,10 @@ async def test_direct_mode_on_a_full_disk_never_sends_an_accepted_copy_again(
             assert await first.exit_code() == 0, first.log.read_text()
             free(filler)
             second = await start_relay(relays, tmp_path, "second", env)
-            await asyncio.sleep(1.5)  # retry_initial is 0.2 s: a copy put back is sent by now
+            await until(
+                lambda: len(upstream.counts()) == len(RECIPIENTS) and live(spool) == 0,
+                "the copy put back sent, and nothing left to send",
+            )
             second.process.send_signal(signal.SIGTERM)
             assert await second.exit_code() == 0
             counts = upstream.counts()
