@@ -144,7 +144,11 @@ class RelaySMTP(AuthSession, TlsSession):
     """aiosmtpd's SMTP with strict address capture, block DATA and a connection gate.
 
     STARTTLS is ``TlsSession``'s and AUTH ``AuthSession``'s; the aiosmtpd internals
-    all three use are ``AIOSMTPD_INTERNALS``.
+    all three use are ``AIOSMTPD_INTERNALS``. Those two are bases, not parts, because
+    that is aiosmtpd's extension point: it finds ``smtp_<VERB>`` and
+    ``auth_<MECHANISM>`` methods on the session's class by name (``SMTP.__init__``),
+    and they work on the session itself (its reader, ``push``, its state). Each base
+    is one RFC (3207, 4954); the state they share is set in ``__init__`` here.
     """
 
     def __init__(self, handler: InboundHandler, gate: Gate, config: Config, **kwargs: Any) -> None:
