@@ -191,6 +191,8 @@ class RouteConfig(UpstreamConfig):
     time_zone: str = "UTC"  # the provider's (IANA name: "America/Los_Angeles")
     # Envelope-sender domains this upstream sends for (DKIM alignment); empty: all.
     sender_domains: tuple[str, ...] = ()
+    # Takes the copies an application sent with its own login (smtp.auth = "passthrough").
+    passthrough: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +370,7 @@ class Config:
             name="default",
             rate_per_second=self.delivery.rate_per_second,
             rate_per_day=self.delivery.rate_per_day,
+            passthrough=True,
         )
         return (single,)
 
