@@ -128,7 +128,7 @@ class Relay:
         tokens = self._tokens or AddressTokens(
             load_key(config.log, Path(config.spool.dir)), show=config.log.show_addresses
         )
-        self._upstream = open_routes(config)
+        self._upstream = open_routes(config, metrics=self.metrics)
         self.spool = self._new_spool(Path(config.spool.dir))
         self.spool.open()
         self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.core.policy import Backoff
+from relay.server import Relay
 from relay.upstream import router
 from tests.redis_server import free_port
 from tests.relay_harness import running_relay, submit, until
@@ -30,6 +31,11 @@ def fleet_env(**urls: str) -> dict[str, str]:
         if role:
             env[prefix + "ROLE"] = role
     return env
+
+
+def sample(relay: Relay, name: str, **labels: str) -> float:
+    value = relay.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)
 
 
 def rcpts(count: int) -> list[str]:
@@ -55,6 +61,10 @@ async def test_a_primary_refusing_connections_sends_every_copy_via_the_failover(
             reply = await submit(relay.smtp_port, MESSAGE, rcpts(3), sender=SENDER)
             assert reply.startswith("250"), reply
             await until(lambda: len(backup.transactions) == 3, "three copies at the failover")
+            assert sample(relay, "solo_relay_upstream_failovers_total", upstream="primary") >= 1
+            assert sample(relay, "solo_relay_upstream_copies_total", upstream="backup") == 3
+            assert sample(relay, "solo_relay_upstream_copies_total", upstream="primary") == 0
+            assert sample(relay, "solo_relay_upstream_state", upstream="primary", state="down") == 1
     assert sorted(t.rcpt_tos[0] for t in backup.transactions) == rcpts(3)
 
 
@@ -118,6 +128,10 @@ async def test_a_spent_daily_quota_overflows_and_a_failover_is_not_used(tmp_path
             reply = await submit(relay.smtp_port, MESSAGE, rcpts(5), sender=SENDER)
             assert reply.startswith("250"), reply
             assert relay.upstream_states() == {"primary": "spent", "backup": "up", "bulk": "up"}
+            assert sample(relay, "solo_relay_upstream_quota_left", upstream="primary") == 0
+            assert (
+                sample(relay, "solo_relay_upstream_state", upstream="primary", state="spent") == 1
+            )
     assert len(primary.transactions) == 2
     assert len(overflow.transactions) == 3
     assert backup.transactions == []

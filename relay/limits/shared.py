@@ -122,8 +122,11 @@ class SharedLimiter:
         expected_replicas: int,
         batch: int = 8,
         close_client: bool = True,
+        on_store: Callable[[bool, float | None], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # Told after each round trip: (degraded, its seconds), or (True, None) when it failed.
+        self._on_store = on_store or (lambda degraded, latency: None)
         self._client = client
         self._close_client = close_client  # False: the client is shared, its owner closes it
         self._prefix = f"solo-relay:{fleet}:{upstream}"
@@ -216,6 +219,7 @@ class SharedLimiter:
         args = [ask, self._interval, self._burst, self._quota.per_day, self._expiry_ms(now)]
         granted, wait, used = await self._grant(keys=self._keys(now), args=args)
         self.latency = time.monotonic() - started
+        self._on_store(False, self.latency)
         self.wait = int(wait) / 1_000_000
         if self._quota.per_day:
             self.left_today = max(self._quota.per_day - int(used), 0)
@@ -243,6 +247,7 @@ class SharedLimiter:
         self._failures += 1
         self._retry_at = now + RECONNECT.delay(self._failures)
         self._held = 0  # a lease the store may have lost: counted there already, never reused
+        self._on_store(True, None)
         if not self.degraded:
             self.degraded = True
             log.warning(

@@ -33,6 +33,7 @@ from relay.limits.local import Limiter, LocalLimiter
 from relay.limits.reset import DailyReset
 from relay.limits.shared import Quota, SharedLimiter
 from relay.limits.store import open_store
+from relay.ops.metrics import Metrics
 from relay.upstream.outbox import CheckStep
 from relay.upstream.smtp import Upstream, open_upstream
 
@@ -80,12 +81,17 @@ class Router:
         routes: Sequence[Route],
         *,
         on_close: Callable[[], object] | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.routes = tuple(routes)
         self._by_name = {r.name: r for r in self.routes}
         self._on_close = on_close
+        self._metrics = metrics
         self._clock = clock
+        if metrics is not None:
+            quotas = [r.name for r in self.routes if r.config.rate_per_day]
+            metrics.upstreams([r.name for r in self.routes], quotas=quotas)
 
     def __repr__(self) -> str:
         return f"<Router {', '.join(r.name for r in self.routes)}>"
@@ -114,6 +120,8 @@ class Router:
             last = outcome
             if len(tried) < len(self.routes):
                 chosen.failovers += 1
+                if self._metrics is not None:
+                    self._metrics.failover(chosen.name)
                 log.info(
                     "copy passed to the next upstream",
                     extra={"fields": {"upstream": chosen.name, "stage": outcome.stage.value}},
@@ -123,6 +131,9 @@ class Router:
         self, now: float, domain: str, credentials: Credentials | None
     ) -> list[Candidate]:
         alone = len(self.routes) == 1  # Rule 3
+        if self._metrics is not None:
+            for r in self.routes:
+                self._metrics.upstream_state(r.name, r.state(now).value)
         return [
             Candidate(
                 r.name,
@@ -136,10 +147,16 @@ class Router:
 
     async def _token(self, chosen: Route) -> bool:
         """Rule 2: wait for a rate token; False when the daily quota is spent."""
+        waited = False
         while not await chosen.limiter.take(1):
             if chosen.limiter.spent_until:
                 log.warning("upstream quota spent", extra={"fields": {"upstream": chosen.name}})
+                if self._metrics is not None:
+                    self._metrics.upstream_state(chosen.name, State.SPENT.value)
                 return False
+            if not waited and self._metrics is not None:
+                self._metrics.limiter_waited(chosen.name)
+            waited = True
             await asyncio.sleep(min(max(chosen.limiter.wait, 0.001), RATE_WAIT_MAX))
         return True
 
@@ -150,6 +167,8 @@ class Router:
         )
         if outcome.status is Status.DELIVERED or outcome.ambiguous:
             chosen.sent += 1
+            if self._metrics is not None:
+                self._metrics.upstream_sent(chosen.name, chosen.limiter.left_today)
         else:
             await chosen.limiter.give_back(1)  # not accepted: not counted by the provider
         if before and not chosen.health.up(self._clock()) and len(self.routes) > 1:
@@ -187,7 +206,9 @@ def _nowhere(reason: str) -> Outcome:
     return Outcome(Status.TRANSIENT, Stage.CONNECT, 0, "", f"no upstream can take it now: {reason}")
 
 
-def open_routes(config: Config, *, helo_name: str | None = None) -> Upstream:
+def open_routes(
+    config: Config, *, helo_name: str | None = None, metrics: Metrics | None = None
+) -> Upstream:
     """The upstream of ``config``: one as before, or a ``Router`` over ``config.routes``.
 
     A single upstream without a shared store is itself (its rate is the delivery
@@ -212,9 +233,17 @@ def open_routes(config: Config, *, helo_name: str | None = None) -> Upstream:
                 expected_replicas=config.fleet.expected_replicas,
                 batch=config.fleet.batch,
                 close_client=False,
+                on_store=None if metrics is None else _store_observer(metrics),
             )
         built.append(Route(r, open_upstream(r, helo_name=helo_name), limiter))
-    return Router(built, on_close=None if client is None else client.aclose)
+    return Router(built, on_close=None if client is None else client.aclose, metrics=metrics)
+
+
+def _store_observer(metrics: Metrics) -> Callable[[bool, float | None], None]:
+    def observe(degraded: bool, latency: float | None) -> None:
+        metrics.store(degraded=degraded, latency=latency)
+
+    return observe
 
 
 def _day_start(text: str) -> dt.time:
