@@ -25,6 +25,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from relay.core.model import (
     BodyCheck,
     IsolationOptions,
 )
+from relay.core.routing import Role
 from relay.core.senders import SenderPolicy, parse_policy
 
 ENV_PREFIX = "RELAY_"
@@ -177,6 +179,36 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteConfig(UpstreamConfig):
+    """One of several upstreams (``[[upstreams]]``): ``[upstream]``'s keys and its routing."""
+
+    name: str = ""  # [a-z0-9-]: in metrics, logs, the shared store's keys and RELAY_UPSTREAMS_*
+    url: str = ""  # required: no upstream of a list writes to ./outbox unless told to
+    role: Role = Role.PRIMARY
+    rate_per_second: float = 0.0  # this upstream's copies per second; 0: no limit
+    rate_per_day: int = 0  # its daily quota; 0: none
+    day_resets_at: str = "00:00"  # when the provider's day begins, in time_zone
+    time_zone: str = "UTC"  # the provider's (IANA name: "America/Los_Angeles")
+    # Envelope-sender domains this upstream sends for (DKIM alignment); empty: all.
+    sender_domains: tuple[str, ...] = ()
+    # Takes the copies an application sent with its own login (smtp.auth = "passthrough").
+    passthrough: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """The limits every relay of a fleet shares (relay/limits/shared.py)."""
+
+    store: str = ""  # redis://host:6379/0 or rediss:// (TLS); Valkey too. "": local limits
+    password_file: str = ""  # the store's AUTH password (or in the URL: redis://:pw@host)
+    ca_file: str = ""  # CA bundle for rediss://
+    name: str = "default"  # the fleet's namespace in the store (one per quota holder)
+    expected_replicas: int = 1  # while the store is away each relay takes quota / this
+    timeout: float = 0.05  # seconds a grant may take before the store counts as away
+    batch: int = 8  # copies' tokens taken in one round trip
+
+
+@dataclass(frozen=True, slots=True)
 class IsolationConfig:
     remove_headers: tuple[str, ...] = ()
     body_check: BodyCheck = BodyCheck.WARN
@@ -299,6 +331,10 @@ class Config:
     )
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    # Several upstreams, in order of preference; empty: [upstream] alone (README
+    # "Many pods, one quota").
+    upstreams: tuple[RouteConfig, ...] = ()
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     senders: SendersConfig = field(default_factory=SendersConfig)
@@ -321,6 +357,22 @@ class Config:
             sign_all=self.dkim.sign_all,
             keep_recipients_for=self.senders.policy().keep_recipients,
         )
+
+    @property
+    def routes(self) -> tuple[RouteConfig, ...]:
+        """The upstreams copies may go to, in order: ``[[upstreams]]``, or ``[upstream]``
+        alone as the primary named ``default`` (with ``delivery.rate_per_*``)."""
+        if self.upstreams:
+            return self.upstreams
+        values = {f.name: getattr(self.upstream, f.name) for f in fields(UpstreamConfig)}
+        single = RouteConfig(
+            **values,
+            name="default",
+            rate_per_second=self.delivery.rate_per_second,
+            rate_per_day=self.delivery.rate_per_day,
+            passthrough=True,
+        )
+        return (single,)
 
     @property
     def listen_address(self) -> HostPort:
@@ -385,6 +437,8 @@ def env_notices(environ: Mapping[str, str] | None = None) -> list[EnvNotice]:
     for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS or name in names:
             continue
+        if is_route_setting(name, env):
+            continue
         if is_service_link(name, value):
             notices.append(EnvNotice(name, service_link=True))
         else:
@@ -419,7 +473,9 @@ def _apply(obj: Any, raw: Mapping[str, Any], prefix: tuple[str, ...]) -> Any:
         if name not in known:
             raise ConfigError(dotted, "unknown key")
         current = getattr(obj, name)
-        if hasattr(current, "__dataclass_fields__"):
+        if isinstance(obj, Config) and name == "upstreams":
+            changes[name] = _routes_from_toml(value)
+        elif hasattr(current, "__dataclass_fields__"):
             if not isinstance(value, dict):
                 raise ConfigError(dotted, "must be a table")
             changes[name] = _apply(current, value, (*prefix, name))
@@ -436,11 +492,73 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
         if name not in names:
             continue  # env_notices: a service link (debug) or a warning with a suggestion
         path = names[name]
+        if path == ("upstreams",):
+            continue  # _routes_from_env
         nested: dict[str, Any] = {path[-1]: _from_env(name, _get(config, path), text)}
         for part in reversed(path[:-1]):
             nested = {part: nested}
         config = _apply(config, nested, ())
-    return config
+    return _routes_from_env(config, env)
+
+
+# -- several upstreams: [[upstreams]] and RELAY_UPSTREAMS -------------------------------
+
+_ROUTE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+_DAY_START = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
+_ROUTE_FIELDS = tuple(f.name for f in fields(RouteConfig) if f.name != "name")
+
+
+def _routes_from_toml(value: Any) -> tuple[RouteConfig, ...]:
+    """``[[upstreams]]``: a list of tables, each naming itself."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError("upstreams", "must be a list of tables ([[upstreams]])")
+    routes = []
+    for index, table in enumerate(value):
+        name = table.get("name")
+        key = f"upstreams[{index}]"
+        if not isinstance(name, str) or not _ROUTE_NAME.fullmatch(name):
+            raise ConfigError(f"{key}.name", "must be 1-32 of a-z, 0-9 and '-'")
+        routes.append(_apply(RouteConfig(name=name), table, (f"upstreams.{name}",)))
+    return tuple(routes)
+
+
+def route_env_prefix(name: str) -> str:
+    """``RELAY_UPSTREAMS_SES_EU_`` for the upstream named ``ses-eu``."""
+    return f"{ENV_PREFIX}UPSTREAMS_{name.upper().replace('-', '_')}_"
+
+
+def _routes_from_env(config: Config, env: Mapping[str, str]) -> Config:
+    """``RELAY_UPSTREAMS=ses,sendgrid`` names the list (in order); then each
+    ``RELAY_UPSTREAMS_<NAME>_<KEY>`` sets a key of the upstream of that name."""
+    routes = {route.name: route for route in config.upstreams}
+    order = list(routes)
+    listed = env.get(f"{ENV_PREFIX}UPSTREAMS")
+    if listed is not None:
+        order = [n.strip() for n in listed.split(",") if n.strip()]
+        for name in order:
+            if not _ROUTE_NAME.fullmatch(name):
+                raise ConfigError("RELAY_UPSTREAMS", f"{name!r}: names are a-z, 0-9 and '-'")
+    built = []
+    for name in order:
+        route = routes.get(name, RouteConfig(name=name))
+        prefix = route_env_prefix(name)
+        for key in _ROUTE_FIELDS:
+            text = env.get(prefix + key.upper())
+            if text is not None:
+                value = _from_env(prefix + key.upper(), getattr(route, key), text)
+                route = _apply(route, {key: value}, (f"upstreams.{name}",))
+        built.append(route)
+    return replace(config, upstreams=tuple(built))
+
+
+def is_route_setting(name: str, environ: Mapping[str, str]) -> bool:
+    """Whether ``name`` is ``RELAY_UPSTREAMS_<NAME>_<KEY>`` for a listed upstream."""
+    listed = environ.get(f"{ENV_PREFIX}UPSTREAMS", "")
+    for route in (n.strip() for n in listed.split(",") if n.strip()):
+        rest = name.removeprefix(route_env_prefix(route))
+        if rest != name and rest.lower() in _ROUTE_FIELDS:
+            return True
+    return False
 
 
 def _get(config: Config, path: tuple[str, ...]) -> Any:
@@ -587,6 +705,8 @@ def validate(config: Config) -> None:
     if config.smtp.auth is AuthMode.USERS and not config.smtp.users_file:
         raise ConfigError("smtp.users_file", "auth = 'users' needs a users file")
     _validate_dsn(config.delivery)
+    _validate_routes(config)
+    _validate_fleet(config.fleet)
     config.senders.policy()  # raises ConfigError naming the [senders] key at fault
     if config.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
@@ -647,6 +767,56 @@ def _validate_ranges(config: Config) -> None:
     for key, amount in signed:
         if amount < 0:
             raise ConfigError(key, "must not be negative")
+
+
+def _validate_routes(config: Config) -> None:
+    """``[[upstreams]]``: unique names, a primary first, each value in its range."""
+    if not config.upstreams:
+        return
+    if config.upstream != UpstreamConfig():
+        raise ConfigError("upstream", "set either [upstream] or [[upstreams]], not both")
+    for key in ("rate_per_second", "rate_per_day"):
+        if getattr(config.delivery, key):
+            raise ConfigError(f"delivery.{key}", "with [[upstreams]], set it on each upstream")
+    names = [route.name for route in config.upstreams]
+    if len(set(names)) != len(names):
+        raise ConfigError("upstreams", f"names must differ: {', '.join(names)}")
+    if config.upstreams[0].role is not Role.PRIMARY:
+        raise ConfigError(f"upstreams.{names[0]}.role", "the first upstream must be a primary")
+    for route in config.upstreams:
+        key = f"upstreams.{route.name}"
+        if not route.url:
+            raise ConfigError(f"{key}.url", "is required")
+        for name in ("pool_size", "max_messages_per_connection"):
+            if getattr(route, name) < 1:
+                raise ConfigError(f"{key}.{name}", "must be at least 1")
+        for name in ("connect_timeout", "command_timeout", "data_timeout"):
+            if getattr(route, name) <= 0:
+                raise ConfigError(f"{key}.{name}", "must be more than 0 seconds")
+        if route.rate_per_second < 0 or route.rate_per_day < 0:
+            raise ConfigError(f"{key}.rate_per_second", "rates must not be negative")
+        if _DAY_START.fullmatch(route.day_resets_at) is None:
+            raise ConfigError(f"{key}.day_resets_at", f"must be HH:MM, not {route.day_resets_at!r}")
+        try:
+            zoneinfo.ZoneInfo(route.time_zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(
+                f"{key}.time_zone", f"unknown time zone {route.time_zone!r}"
+            ) from None
+        for domain in route.sender_domains:
+            if domain != domain.lower() or not valid_helo_name(domain) or domain.startswith("["):
+                raise ConfigError(f"{key}.sender_domains", f"{domain!r} is not a lower-case domain")
+
+
+def _validate_fleet(fleet: FleetConfig) -> None:
+    if fleet.store and not fleet.store.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("fleet.store", "must be a redis://, rediss:// or unix:// URL")
+    if not _ROUTE_NAME.fullmatch(fleet.name):
+        raise ConfigError("fleet.name", "must be 1-32 of a-z, 0-9 and '-'")
+    if fleet.expected_replicas < 1 or fleet.batch < 1:
+        raise ConfigError("fleet.expected_replicas", "expected_replicas and batch: at least 1")
+    if fleet.timeout <= 0:
+        raise ConfigError("fleet.timeout", "must be more than 0 seconds")
 
 
 def _validate_dsn(delivery: DeliveryConfig) -> None:

@@ -35,7 +35,8 @@ from relay.ops.health import STATUS_SECONDS, HealthServer, write_status
 from relay.ops.logs import AddressTokens, Verbatim, flush_periodically, load_key
 from relay.ops.logs import flush as flush_logs
 from relay.ops.metrics import Metrics
-from relay.upstream.smtp import Upstream, open_upstream
+from relay.upstream.router import Router, open_routes
+from relay.upstream.smtp import Upstream
 from relay.upstream.target import parse_upstream_url
 
 if TYPE_CHECKING:
@@ -97,6 +98,13 @@ class Relay:
         """SMTP sessions open now (each holds one of ``smtp.max_connections``)."""
         return self._gate.open if self._gate else 0
 
+    def upstream_states(self) -> dict[str, str]:
+        """Each upstream's state now: up, down or spent (one alone, on local limits: up)."""
+        if isinstance(self._upstream, Router):
+            now = time.time()
+            return {r.name: r.state(now).value for r in self._upstream.routes}
+        return {r.name: "up" for r in self.config.routes}
+
     @property
     def stopping(self) -> bool:
         """A stop has begun: new transactions get 421 4.3.2, sessions drain."""
@@ -120,7 +128,7 @@ class Relay:
         tokens = self._tokens or AddressTokens(
             load_key(config.log, Path(config.spool.dir)), show=config.log.show_addresses
         )
-        self._upstream = open_upstream(config.upstream)
+        self._upstream = open_routes(config, metrics=self.metrics)
         self.spool = self._new_spool(Path(config.spool.dir))
         self.spool.open()
         self.deliverer = Deliverer(config, self.spool, self._upstream, self.metrics, tokens)
@@ -181,10 +189,14 @@ class Relay:
         )
 
     def _upstream_name(self) -> str:
-        target = parse_upstream_url(
-            self.config.upstream.url, insecure=self.config.upstream.insecure
-        )
-        return target.redacted()
+        """The upstream's URL without its password; with several, ``name=URL`` each."""
+        shown = [
+            (r.name, parse_upstream_url(r.url, insecure=r.insecure).redacted())
+            for r in self.config.routes
+        ]
+        if not self.config.upstreams:
+            return shown[0][1]
+        return ", ".join(f"{name}={url}" for name, url in shown)
 
     def _ready(self) -> tuple[bool, str]:
         """SPEC 7: listening, spool directory writable, not paused for refused credentials,

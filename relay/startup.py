@@ -18,7 +18,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from relay.config import AuthMode, Config, StartTLS
+from relay.config import AuthMode, Config, RouteConfig, StartTLS
 from relay.core.errors import ConfigError
 from relay.core.model import IsolationOptions
 from relay.files import check_readable
@@ -38,10 +38,15 @@ from relay.upstream.target import (
 class Prepared:
     """What start-up validation produced: the parsed upstream and the isolation options."""
 
-    target: Target
+    targets: tuple[tuple[str, Target], ...]  # each upstream's name and parsed URL, in order
     options: IsolationOptions
     tls: ssl.SSLContext | None
     users: Users
+
+    @property
+    def target(self) -> Target:
+        """The first upstream's (the only one's, without ``[[upstreams]]``)."""
+        return self.targets[0][1]
 
 
 def prepare(config: Config) -> Prepared:
@@ -53,22 +58,35 @@ def prepare(config: Config) -> Prepared:
     tls = server_context(smtp)
     users = Users.load(smtp.users_file) if smtp.auth is AuthMode.USERS else Users({})
     options = config.isolation_options()  # loads and tries the DKIM key
-    upstream = config.upstream
-    target = parse_upstream_url(upstream.url, insecure=upstream.insecure)
-    if target.scheme == "outbox":
-        _writable_directory("upstream.url", target.outbox_dir)
-    else:
-        if upstream.password_file:
-            check_readable("upstream.password_file", upstream.password_file)
-        configured_credentials(upstream, target)
-        dsn_credentials(config.delivery)  # the bounce login's password file, if any
-        if target.scheme != "smtp+plain":
-            if upstream.ca_file:
-                check_readable("upstream.ca_file", upstream.ca_file)
-            tls_context(upstream.ca_file)
+    targets = tuple((route.name, _check_upstream(config, route)) for route in config.routes)
+    dsn_credentials(config.delivery)  # the bounce login's password file, if any
+    if config.fleet.password_file:
+        check_readable("fleet.password_file", config.fleet.password_file)
+    if config.fleet.ca_file:
+        check_readable("fleet.ca_file", config.fleet.ca_file)
     _writable_directory("spool.dir", config.spool.dir)
     check_key(config.log, Path(config.spool.dir))
-    return Prepared(target, options, tls, users)
+    return Prepared(targets, options, tls, users)
+
+
+def _check_upstream(config: Config, upstream: RouteConfig) -> Target:
+    """One upstream's URL, password and CA files (keys ``upstream.*`` or ``upstreams.NAME.*``)."""
+    key = f"upstreams.{upstream.name}" if config.upstreams else "upstream"
+    try:
+        target = parse_upstream_url(upstream.url, insecure=upstream.insecure)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}.url", exc.problem) from None
+    if target.scheme == "outbox":
+        _writable_directory(f"{key}.url", target.outbox_dir)
+        return target
+    if upstream.password_file:
+        check_readable(f"{key}.password_file", upstream.password_file)
+    configured_credentials(upstream, target)
+    if target.scheme != "smtp+plain":
+        if upstream.ca_file:
+            check_readable(f"{key}.ca_file", upstream.ca_file)
+        tls_context(upstream.ca_file)
+    return target
 
 
 def _writable_directory(key: str, directory: str) -> None:

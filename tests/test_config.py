@@ -206,3 +206,149 @@ def test_log_hash_key_file_is_the_token_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_key(config.log, spool)
     assert info.value.key == "log.hash_key_file"
+
+
+# -- several upstreams (issue 17) -------------------------------------------------------
+
+UPSTREAMS_TOML = """
+[[upstreams]]
+name = "ses"
+url = "smtp://user@smtp.example.net:587"
+password_file = "/run/secrets/ses"
+rate_per_second = 14.0
+rate_per_day = 50000
+time_zone = "America/Los_Angeles"
+
+[[upstreams]]
+name = "backup-1"
+role = "failover"
+url = "smtps://user@smtp.example.org:465"
+pool_size = 2
+
+[fleet]
+store = "redis://redis.example.test:6379/0"
+expected_replicas = 4
+"""
+
+
+def test_several_upstreams_from_toml_in_their_order(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(UPSTREAMS_TOML)
+    config = load(environ={}, path=path)
+    ses, backup = config.routes
+    assert (ses.name, ses.role.value, ses.rate_per_day, ses.time_zone) == (
+        "ses",
+        "primary",
+        50000,
+        "America/Los_Angeles",
+    )
+    assert (backup.name, backup.role.value, backup.pool_size, backup.url) == (
+        "backup-1",
+        "failover",
+        2,
+        "smtps://user@smtp.example.org:465",
+    )
+    assert config.fleet.store == "redis://redis.example.test:6379/0"
+    assert config.fleet.expected_replicas == 4
+
+
+def test_several_upstreams_from_the_environment_readably() -> None:
+    env = {
+        "RELAY_UPSTREAMS": "ses,backup-1",
+        "RELAY_UPSTREAMS_SES_URL": "smtp://user@smtp.example.net:587",
+        "RELAY_UPSTREAMS_SES_RATE_PER_SECOND": "14",
+        "RELAY_UPSTREAMS_BACKUP_1_URL": "smtps://user@smtp.example.org:465",
+        "RELAY_UPSTREAMS_BACKUP_1_ROLE": "overflow",
+        "RELAY_UPSTREAMS_BACKUP_1_SENDER_DOMAINS": "example.org, example.com",
+    }
+    config = load(environ=env)
+    assert [r.name for r in config.routes] == ["ses", "backup-1"]
+    assert config.routes[0].rate_per_second == 14.0
+    assert config.routes[1].role.value == "overflow"
+    assert config.routes[1].sender_domains == ("example.org", "example.com")
+    assert env_notices(env) == []  # every name is known
+
+
+def test_the_environment_overrides_a_toml_upstream_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(UPSTREAMS_TOML)
+    config = load(environ={"RELAY_UPSTREAMS_SES_RATE_PER_DAY": "100"}, path=path)
+    assert [r.name for r in config.routes] == ["ses", "backup-1"]
+    assert config.routes[0].rate_per_day == 100
+
+
+def test_one_upstream_alone_is_the_default_primary_with_the_delivery_rates() -> None:
+    config = load(environ={"RELAY_DELIVERY_RATE_PER_SECOND": "5", "RELAY_UPSTREAM": "outbox:x"})
+    [single] = config.routes
+    assert (single.name, single.role.value, single.url, single.rate_per_second) == (
+        "default",
+        "primary",
+        "outbox:x",
+        5.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"RELAY_UPSTREAMS": "a,a", "RELAY_UPSTREAMS_A_URL": "outbox:x"}, "upstreams"),
+        ({"RELAY_UPSTREAMS": "Bad_Name"}, "RELAY_UPSTREAMS"),
+        ({"RELAY_UPSTREAMS": "a"}, "upstreams.a.url"),
+        (
+            {
+                "RELAY_UPSTREAMS": "a",
+                "RELAY_UPSTREAMS_A_URL": "outbox:x",
+                "RELAY_UPSTREAMS_A_ROLE": "failover",
+            },
+            "upstreams.a.role",
+        ),
+        (
+            {
+                "RELAY_UPSTREAMS": "a",
+                "RELAY_UPSTREAMS_A_URL": "outbox:x",
+                "RELAY_UPSTREAMS_A_TIME_ZONE": "Mars/Base",
+            },
+            "upstreams.a.time_zone",
+        ),
+        (
+            {
+                "RELAY_UPSTREAMS": "a",
+                "RELAY_UPSTREAMS_A_URL": "outbox:x",
+                "RELAY_UPSTREAMS_A_DAY_RESETS_AT": "24:00",
+            },
+            "upstreams.a.day_resets_at",
+        ),
+        (
+            {
+                "RELAY_UPSTREAMS": "a",
+                "RELAY_UPSTREAMS_A_URL": "outbox:x",
+                "RELAY_UPSTREAM": "outbox:y",
+            },
+            "upstream",
+        ),
+        (
+            {
+                "RELAY_UPSTREAMS": "a",
+                "RELAY_UPSTREAMS_A_URL": "outbox:x",
+                "RELAY_DELIVERY_RATE_PER_DAY": "9",
+            },
+            "delivery.rate_per_day",
+        ),
+        ({"RELAY_FLEET_STORE": "http://redis.example.test"}, "fleet.store"),
+        ({"RELAY_FLEET_EXPECTED_REPLICAS": "0"}, "fleet.expected_replicas"),
+    ],
+)
+def test_a_bad_upstream_list_names_its_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(environ=env)
+    assert caught.value.key == key
+
+
+def test_an_unknown_key_of_a_listed_upstream_is_a_warning_with_the_closest_name() -> None:
+    env = {
+        "RELAY_UPSTREAMS": "ses",
+        "RELAY_UPSTREAMS_SES_URL": "outbox:x",
+        "RELAY_UPSTREAMS_SES_RATE": "1",
+    }
+    [notice] = env_notices(env)
+    assert notice.name == "RELAY_UPSTREAMS_SES_RATE"

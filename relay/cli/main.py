@@ -18,11 +18,13 @@ from relay.config import Config, env_notices, load
 from relay.core.dkim import DkimAction
 from relay.core.errors import ConfigError, RelayError
 from relay.core.model import REMOVED_HEADERS, BodyCheck, IsolationOptions
+from relay.limits.store import check_store
 from relay.ops import eventloop, workers
 from relay.ops.logs import load_key, setup_logging
 from relay.ops.workers import WorkerArgs
 from relay.server import Relay
-from relay.upstream.smtp import open_upstream
+from relay.upstream.outbox import CheckStep
+from relay.upstream.router import open_routes
 
 log = logging.getLogger("relay.cli")
 
@@ -273,7 +275,11 @@ def _check(path: str | None, upstream: bool) -> int:
         return _config_error(exc)
     print("configuration OK")
     print(f"  listen    {config.listen_address}  (mode {config.mode.value})")
-    print(f"  upstream  {prepared.target.redacted()}")
+    for name, target in prepared.targets:
+        label = f"upstream {name}" if config.upstreams else "upstream"
+        print(f"  {label:<9} {target.redacted()}")
+    if config.fleet.store:
+        print(f"  fleet     {config.fleet.name} (shared limits on the store)")
     print(f"  metrics   {config.metrics_address}")
     signer = prepared.options.signer
     signing = f"signs as d={signer.domain} s={signer.selector}" if signer else "no relay key"
@@ -282,11 +288,14 @@ def _check(path: str | None, upstream: bool) -> int:
         return 0
 
     async def steps() -> bool:
-        client = open_upstream(config.upstream)
+        client = open_routes(config)
         try:
             results = await client.check()
         finally:
             await client.aclose()
+        if config.fleet.store:
+            ok, detail = await check_store(config.fleet)
+            results.append(CheckStep("store", ok, detail))
         for step in results:
             print(f"  {'ok ' if step.ok else 'FAIL'} {step.name:<8} {step.detail}")
         return all(step.ok for step in results)

@@ -11,6 +11,7 @@ the credentials are missing, which is no fault of the copy.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from relay.core.model import Outcome, Stage, Status
@@ -80,15 +81,22 @@ class Backoff:
         )
 
 
+def _utc_day(now: float) -> int:
+    return int(now // DAY)
+
+
 class RateLimiter:
     """Copies per second (a token bucket holding one second) and per UTC day; 0 is no limit."""
 
-    def __init__(self, per_second: float, per_day: int) -> None:
+    def __init__(
+        self, per_second: float, per_day: int, *, day: Callable[[float], object] = _utc_day
+    ) -> None:
         self._per_second = per_second
         self._per_day = per_day
+        self._day_of = day  # the day holding a moment: a UTC day, or a provider's (its reset)
         self._tokens = max(per_second, 1.0)
         self._stamp = 0.0
-        self._day = -1
+        self._day: object = None
         self._today = 0
 
     def take(self, now: float, wanted: int) -> int:
@@ -101,7 +109,7 @@ class RateLimiter:
             self._stamp = now
             allowed = min(allowed, int(self._tokens))
         if self._per_day:
-            day = int(now // DAY)
+            day = self._day_of(now)
             if day != self._day:
                 self._day, self._today = day, 0
             allowed = min(allowed, self._per_day - self._today)
@@ -116,3 +124,16 @@ class RateLimiter:
         if self._per_second:
             self._tokens += count
         self._today -= count
+
+    def left_today(self, now: float) -> int | None:
+        """Copies the daily quota still allows (``None``: no quota)."""
+        if not self._per_day:
+            return None
+        return self._per_day if self._day_of(now) != self._day else self._per_day - self._today
+
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` until the rate lets one more copy go (0: it does now)."""
+        if not self._per_second:
+            return 0.0
+        tokens = self._tokens + max(now - self._stamp, 0.0) * self._per_second
+        return max(1.0 - tokens, 0.0) / self._per_second

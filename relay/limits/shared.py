@@ -121,9 +121,14 @@ class SharedLimiter:
         quota: Quota,
         expected_replicas: int,
         batch: int = 8,
+        close_client: bool = True,
+        on_store: Callable[[bool, float | None], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # Told after each round trip: (degraded, its seconds), or (True, None) when it failed.
+        self._on_store = on_store or (lambda degraded, latency: None)
         self._client = client
+        self._close_client = close_client  # False: the client is shared, its owner closes it
         self._prefix = f"solo-relay:{fleet}:{upstream}"
         self._quota = quota
         self._interval = round(1_000_000 / quota.per_second) if quota.per_second else 0
@@ -133,7 +138,9 @@ class SharedLimiter:
         self._grant = client.register_script(GRANT)
         self._give_back = client.register_script(GIVE_BACK)
         share = max(expected_replicas, 1)
-        self._local = RateLimiter(quota.per_second / share, quota.per_day // share)
+        self._local = RateLimiter(
+            quota.per_second / share, quota.per_day // share, day=quota.reset.period
+        )
         self._held = 0  # granted by the fleet, not yet used
         self._held_since = 0.0
         self._unsynced = 0  # sent at the local share while the store was away
@@ -142,6 +149,8 @@ class SharedLimiter:
         self._retry_at = 0.0
         self.latency = 0.0  # seconds of the last round trip to the store
         self.wait = 0.0  # seconds until the fleet's rate lets one more copy go
+        self.spent_until = 0.0  # the fleet's daily quota is used up until this reset
+        self.left_today: int | None = quota.per_day or None
 
     async def take(self, want: int) -> int:
         """How many of ``want`` copies may start now (0 to ``want``)."""
@@ -194,7 +203,8 @@ class SharedLimiter:
         try:
             await self.give_back(0)
         finally:
-            await self._client.aclose()
+            if self._close_client:
+                await self._client.aclose()
 
     # -- the store -------------------------------------------------------------------
 
@@ -207,9 +217,14 @@ class SharedLimiter:
     async def _call_grant(self, ask: int, now: float) -> int:
         started = time.monotonic()
         args = [ask, self._interval, self._burst, self._quota.per_day, self._expiry_ms(now)]
-        granted, wait, _used = await self._grant(keys=self._keys(now), args=args)
+        granted, wait, used = await self._grant(keys=self._keys(now), args=args)
         self.latency = time.monotonic() - started
+        self._on_store(False, self.latency)
         self.wait = int(wait) / 1_000_000
+        if self._quota.per_day:
+            self.left_today = max(self._quota.per_day - int(used), 0)
+            spent = int(granted) < ask and self.left_today == 0
+            self.spent_until = self._quota.reset.next_reset(now) if spent else 0.0
         return int(granted)
 
     async def _call_give_back(self, back: int, add: int) -> None:
@@ -222,12 +237,17 @@ class SharedLimiter:
     def _take_local(self, now: float, want: int) -> int:
         allowed = self._local.take(now, want)
         self._unsynced += allowed
+        self.left_today = self._local.left_today(now)
+        spent = allowed < want and self.left_today is not None and self.left_today <= 0
+        self.spent_until = self._quota.reset.next_reset(now) if spent else 0.0
+        self.wait = self._local.wait(now) if allowed < want and not spent else 0.0
         return allowed
 
     def _degrade(self, now: float, exc: BaseException) -> None:
         self._failures += 1
         self._retry_at = now + RECONNECT.delay(self._failures)
         self._held = 0  # a lease the store may have lost: counted there already, never reused
+        self._on_store(True, None)
         if not self.degraded:
             self.degraded = True
             log.warning(

@@ -61,6 +61,7 @@ from relay import __version__
 from relay.core.model import REMOVED_HEADERS, Change, ChangeKind, Outcome, Stage, Status
 
 PREFIX = "solo_relay"
+UPSTREAM_STATES = ("up", "down", "spent")  # relay.upstream.router.State's values
 
 # Process-wide in prometheus-client: every registry, the relay's and a test's, loses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -195,6 +196,8 @@ SIZE_BUCKETS = (
     16_777_216,
     36_700_160,
 )
+# 0.1 ms to 1 s: a grant on the shared store (fleet.timeout is 50 ms by default).
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
 # 10 ms to 10 minutes: an upstream may take RFC 5321's full 10 minutes after the dot.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0)
 
@@ -211,7 +214,7 @@ def header_label(name: str) -> str:
     return lowered if lowered in HEADER_LABELS else OTHER_HEADER
 
 
-MultiprocessMode = Literal["livesum", "livemax"]
+MultiprocessMode = Literal["livesum", "livemax", "livemin"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +427,57 @@ SERIES: tuple[Series, ...] = (
         ("version",),
         mode="livemax",
     ),
+    Series(
+        "_upstream_copies",
+        Counter,
+        "upstream_copies_total",
+        "Copies each upstream accepted (several upstreams or shared limits).",
+        ("upstream",),
+    ),
+    Series(
+        "_upstream_state",
+        Gauge,
+        "upstream_state",
+        "1 for the state each upstream is in (up, down, spent), 0 for the others.",
+        ("upstream", "state"),
+        mode="livemax",
+    ),
+    Series(
+        "_upstream_quota_left",
+        Gauge,
+        "upstream_quota_left",
+        "Copies each upstream's daily quota still allows, as this relay last saw it.",
+        ("upstream",),
+        mode="livemin",
+    ),
+    Series(
+        "_failovers",
+        Counter,
+        "upstream_failovers_total",
+        "Copies an upstream passed on to the next one: down, or it refused our account.",
+        ("upstream",),
+    ),
+    Series(
+        "_limiter_waits",
+        Counter,
+        "upstream_limiter_waits_total",
+        "Times a copy waited for an upstream's rate before it could go.",
+        ("upstream",),
+    ),
+    Series(
+        "_store_degraded",
+        Gauge,
+        "fleet_store_degraded",
+        "1 while the shared store is away and this relay sends at its local share, else 0.",
+        mode="livemax",
+    ),
+    Series(
+        "_store_latency",
+        Histogram,
+        "fleet_store_latency_seconds",
+        "Round trips to the shared store for a grant of the fleet's limits.",
+        buckets=STORE_BUCKETS,
+    ),
 )
 
 
@@ -461,6 +515,13 @@ class Metrics:
     _quarantined: Counter
     _quarantine_present: Gauge
     _build: Gauge
+    _upstream_copies: Counter
+    _upstream_state: Gauge
+    _upstream_quota_left: Gauge
+    _failovers: Counter
+    _limiter_waits: Counter
+    _store_degraded: Gauge
+    _store_latency: Histogram
 
     def __init__(self, registry: CollectorRegistry, *, version: str = __version__) -> None:
         self.registry = registry
@@ -610,3 +671,36 @@ class Metrics:
     def quarantine_present(self, count: int) -> None:
         """Set how many records and databases lie in the spool's quarantine now."""
         self._quarantine_present.set(max(count, 0))
+
+    def upstreams(self, names: Iterable[str], *, quotas: Iterable[str] = ()) -> None:
+        """Make every upstream's series (Rule 2: names from the configuration only)."""
+        for name in names:
+            self._upstream_copies.labels(name)
+            self._failovers.labels(name)
+            self._limiter_waits.labels(name)
+            self.upstream_state(name, "up")
+        for name in quotas:
+            self._upstream_quota_left.labels(name)
+
+    def upstream_state(self, name: str, state: str) -> None:
+        """``upstream_state``: 1 for ``state`` (up, down or spent), 0 for the other two."""
+        for each in UPSTREAM_STATES:
+            self._upstream_state.labels(name, each).set(1 if each == state else 0)
+
+    def upstream_sent(self, name: str, quota_left: int | None) -> None:
+        """A copy the upstream accepted; its daily quota's remainder, if it has one."""
+        self._upstream_copies.labels(name).inc()
+        if quota_left is not None:
+            self._upstream_quota_left.labels(name).set(quota_left)
+
+    def failover(self, name: str) -> None:
+        self._failovers.labels(name).inc()
+
+    def limiter_waited(self, name: str) -> None:
+        self._limiter_waits.labels(name).inc()
+
+    def store(self, *, degraded: bool, latency: float | None) -> None:
+        """The shared store's state after a grant, and the grant's round trip."""
+        self._store_degraded.set(1 if degraded else 0)
+        if latency is not None:
+            self._store_latency.observe(latency)

@@ -1,0 +1,151 @@
+"""Several upstreams end to end: failover, overflow, return, and what is never retried elsewhere.
+
+Real relays in the test's loop, real recording upstreams on loopback; the primary
+"refusing connections" is a port nobody listens on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.core.policy import Backoff
+from relay.server import Relay
+from relay.upstream import router
+from tests.redis_server import free_port
+from tests.relay_harness import running_relay, submit, until
+from tests.upstream_server import UpstreamServer
+
+MESSAGE = b"From: news@example.org\r\nSubject: t\r\n\r\nhello\r\n"
+SENDER = "news@example.org"
+
+
+def fleet_env(**urls: str) -> dict[str, str]:
+    """RELAY_UPSTREAMS in keyword order; each value "URL[ role]"."""
+    env = {"RELAY_UPSTREAMS": ",".join(urls)}
+    for name, text in urls.items():
+        url, _, role = text.partition(" ")
+        prefix = f"RELAY_UPSTREAMS_{name.upper()}_"
+        env[prefix + "URL"] = url
+        if role:
+            env[prefix + "ROLE"] = role
+    return env
+
+
+def sample(relay: Relay, name: str, **labels: str) -> float:
+    value = relay.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)
+
+
+def rcpts(count: int) -> list[str]:
+    return [f"user{n}@example.com" for n in range(count)]
+
+
+@pytest.fixture(autouse=True)
+def quick_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A down upstream is tried again after 0.3 s instead of 10 s."""
+    monkeypatch.setattr(router, "DOWN_RETRY", Backoff(initial=0.3, maximum=0.3))
+
+
+async def test_a_primary_refusing_connections_sends_every_copy_via_the_failover(
+    tmp_path: Path,
+) -> None:
+    backup = UpstreamServer(auth_require_tls=False)
+    async with backup:
+        env = fleet_env(
+            primary=f"smtp+plain://127.0.0.1:{free_port()}",
+            backup=f"{backup.url()} failover",
+        )
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            reply = await submit(relay.smtp_port, MESSAGE, rcpts(3), sender=SENDER)
+            assert reply.startswith("250"), reply
+            await until(lambda: len(backup.transactions) == 3, "three copies at the failover")
+            assert sample(relay, "solo_relay_upstream_failovers_total", upstream="primary") >= 1
+            assert sample(relay, "solo_relay_upstream_copies_total", upstream="backup") == 3
+            assert sample(relay, "solo_relay_upstream_copies_total", upstream="primary") == 0
+            assert sample(relay, "solo_relay_upstream_state", upstream="primary", state="down") == 1
+    assert sorted(t.rcpt_tos[0] for t in backup.transactions) == rcpts(3)
+
+
+async def test_traffic_returns_to_the_primary_when_it_is_back(tmp_path: Path) -> None:
+    primary = UpstreamServer(auth_require_tls=False)
+    backup = UpstreamServer(auth_require_tls=False)
+    async with primary, backup:
+        primary.script("GREETING", ["421 4.7.0 Try again later, closing connection"])
+        env = fleet_env(primary=primary.url(), backup=f"{backup.url()} failover")
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            assert (await submit(relay.smtp_port, MESSAGE, rcpts(1), sender=SENDER)).startswith(
+                "250"
+            )
+            assert len(backup.transactions) == 1 and primary.transactions == []
+            await until(lambda: relay.upstream_states()["primary"] == "up", "the primary back")
+            assert (await submit(relay.smtp_port, MESSAGE, rcpts(2), sender=SENDER)).startswith(
+                "250"
+            )
+    assert len(primary.transactions) == 2
+    assert len(backup.transactions) == 1
+
+
+async def test_a_recipients_550_is_never_retried_elsewhere(tmp_path: Path) -> None:
+    primary = UpstreamServer(auth_require_tls=False)
+    backup = UpstreamServer(auth_require_tls=False)
+    async with primary, backup:
+        primary.script(
+            "RCPT", ["550 5.1.1 The email account that you tried to reach does not exist"]
+        )
+        env = fleet_env(primary=primary.url(), backup=f"{backup.url()} failover")
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            reply = await submit(relay.smtp_port, MESSAGE, rcpts(1), sender=SENDER)
+    assert reply.startswith("550 5.1.1"), reply  # direct mode: the upstream's own refusal
+    assert backup.transactions == [] and backup.connections == []
+
+
+async def test_a_refusal_of_our_account_at_mail_goes_to_the_failover(tmp_path: Path) -> None:
+    primary = UpstreamServer(auth_require_tls=False)
+    backup = UpstreamServer(auth_require_tls=False)
+    async with primary, backup:
+        primary.script("MAIL", ["554 Message rejected: Email address is not verified"])
+        env = fleet_env(primary=primary.url(), backup=f"{backup.url()} failover")
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            reply = await submit(relay.smtp_port, MESSAGE, rcpts(1), sender=SENDER)
+    assert reply.startswith("250"), reply
+    assert [t.rcpt_tos for t in backup.transactions] == [rcpts(1)[:1]]
+
+
+async def test_a_spent_daily_quota_overflows_and_a_failover_is_not_used(tmp_path: Path) -> None:
+    primary = UpstreamServer(auth_require_tls=False)
+    backup = UpstreamServer(auth_require_tls=False)
+    overflow = UpstreamServer(auth_require_tls=False)
+    async with primary, backup, overflow:
+        env = fleet_env(
+            primary=primary.url(),
+            backup=f"{backup.url()} failover",
+            bulk=f"{overflow.url()} overflow",
+        )
+        env["RELAY_UPSTREAMS_PRIMARY_RATE_PER_DAY"] = "2"
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            reply = await submit(relay.smtp_port, MESSAGE, rcpts(5), sender=SENDER)
+            assert reply.startswith("250"), reply
+            assert relay.upstream_states() == {"primary": "spent", "backup": "up", "bulk": "up"}
+            assert sample(relay, "solo_relay_upstream_quota_left", upstream="primary") == 0
+            assert (
+                sample(relay, "solo_relay_upstream_state", upstream="primary", state="spent") == 1
+            )
+    assert len(primary.transactions) == 2
+    assert len(overflow.transactions) == 3
+    assert backup.transactions == []
+
+
+async def test_sender_domains_route_a_copy_to_its_own_upstream(tmp_path: Path) -> None:
+    first = UpstreamServer(auth_require_tls=False)
+    second = UpstreamServer(auth_require_tls=False)
+    async with first, second:
+        env = fleet_env(first=first.url(), second=second.url())
+        env["RELAY_UPSTREAMS_FIRST_SENDER_DOMAINS"] = "example.net"
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            for sender in ("news@example.org", "news@example.net"):
+                reply = await submit(relay.smtp_port, MESSAGE, rcpts(1), sender=sender)
+                assert reply.startswith("250"), reply
+    assert [t.mail_from for t in first.transactions] == ["news@example.net"]
+    assert [t.mail_from for t in second.transactions] == ["news@example.org"]
