@@ -79,7 +79,8 @@ def test_every_listed_internal_is_used_in_relay_inbound() -> None:
 def test_every_stdlib_internal_relied_on_is_in_this_python() -> None:
     """STDLIB_INTERNALS: a Python that renamed one fails here, not in a session."""
     present = {
-        "asyncio.StreamReader._buffer": hasattr(asyncio.StreamReader(), "_buffer"),
+        "asyncio.StreamReader._buffer": "self._buffer ="
+        in inspect.getsource(asyncio.StreamReader.__init__),
         "asyncio.sslproto.SSLProtocol": hasattr(asyncio.sslproto, "SSLProtocol"),
         "asyncio.sslproto.SSLProtocol._app_transport": "_app_transport"
         in inspect.getsource(asyncio.sslproto.SSLProtocol.__init__),
