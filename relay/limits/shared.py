@@ -31,7 +31,9 @@ from relay.limits.reset import DailyReset
 log = logging.getLogger("relay.limits")
 
 LEASE_SECONDS = 1.0  # tokens held unused longer than this go back to the fleet
-RECONNECT = Backoff(initial=0.5, maximum=30.0)  # the tries of an unreachable store
+# The tries of an unreachable store, made when a copy asks for a token: a try costs at
+# most fleet.timeout, so the fleet is back on the shared budget within seconds.
+RECONNECT = Backoff(initial=0.2, maximum=5.0)
 
 # KEYS: rate, day. ARGV: want, microseconds per copy (0: no rate), burst in copies,
 # copies per day (0: no quota), the day counter's expiry (unix ms). Returns
