@@ -702,8 +702,18 @@ def send_one(port: int) -> None:
 async def test_every_metric_in_the_rules_and_dashboard_is_exported(
     tmp_path: Path, plain_server: UpstreamServer
 ) -> None:
-    """Each solo_relay_* name (and label value) in alerts.yml and the dashboard is in /metrics."""
-    async with running_relay(tmp_path, plain_server.url()) as relay:
+    """Each solo_relay_* name (and label value) in alerts.yml and the dashboard is in /metrics.
+
+    The relay runs with two upstreams and a daily quota, so the per-upstream series exist.
+    """
+    env = {
+        "RELAY_UPSTREAMS": "primary,backup",
+        "RELAY_UPSTREAMS_PRIMARY_URL": plain_server.url(),
+        "RELAY_UPSTREAMS_PRIMARY_RATE_PER_DAY": "1000",
+        "RELAY_UPSTREAMS_BACKUP_URL": plain_server.url(),
+        "RELAY_UPSTREAMS_BACKUP_ROLE": "failover",
+    }
+    async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
         await asyncio.to_thread(send_one, relay.smtp_port)
         exposition = await scrape_metrics(relay.metrics_port)
     samples: dict[str, list[dict[str, str]]] = {}

@@ -451,6 +451,14 @@ SERIES: tuple[Series, ...] = (
         mode="livemin",
     ),
     Series(
+        "_upstream_quota",
+        Gauge,
+        "upstream_quota",
+        "Each upstream's daily quota as configured (only upstreams with one).",
+        ("upstream",),
+        mode="livemax",
+    ),
+    Series(
         "_failovers",
         Counter,
         "upstream_failovers_total",
@@ -518,6 +526,7 @@ class Metrics:
     _upstream_copies: Counter
     _upstream_state: Gauge
     _upstream_quota_left: Gauge
+    _upstream_quota: Gauge
     _failovers: Counter
     _limiter_waits: Counter
     _store_degraded: Gauge
@@ -672,15 +681,17 @@ class Metrics:
         """Set how many records and databases lie in the spool's quarantine now."""
         self._quarantine_present.set(max(count, 0))
 
-    def upstreams(self, names: Iterable[str], *, quotas: Iterable[str] = ()) -> None:
-        """Make every upstream's series (Rule 2: names from the configuration only)."""
+    def upstreams(self, names: Iterable[str], *, quotas: Mapping[str, int] | None = None) -> None:
+        """Make every upstream's series (Rule 2: names from the configuration only);
+        ``quotas``: the daily quota of each upstream that has one."""
         for name in names:
             self._upstream_copies.labels(name)
             self._failovers.labels(name)
             self._limiter_waits.labels(name)
             self.upstream_state(name, "up")
-        for name in quotas:
-            self._upstream_quota_left.labels(name)
+        for name, quota in (quotas or {}).items():
+            self._upstream_quota.labels(name).set(quota)
+            self._upstream_quota_left.labels(name).set(quota)
 
     def upstream_state(self, name: str, state: str) -> None:
         """``upstream_state``: 1 for ``state`` (up, down or spent), 0 for the other two."""

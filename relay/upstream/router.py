@@ -90,7 +90,7 @@ class Router:
         self._metrics = metrics
         self._clock = clock
         if metrics is not None:
-            quotas = [r.name for r in self.routes if r.config.rate_per_day]
+            quotas = {r.name: r.config.rate_per_day for r in self.routes if r.config.rate_per_day}
             metrics.upstreams([r.name for r in self.routes], quotas=quotas)
 
     def __repr__(self) -> str:
