@@ -10,6 +10,7 @@ rest are closed and the upstream pool is shut.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -31,7 +32,13 @@ from relay.inbound.gate import Gate
 from relay.inbound.smtp import make_protocol_factory
 from relay.inbound.tls import server_context
 from relay.intake import Intake
-from relay.ops.health import STATUS_SECONDS, HealthServer, write_status
+from relay.ops.health import (
+    STATUS_SECONDS,
+    UPSTREAMS_FILE,
+    HealthServer,
+    write_status,
+    write_upstreams,
+)
 from relay.ops.logs import AddressTokens, Verbatim, flush_periodically, load_key
 from relay.ops.logs import flush as flush_logs
 from relay.ops.metrics import Metrics
@@ -91,6 +98,7 @@ class Relay:
         self._delivering: asyncio.Task[None] | None = None
         self._log_flusher: asyncio.Task[None] | None = None
         self._status: asyncio.Task[None] | None = None
+        self._upstreams: asyncio.Task[None] | None = None
         self._started = 0.0
 
     @property
@@ -156,6 +164,9 @@ class Relay:
         self._started = time.monotonic()
         self._delivering = asyncio.create_task(self.deliverer.run(), name="deliverer")
         self._log_flusher = asyncio.create_task(flush_periodically(), name="log flusher")
+        if isinstance(self._upstream, Router):
+            path = Path(config.spool.dir) / UPSTREAMS_FILE
+            self._upstreams = asyncio.create_task(self._report_upstreams(path), name="upstreams")
         self._log_listening(
             f"{listen.host}:{self.smtp_port}", f"{metrics.host}:{self.metrics_port}"
         )
@@ -266,6 +277,15 @@ class Relay:
             extra={"fields": {"spool": str(directory), "live": spool.live}},
         )
 
+    async def _report_upstreams(self, path: Path) -> None:
+        """Each upstream's state for ``solo-relay queue stats``, every ``STATUS_SECONDS``."""
+        assert isinstance(self._upstream, Router)
+        while True:
+            with contextlib.suppress(OSError):  # a full disk: the next write may land
+                upstreams = self._upstream.report(time.time())
+                write_upstreams(path, upstreams, self._upstream.store_state)
+            await asyncio.sleep(STATUS_SECONDS)
+
     async def _report(self, path: Path) -> None:
         """A worker's readiness for its supervisor, every ``STATUS_SECONDS``."""
         while True:
@@ -349,5 +369,7 @@ class Relay:
             self._log_flusher.cancel()
         if self._status is not None:
             self._status.cancel()
+        if self._upstreams is not None:
+            self._upstreams.cancel()
         log.info("stopped")
         flush_logs()

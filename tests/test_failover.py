@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.cli.main import main
 from relay.core.policy import Backoff
 from relay.server import Relay
 from relay.upstream import router
@@ -149,3 +150,34 @@ async def test_sender_domains_route_a_copy_to_its_own_upstream(tmp_path: Path) -
                 assert reply.startswith("250"), reply
     assert [t.mail_from for t in first.transactions] == ["news@example.net"]
     assert [t.mail_from for t in second.transactions] == ["news@example.org"]
+
+
+async def test_queue_stats_shows_each_upstreams_state(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(router, "DOWN_RETRY", Backoff(initial=60.0, maximum=60.0))
+    backup = UpstreamServer(auth_require_tls=False)
+    async with backup:
+        env = fleet_env(
+            primary=f"smtp+plain://127.0.0.1:{free_port()}",
+            backup=f"{backup.url()} failover",
+        )
+        env["RELAY_UPSTREAMS_BACKUP_RATE_PER_DAY"] = "50"
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            assert (await submit(relay.smtp_port, MESSAGE, rcpts(2), sender=SENDER)).startswith(
+                "250"
+            )
+            status = tmp_path / "spool" / "upstreams.json"
+            await until(
+                lambda: status.exists() and '"sent": 2' in status.read_text(),
+                "the relay's upstreams file, after the copies",
+            )
+            monkeypatch.setenv("RELAY_SPOOL_DIR", str(tmp_path / "spool"))
+            monkeypatch.setenv("RELAY_LOG_HASH_KEY", "k" * 32)
+            assert main(["queue", "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "; limits local" in out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ")}
+    assert lines["primary"][1:3] == ["primary", "down"]
+    assert lines["backup"][1:3] == ["failover", "up"]
+    assert "sent 2," in out and "quota left 48 of 50" in out

@@ -33,6 +33,7 @@ from relay.core.errors import ConfigError
 from relay.custody import admin
 from relay.custody.admin import Store, StoreError, UnknownMessage
 from relay.custody.spool import CopyRow, CopyState, SpoolError
+from relay.ops.health import STATUS_STALE, UPSTREAMS_FILE, read_upstreams
 from relay.ops.logs import AddressTokens, load_key
 from relay.ops.workers import spool_dirs
 
@@ -429,7 +430,34 @@ def _stats(store: Store, path: Path, now: float) -> str:
         f" ({path.name} {_bytes(sizes[''])}, WAL {_bytes(sizes['-wal'])})"
     )
     lines.append(f"{'body files':<12} {len(files)}, {_bytes(sum(files))}")
+    status = read_upstreams(path.parent / UPSTREAMS_FILE)
+    if status is not None:
+        lines += _upstream_lines(status)
     return "\n".join(lines) + "\n"
+
+
+def _upstream_lines(status: dict[str, object]) -> list[str]:
+    """Each upstream's state as the relay last wrote it (several upstreams or shared limits)."""
+    age = status.get("age")
+    seen = f"{queuefmt.span(age)} ago" if isinstance(age, int | float) else "at an unknown time"
+    stale = not isinstance(age, int | float) or age > STATUS_STALE
+    lines = [
+        f"{'upstreams':<12} as relay {status.get('pid')} saw them {seen}"
+        + (" (stale: is the relay running?)" if stale else "")
+        + f"; limits {status.get('store')}"
+    ]
+    entries = status.get("upstreams")
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        quota = entry.get("quota")
+        left = f", quota left {entry.get('quota_left')} of {quota}" if quota else ""
+        lines.append(
+            f"  {queuefmt.safe(str(entry.get('name'))):<10} {entry.get('role')!s:<9}"
+            f" {entry.get('state')!s:<6} sent {entry.get('sent')},"
+            f" failed over {entry.get('failovers')}{left}"
+        )
+    return lines
 
 
 # -- formatting ----------------------------------------------------------------------

@@ -27,6 +27,7 @@ from relay.cli.queuefmt import (
 from relay.custody import history
 from relay.custody.admin import Store, StoreError
 from relay.custody.spool import CopyState
+from relay.ops.health import UPSTREAMS_FILE, read_upstreams
 from relay.ops.logs import AddressTokens
 
 
@@ -57,6 +58,8 @@ def stats_json(paths: Sequence[Path], now: float, err: TextIO) -> tuple[dict[str
                 "history": stats.history,
                 "database_bytes": sum(file_size(Path(f"{path}{s}")) for s in ("", "-wal")),
                 "body_files": len(list(bodies.iterdir())) if bodies.is_dir() else 0,
+                # Each upstream's state as the relay last wrote it (None: one upstream alone).
+                "upstreams": read_upstreams(path.parent / UPSTREAMS_FILE),
             }
         )
     return {"spools": spools, "total": {"copies": total}}, broken

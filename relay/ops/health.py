@@ -239,3 +239,27 @@ def read_status(path: Path) -> tuple[bool, str]:
         reason = status.get("reason") if isinstance(status, dict) else None
         return False, str(reason or "not ready")
     return True, "ready"
+
+
+UPSTREAMS_FILE = "upstreams.json"  # beside spool.db: each upstream's state, for queue stats
+
+
+def write_upstreams(path: Path, upstreams: list[dict[str, object]], store: str) -> None:
+    """What the relay knows of its upstreams now (``queue stats`` reads it), written whole."""
+    temporary = path.with_suffix(".tmp")
+    document = {"pid": os.getpid(), "at": time.time(), "store": store, "upstreams": upstreams}
+    temporary.write_text(json.dumps(document))
+    temporary.replace(path)
+
+
+def read_upstreams(path: Path) -> dict[str, object] | None:
+    """The last ``write_upstreams`` document in ``path``, or None; ``age`` added, in seconds."""
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("upstreams"), list):
+        return None
+    at = document.get("at")
+    document["age"] = time.time() - at if isinstance(at, int | float) else None
+    return document

@@ -89,6 +89,7 @@ class Router:
         self._on_close = on_close
         self._metrics = metrics
         self._clock = clock
+        self._shared = on_close is not None  # the shared store's client is closed with it
         if metrics is not None:
             quotas = {r.name: r.config.rate_per_day for r in self.routes if r.config.rate_per_day}
             metrics.upstreams([r.name for r in self.routes], quotas=quotas)
@@ -176,6 +177,28 @@ class Router:
                 "upstream down",
                 extra={"fields": {"upstream": chosen.name, "stage": outcome.stage.value}},
             )
+
+    def report(self, now: float) -> list[dict[str, object]]:
+        """Each upstream as ``queue stats`` shows it: role, state, copies, quota."""
+        return [
+            {
+                "name": r.name,
+                "role": r.config.role.value,
+                "state": r.state(now).value,
+                "sent": r.sent,
+                "failovers": r.failovers,
+                "quota": r.config.rate_per_day or None,
+                "quota_left": r.limiter.left_today,
+            }
+            for r in self.routes
+        ]
+
+    @property
+    def store_state(self) -> str:
+        """``shared``, ``degraded`` (on the local shares), or ``local`` (no shared store)."""
+        if not self._shared:
+            return "local"
+        return "degraded" if any(r.limiter.degraded for r in self.routes) else "shared"
 
     async def check(self) -> list[CheckStep]:
         """Every upstream's steps, each named ``upstream/step``."""
