@@ -10,7 +10,6 @@ rest are closed and the upstream pool is shut.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -32,19 +31,12 @@ from relay.inbound.gate import Gate
 from relay.inbound.smtp import make_protocol_factory
 from relay.inbound.tls import server_context
 from relay.intake import Intake
-from relay.ops.health import (
-    STATUS_SECONDS,
-    UPSTREAMS_FILE,
-    HealthServer,
-    write_status,
-    write_upstreams,
-)
+from relay.ops.health import STATUS_SECONDS, UPSTREAMS_FILE, HealthServer, write_status
 from relay.ops.logs import AddressTokens, Verbatim, flush_periodically, load_key
 from relay.ops.logs import flush as flush_logs
 from relay.ops.metrics import Metrics
-from relay.upstream.router import Router, open_routes
+from relay.upstream.router import Router, describe, open_routes, states
 from relay.upstream.smtp import Upstream
-from relay.upstream.target import parse_upstream_url
 
 if TYPE_CHECKING:
     from relay.ops.workers import WorkerArgs
@@ -108,10 +100,7 @@ class Relay:
 
     def upstream_states(self) -> dict[str, str]:
         """Each upstream's state now: up, down or spent (one alone, on local limits: up)."""
-        if isinstance(self._upstream, Router):
-            now = time.time()
-            return {r.name: r.state(now).value for r in self._upstream.routes}
-        return {r.name: "up" for r in self.config.routes}
+        return states(self._upstream, self.config)
 
     @property
     def stopping(self) -> bool:
@@ -166,7 +155,9 @@ class Relay:
         self._log_flusher = asyncio.create_task(flush_periodically(), name="log flusher")
         if isinstance(self._upstream, Router):
             path = Path(config.spool.dir) / UPSTREAMS_FILE
-            self._upstreams = asyncio.create_task(self._report_upstreams(path), name="upstreams")
+            self._upstreams = asyncio.create_task(
+                self._upstream.report_periodically(path, STATUS_SECONDS), name="upstreams"
+            )
         self._log_listening(
             f"{listen.host}:{self.smtp_port}", f"{metrics.host}:{self.metrics_port}"
         )
@@ -187,7 +178,7 @@ class Relay:
                 "fields": {
                     "smtp": smtp,
                     "metrics": metrics,
-                    "upstream": Verbatim(self._upstream_name()),  # user shown, password not
+                    "upstream": Verbatim(describe(self.config)),  # user shown, password not
                     "version": __version__,
                     "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                     **(
@@ -198,16 +189,6 @@ class Relay:
                 }
             },
         )
-
-    def _upstream_name(self) -> str:
-        """The upstream's URL without its password; with several, ``name=URL`` each."""
-        shown = [
-            (r.name, parse_upstream_url(r.url, insecure=r.insecure).redacted())
-            for r in self.config.routes
-        ]
-        if not self.config.upstreams:
-            return shown[0][1]
-        return ", ".join(f"{name}={url}" for name, url in shown)
 
     def _ready(self) -> tuple[bool, str]:
         """SPEC 7: listening, spool directory writable, not paused for refused credentials,
@@ -276,15 +257,6 @@ class Relay:
             "delivering a spool left by a larger worker count",
             extra={"fields": {"spool": str(directory), "live": spool.live}},
         )
-
-    async def _report_upstreams(self, path: Path) -> None:
-        """Each upstream's state for ``solo-relay queue stats``, every ``STATUS_SECONDS``."""
-        assert isinstance(self._upstream, Router)
-        while True:
-            with contextlib.suppress(OSError):  # a full disk: the next write may land
-                upstreams = self._upstream.report(time.time())
-                write_upstreams(path, upstreams, self._upstream.store_state)
-            await asyncio.sleep(STATUS_SECONDS)
 
     async def _report(self, path: Path) -> None:
         """A worker's readiness for its supervisor, every ``STATUS_SECONDS``."""

@@ -18,12 +18,14 @@ else to go: each copy tries it, as without a router).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from relay.config import Config, RouteConfig
 from relay.core.model import Copy, Credentials, Outcome, Stage, Status
@@ -33,9 +35,11 @@ from relay.limits.local import Limiter, LocalLimiter
 from relay.limits.reset import DailyReset
 from relay.limits.shared import Quota, SharedLimiter
 from relay.limits.store import open_store
+from relay.ops.health import write_upstreams
 from relay.ops.metrics import Metrics
 from relay.upstream.outbox import CheckStep
 from relay.upstream.smtp import Upstream, open_upstream
+from relay.upstream.target import parse_upstream_url
 
 log = logging.getLogger("relay.upstream")
 
@@ -193,6 +197,13 @@ class Router:
             for r in self.routes
         ]
 
+    async def report_periodically(self, path: Path, interval: float) -> None:
+        """``report`` into ``path`` (``solo-relay queue stats`` reads it), every ``interval``."""
+        while True:
+            with contextlib.suppress(OSError):  # a full disk: the next write may land
+                write_upstreams(path, self.report(self._clock()), self.store_state)
+            await asyncio.sleep(interval)
+
     @property
     def store_state(self) -> str:
         """``shared``, ``degraded`` (on the local shares), or ``local`` (no shared store)."""
@@ -272,3 +283,21 @@ def _store_observer(metrics: Metrics) -> Callable[[bool, float | None], None]:
 def _day_start(text: str) -> dt.time:
     hours, minutes = text.split(":")
     return dt.time(int(hours), int(minutes))
+
+
+def states(upstream: Upstream | None, config: Config) -> dict[str, str]:
+    """Each upstream's state now: up, down or spent (one alone, on local limits: up)."""
+    if isinstance(upstream, Router):
+        now = time.time()
+        return {r.name: r.state(now).value for r in upstream.routes}
+    return {r.name: "up" for r in config.routes}
+
+
+def describe(config: Config) -> str:
+    """The upstream's URL without its password; with several, ``name=URL`` each."""
+    shown = [
+        (r.name, parse_upstream_url(r.url, insecure=r.insecure).redacted()) for r in config.routes
+    ]
+    if not config.upstreams:
+        return shown[0][1]
+    return ", ".join(f"{name}={url}" for name, url in shown)
