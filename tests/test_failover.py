@@ -181,3 +181,16 @@ async def test_queue_stats_shows_each_upstreams_state(
     assert lines["primary"][1:3] == ["primary", "down"]
     assert lines["backup"][1:3] == ["failover", "up"]
     assert "sent 2," in out and "quota left 48 of 50" in out
+
+
+async def test_one_listed_upstream_keeps_its_own_daily_quota(tmp_path: Path) -> None:
+    """[[upstreams]] of one: its rate_per_day holds (it is not [upstream] alone)."""
+    only = UpstreamServer(auth_require_tls=False)
+    async with only:
+        env = fleet_env(only=only.url())
+        env["RELAY_UPSTREAMS_ONLY_RATE_PER_DAY"] = "2"
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            reply = await submit(relay.smtp_port, MESSAGE, rcpts(3), sender=SENDER)
+            assert relay.upstream_states() == {"only": "spent"}
+    assert reply.startswith("250"), reply  # two sent, the third waits in the spool
+    assert len(only.transactions) == 2

@@ -245,11 +245,13 @@ def open_routes(
 ) -> Upstream:
     """The upstream of ``config``: one as before, or a ``Router`` over ``config.routes``.
 
-    A single upstream without a shared store is itself (its rate is the delivery
-    loop's, as it always was). Raises ``ConfigError`` naming the bad key.
+    ``[upstream]`` alone without a shared store is itself (its rate is the delivery
+    loop's, ``delivery.rate_*``, as it always was); any ``[[upstreams]]`` list, even
+    of one, is routed, each with its own limits. Raises ``ConfigError`` naming the
+    bad key.
     """
     routes = config.routes
-    if len(routes) == 1 and not config.fleet.store:
+    if not config.upstreams and not config.fleet.store:
         return open_upstream(routes[0], helo_name=helo_name)
     client = open_store(config.fleet) if config.fleet.store else None
     built = []
