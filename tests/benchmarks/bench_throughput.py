@@ -242,7 +242,13 @@ class SinkTarget:
 class Relay:
     """``solo-relay serve`` as a process with its defaults, delivering to ``upstream_port``."""
 
-    def __init__(self, upstream_port: int, pool_size: int | None, workers: int | None = 1) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        pool_size: int | None,
+        workers: int | None = 1,
+        extra_env: dict[str, str | None] | None = None,
+    ) -> None:
         self.spool = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
         self.port = free_port()
         self.metrics_port = free_port()
@@ -259,6 +265,11 @@ class Relay:
             "RELAY_SMTP_MAX_CONNECTIONS": "1000",
             "RELAY_SMTP_MAX_RECIPIENTS": "1000",
         }
+        for name, value in (extra_env or {}).items():  # None: not set (bench_fleet.py)
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         self.process = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve"], env=env, cwd=ROOT, stderr=subprocess.PIPE
         )
