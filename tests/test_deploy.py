@@ -442,10 +442,10 @@ def test_compose_runs_app_relay_and_mailpit_with_a_valid_relay_configuration() -
 
 
 def kubernetes_documents() -> list[dict[str, Any]]:
-    """The objects a cluster may receive (kustomization.yaml files are kubectl's), the
-    optional monitoring component's included."""
+    """The objects a cluster may receive, the optional components' included."""
     paths = sorted(KUBERNETES.rglob("*.yaml")) + sorted(KUBERNETES.rglob("*.yaml.example"))
-    paths = [p for p in paths if p.name != "kustomization.yaml"]
+    # kustomization.yaml files are kubectl's, patch-*.yaml a component's patches.
+    paths = [p for p in paths if p.name != "kustomization.yaml" and not p.name.startswith("patch-")]
     return [d for p in paths for d in load_yaml_documents(p)]
 
 
@@ -467,7 +467,12 @@ def test_kubernetes_manifests_have_what_a_cluster_needs() -> None:
     kustomization = KUBERNETES / "kustomization.yaml"
     for resource in yaml.safe_load(kustomization.read_text())["resources"]:
         assert (KUBERNETES / resource).is_file(), resource
-    workloads = [d for d in documents if d["kind"] in ("Deployment", "StatefulSet")]
+    workloads = [
+        d
+        for d in documents
+        if d["kind"] in ("Deployment", "StatefulSet")
+        and d["metadata"]["name"] != "solo-relay-limits"  # the fleet component's store
+    ]
     assert workloads
     secrets = {s["metadata"]["name"]: s for s in of_kind(documents, "Secret")}
     for workload in workloads:
@@ -918,3 +923,65 @@ def test_ci_runs_exactly_the_readme_test_command_after_the_test_extra() -> None:
     ]
     assert lines[-1] == test_block[-1] == ".venv/bin/python -m pytest"
     assert any("pip install" in line and "'.[test]'" in line for line in lines[:-1])
+
+
+def test_fleet_component_adds_the_store_and_points_every_relay_at_it(tmp_path: Path) -> None:
+    """components: [fleet]: a Valkey Deployment and Service, schema-valid, and the relay's
+    environment (with RELAY_FLEET_STORE naming that Service) loads."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(KUBERNETES, overlay)],
+                "components": [os.path.relpath(KUBERNETES / "fleet", overlay)],
+            }
+        )
+    )
+    documents = kustomize(overlay)
+    assert sorted(d["kind"] for d in documents) == [
+        "Deployment",
+        "Service",
+        "Service",
+        "Service",
+        "StatefulSet",
+    ]
+    assert schema_errors(documents) == []
+    (store,) = [d for d in documents if d["kind"] == "Deployment"]
+    (service,) = [
+        d
+        for d in documents
+        if d["metadata"]["name"] == "solo-relay-limits" and d["kind"] == "Service"
+    ]
+    (container,) = store["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    (statefulset,) = of_kind(documents, "StatefulSet")
+    (relay,) = [
+        c
+        for c in statefulset["spec"]["template"]["spec"]["initContainers"]
+        if "solo-relay" in c["image"]
+    ]
+    env = {e["name"]: e["value"] for e in relay["env"] if "value" in e}
+    config = load(environ=env)
+    assert config.fleet.store == f"redis://{service['metadata']['name']}:6379/0"
+    assert config.fleet.expected_replicas == statefulset["spec"]["replicas"]
+    assert env["RELAY_UPSTREAM"]  # the sidecar keeps its upstream: the patch only adds
+
+
+def test_compose_fleet_override_runs_two_relays_on_one_store() -> None:
+    """docker-compose.fleet.yml: a Valkey service and two relays whose settings load."""
+    (compose,) = load_yaml_documents(CONFIG / "docker-compose.fleet.yml")
+    services = compose["services"]
+    assert "valkey" in services["valkey"]["image"]
+    (base,) = load_yaml_documents(COMPOSE)
+    for name in ("relay", "relay-2"):
+        environment = {
+            **relay_env(image_env()),
+            **env_list(base["services"]["relay"]["environment"]),
+            **env_list(services[name]["environment"]),
+        }
+        config = load(environ=environment)
+        assert config.fleet.store == "redis://valkey:6379/0"
+        assert config.fleet.expected_replicas == 2
