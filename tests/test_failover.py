@@ -6,6 +6,7 @@ Real relays in the test's loop, real recording upstreams on loopback; the primar
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ from relay.core.policy import Backoff
 from relay.server import Relay
 from relay.upstream import router
 from tests.redis_server import free_port
-from tests.relay_harness import running_relay, submit, until
-from tests.upstream_server import UpstreamServer
+from tests.relay_harness import RawClient, running_relay, submit, until
+from tests.upstream_server import PASSWORD, USER, UpstreamServer
 
 MESSAGE = b"From: news@example.org\r\nSubject: t\r\n\r\nhello\r\n"
 SENDER = "news@example.org"
@@ -194,3 +195,34 @@ async def test_one_listed_upstream_keeps_its_own_daily_quota(tmp_path: Path) -> 
             assert relay.upstream_states() == {"only": "spent"}
     assert reply.startswith("250"), reply  # two sent, the third waits in the spool
     assert len(only.transactions) == 2
+
+
+async def test_a_copy_sent_with_the_applications_login_goes_only_to_passthrough_upstreams(
+    tmp_path: Path,
+) -> None:
+    """smtp.auth = passthrough: a logged-in message's copies go to the upstream that takes
+    the application's login (with it); one sent without a login goes to the primary."""
+    primary = UpstreamServer(auth_require_tls=False)
+    own_login = UpstreamServer(auth_require_tls=False)
+    async with primary, own_login:
+        env = fleet_env(primary=primary.url(), login=f"{own_login.url()} failover")
+        env["RELAY_UPSTREAMS_LOGIN_PASSTHROUGH"] = "true"
+        env["RELAY_SMTP_AUTH"] = "passthrough"
+        async with running_relay(tmp_path, "outbox:./outbox", env) as relay:
+            client = await RawClient.connect(relay.smtp_port)
+            try:
+                assert (await client.command("EHLO app.example.test")).startswith("250")
+                token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()
+                assert (await client.command(f"AUTH PLAIN {token}")).startswith("235")
+                assert (await client.command(f"MAIL FROM:<{SENDER}>")).startswith("250")
+                assert (await client.command("RCPT TO:<alice@example.com>")).startswith("250")
+                assert (await client.command("DATA")).startswith("354")
+                assert (await client.command(MESSAGE + b".")).startswith("250")
+            finally:
+                await client.close()
+            reply = await submit(relay.smtp_port, MESSAGE, ["bob@example.com"], sender=SENDER)
+            assert reply.startswith("250"), reply
+    assert [(t.rcpt_tos, t.login) for t in own_login.transactions] == [
+        (["alice@example.com"], USER)
+    ]
+    assert [(t.rcpt_tos, t.login) for t in primary.transactions] == [(["bob@example.com"], None)]

@@ -127,3 +127,10 @@ def test_several_primaries_share_in_order_and_only_serving_ones_count() -> None:
     assert route(candidates(a="primary,down", b="primary,down", c="failover,down")) == Route(
         None, "down"
     )
+
+
+def test_the_first_upstream_that_serves_a_copy_takes_it_whatever_its_role() -> None:
+    """A passthrough copy only a failover serves goes there; roles count among servers."""
+    assert route(candidates(a="primary,other", b="failover")) == Route("b")
+    assert route(candidates(a="primary,other", b="overflow", c="failover")) == Route("b")
+    assert route(candidates(a="primary,other", b="failover,down", c="failover")) == Route("c")

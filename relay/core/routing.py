@@ -20,11 +20,12 @@ Rule 2 (down): an upstream-fault outcome marks the upstream down at once;
 throttling every copy is as good as down). A down upstream is tried again
 after a backoff (``policy.Backoff``); the first success brings it back up.
 
-Rule 3 (route): the configured order is the preference. A ``primary`` takes
-copies while it is up and has quota; a ``failover`` only while every upstream
-before it is down or spent with at least one down; an ``overflow`` only while
-an upstream before it has spent its quota. When the primary is back, it is
-first again: traffic returns by itself.
+Rule 3 (route): the configured order is the preference, among the upstreams
+that serve the copy (its sender domain, its login). A ``primary`` takes copies
+while it is up and has quota; a ``failover`` only while an upstream before it
+is down; an ``overflow`` only while one before it has spent its quota; the first
+upstream that serves a copy takes it whatever its role (there is nothing before
+it). When the primary is back, it is first again: traffic returns by itself.
 
 Real replies, and how Rule 1 reads them (each is a test in tests/test_routing.py):
 ``421 4.7.0 Try again later, closing connection`` (Gmail) -> upstream;
@@ -148,12 +149,13 @@ def route(candidates: Sequence[Candidate], *, tried: frozenset[str] = frozenset(
     for c in candidates:
         if not c.serves:
             continue
-        served = True
         eligible = (
             c.role is Role.PRIMARY
+            or not served  # the first that serves this copy: nothing before it to fail over
             or (c.role is Role.FAILOVER and earlier_down)
             or (c.role is Role.OVERFLOW and earlier_spent)
         )
+        served = True
         if eligible and c.up and not c.spent and c.name not in tried:
             return Route(c.name)
         earlier_down |= not c.up or c.name in tried
