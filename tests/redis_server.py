@@ -24,8 +24,9 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; ``stop`` and ``start`` again on the same port (an outage)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, password: str = "") -> None:
         self.directory = directory
+        self.password = password  # requirepass: clients must AUTH
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -48,6 +49,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.directory),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -57,7 +59,8 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
                     conn.sendall(b"PING\r\n")
-                    if conn.recv(64).startswith(b"+PONG"):
+                    answer = conn.recv(64)
+                    if answer.startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass

@@ -13,6 +13,7 @@ from pathlib import Path
 from tests.faults.harness import RestartableUpstream, send
 from tests.redis_server import RedisServer, redis_server
 from tests.relay_harness import until
+from tests.test_cli_serve import run_cli
 from tests.test_crash import RelayProcess, relay_env, relays, start_relay
 from tests.upstream_server import UpstreamServer
 
@@ -111,3 +112,25 @@ async def test_redis_lost_mid_run_mail_keeps_flowing_and_nothing_is_lost(
         await until(lambda: len(upstream.transactions) >= total, "every copy")
     counts = upstream.counts()
     assert len(counts) == total and set(counts.values()) == {1}  # none lost, none twice
+
+
+def test_check_upstream_checks_every_upstream_and_the_store(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """`solo-relay check --upstream`: each listed upstream's steps, then the store's PING."""
+    env = {
+        "RELAY_UPSTREAMS": "first,second",
+        "RELAY_UPSTREAMS_FIRST_URL": f"outbox:{tmp_path / 'first'}",
+        "RELAY_UPSTREAMS_SECOND_URL": "smtp+plain://127.0.0.1:9",  # nobody listens
+        "RELAY_UPSTREAMS_SECOND_ROLE": "failover",
+        "RELAY_FLEET_STORE": redis_server.url,
+        "RELAY_SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    result = run_cli("check", "--upstream", env=env)
+    lines = [line.split() for line in result.stdout.splitlines()]
+    steps = {words[1]: words[0] for words in lines if words and words[0] in ("ok", "FAIL")}
+    assert steps["first/outbox"] == "ok", result.stdout
+    assert steps["second/connect"] == "FAIL", result.stdout
+    assert steps["store"] == "ok", result.stdout
+    assert result.returncode == 1  # one upstream fails its check
+    assert ["upstream", "first", f"outbox:{tmp_path / 'first'}"] in lines

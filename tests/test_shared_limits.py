@@ -6,12 +6,15 @@ import asyncio
 import datetime as dt
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
+from relay.config import FleetConfig
 from relay.limits.reset import DailyReset
 from relay.limits.shared import LEASE_SECONDS, Quota, SharedLimiter
+from relay.limits.store import check_store, open_store
 from tests.redis_server import RedisServer, redis_server
 
 __all__ = ["redis_server"]  # the fixture
@@ -155,3 +158,38 @@ async def test_a_store_slower_than_its_timeout_is_degraded_not_waited_for(
     assert await relay.take(1) == 1
     assert not relay.degraded
     await relay.aclose()
+
+
+async def test_a_store_that_requires_auth_takes_the_password_file(tmp_path: Path) -> None:
+    """fleet.password_file: the store's AUTH; without it every grant fails (the local share)."""
+    server = RedisServer(tmp_path, password="store-secret")
+    server.start()
+    try:
+        secret = tmp_path / "store-password"
+        secret.write_text("store-secret\n")
+        fleet = FleetConfig(store=server.url, password_file=str(secret), timeout=0.5)
+        relay = SharedLimiter(
+            open_store(fleet),
+            fleet="test",
+            upstream="p",
+            quota=Quota(per_day=10),
+            expected_replicas=2,
+        )
+        assert await relay.take(3) == 3 and not relay.degraded
+        await relay.aclose()
+        anonymous = SharedLimiter(
+            open_store(FleetConfig(store=server.url, timeout=0.5)),
+            fleet="test",
+            upstream="p",
+            quota=Quota(per_day=10),
+            expected_replicas=2,
+        )
+        assert await anonymous.take(3) == 3  # the local share: 10 // 2
+        assert anonymous.degraded
+        await anonymous.aclose()
+        ok, detail = await check_store(fleet)
+        assert ok, detail
+        refused, detail = await check_store(FleetConfig(store=server.url, timeout=0.5))
+        assert not refused and "store-secret" not in detail
+    finally:
+        server.stop()
