@@ -64,6 +64,30 @@ def test_each_worker_gets_its_spool_and_its_share_of_the_limits(tmp_path: Path) 
     assert spool_dir(config, 0) == tmp_path
 
 
+def test_each_worker_gets_its_share_of_every_listed_upstream(tmp_path: Path) -> None:
+    """[[upstreams]]: each worker a third of each pool and of each local limit; on a shared
+    store the limits stay whole (the store counts for all) and the local share shrinks."""
+    env = {
+        "RELAY_WORKERS": "3",
+        "RELAY_SPOOL_DIR": str(tmp_path),
+        "RELAY_UPSTREAMS": "ses,backup",
+        "RELAY_UPSTREAMS_SES_URL": "smtp://user@smtp.example.net:587",
+        "RELAY_UPSTREAMS_SES_POOL_SIZE": "9",
+        "RELAY_UPSTREAMS_SES_RATE_PER_SECOND": "30",
+        "RELAY_UPSTREAMS_SES_RATE_PER_DAY": "900",
+        "RELAY_UPSTREAMS_BACKUP_URL": "smtp://user@smtp.example.org:587",
+        "RELAY_UPSTREAMS_BACKUP_ROLE": "failover",
+    }
+    local = share(load(environ=env), 1, 3)
+    ses, backup = local.routes
+    assert (ses.pool_size, ses.rate_per_second, ses.rate_per_day) == (3, 10.0, 300)
+    assert (backup.pool_size, backup.rate_per_second, backup.rate_per_day) == (2, 0.0, 0)
+    shared = share(load(environ={**env, "RELAY_FLEET_STORE": "redis://store.test:6379/0"}), 1, 3)
+    ses = shared.routes[0]
+    assert (ses.pool_size, ses.rate_per_second, ses.rate_per_day) == (3, 30.0, 900)
+    assert shared.fleet.expected_replicas == 3
+
+
 def test_workers_setting_is_bounded() -> None:
     for bad in ("0", "65"):
         with pytest.raises(ConfigError, match="workers"):

@@ -81,9 +81,22 @@ def share(config: Config, index: int, count: int) -> Config:
         return max(1, math.ceil(total / count))
 
     delivery = config.delivery
+    shared = bool(config.fleet.store)  # the store counts for every worker: no division
+    upstreams = tuple(
+        replace(
+            r,
+            pool_size=part(r.pool_size),
+            rate_per_second=r.rate_per_second if shared else r.rate_per_second / count,
+            rate_per_day=r.rate_per_day if shared or not r.rate_per_day else part(r.rate_per_day),
+        )
+        for r in config.upstreams
+    )
     return replace(
         config,
         workers=1,
+        upstreams=upstreams,
+        # Each worker is one more replica to the store: its local share while it is away.
+        fleet=replace(config.fleet, expected_replicas=config.fleet.expected_replicas * count),
         smtp=replace(config.smtp, max_connections=part(config.smtp.max_connections)),
         upstream=replace(config.upstream, pool_size=part(config.upstream.pool_size)),
         delivery=replace(
