@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,6 +14,14 @@ from pathlib import Path
 import pytest
 
 REDIS = shutil.which("redis-server")
+
+
+def _unverified() -> ssl.SSLContext:
+    """For the readiness PING only: the test's own server, whatever its certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def free_port() -> int:
@@ -24,23 +33,40 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process; ``stop`` and ``start`` again on the same port (an outage)."""
 
-    def __init__(self, directory: Path, *, password: str = "") -> None:
+    def __init__(
+        self, directory: Path, *, password: str = "", tls: tuple[Path, Path] | None = None
+    ) -> None:
         self.directory = directory
         self.password = password  # requirepass: clients must AUTH
+        self.tls = tls  # (certificate chain, key): TLS only, rediss://
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         assert REDIS is not None
         self.process = subprocess.Popen(
             [
                 REDIS,
-                "--port",
-                str(self.port),
+                *(
+                    [
+                        "--port",
+                        "0",
+                        "--tls-port",
+                        str(self.port),
+                        "--tls-cert-file",
+                        str(self.tls[0]),
+                        "--tls-key-file",
+                        str(self.tls[1]),
+                        "--tls-auth-clients",
+                        "no",
+                    ]
+                    if self.tls
+                    else ["--port", str(self.port)]
+                ),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -57,7 +83,8 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw:
+                    conn = _unverified().wrap_socket(raw) if self.tls else raw
                     conn.sendall(b"PING\r\n")
                     answer = conn.recv(64)
                     if answer.startswith((b"+PONG", b"-NOAUTH")):

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trustme
 from redis.asyncio import Redis
 
 from relay.config import FleetConfig
@@ -191,5 +192,34 @@ async def test_a_store_that_requires_auth_takes_the_password_file(tmp_path: Path
         assert ok, detail
         refused, detail = await check_store(FleetConfig(store=server.url, timeout=0.5))
         assert not refused and "store-secret" not in detail
+    finally:
+        server.stop()
+
+
+async def test_a_tls_store_is_verified_against_fleet_ca_file(tmp_path: Path) -> None:
+    """rediss://: the store's certificate checked against fleet.ca_file; unknown: degraded."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, authority = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(authority))
+    server = RedisServer(tmp_path, tls=(cert, key))
+    server.start()
+    try:
+        assert server.url.startswith("rediss://")
+        trusted = FleetConfig(store=server.url, ca_file=str(authority), timeout=1.0)
+        relay = SharedLimiter(
+            open_store(trusted),
+            fleet="t",
+            upstream="p",
+            quota=Quota(per_day=10),
+            expected_replicas=2,
+        )
+        assert await relay.take(4) == 4 and not relay.degraded
+        await relay.aclose()
+        assert (await check_store(trusted))[0]
+        stranger = FleetConfig(store=server.url, timeout=1.0)  # the system store only
+        assert not (await check_store(stranger))[0]
     finally:
         server.stop()
