@@ -834,8 +834,8 @@ def test_kustomization_renders_valid_objects_without_a_servicemonitor() -> None:
     assert schema_errors(documents) == []
 
 
-def test_monitoring_component_adds_the_servicemonitor(tmp_path: Path) -> None:
-    """An overlay with components: [monitoring] renders the ServiceMonitor beside the rest."""
+def overlay_with(tmp_path: Path, component: str) -> Path:
+    """An overlay of config/kubernetes with ``components: [component]``, as a user writes one."""
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     (overlay / "kustomization.yaml").write_text(
@@ -844,11 +844,16 @@ def test_monitoring_component_adds_the_servicemonitor(tmp_path: Path) -> None:
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
                 "resources": [os.path.relpath(KUBERNETES, overlay)],
-                "components": [os.path.relpath(KUBERNETES / "monitoring", overlay)],
+                "components": [os.path.relpath(KUBERNETES / component, overlay)],
             }
         )
     )
-    kinds = sorted(d["kind"] for d in kustomize(overlay))
+    return overlay
+
+
+def test_monitoring_component_adds_the_servicemonitor(tmp_path: Path) -> None:
+    """An overlay with components: [monitoring] renders the ServiceMonitor beside the rest."""
+    kinds = sorted(d["kind"] for d in kustomize(overlay_with(tmp_path, "monitoring")))
     assert kinds == ["Service", "Service", "ServiceMonitor", "StatefulSet"]
     component = yaml.safe_load((KUBERNETES / "monitoring" / "kustomization.yaml").read_text())
     assert component["kind"] == "Component"
@@ -928,19 +933,7 @@ def test_ci_runs_exactly_the_readme_test_command_after_the_test_extra() -> None:
 def test_fleet_component_adds_the_store_and_points_every_relay_at_it(tmp_path: Path) -> None:
     """components: [fleet]: a Valkey Deployment and Service, schema-valid, and the relay's
     environment (with RELAY_FLEET_STORE naming that Service) loads."""
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(KUBERNETES, overlay)],
-                "components": [os.path.relpath(KUBERNETES / "fleet", overlay)],
-            }
-        )
-    )
-    documents = kustomize(overlay)
+    documents = kustomize(overlay_with(tmp_path, "fleet"))
     assert sorted(d["kind"] for d in documents) == [
         "Deployment",
         "Service",
