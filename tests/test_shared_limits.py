@@ -223,3 +223,23 @@ async def test_a_tls_store_is_verified_against_fleet_ca_file(tmp_path: Path) -> 
         assert not (await check_store(stranger))[0]
     finally:
         server.stop()
+
+
+async def test_a_lease_across_the_providers_reset_goes_back_to_its_own_day(
+    redis_server: RedisServer,
+) -> None:
+    """Tokens leased before midnight are yesterday's: given back there, today's taken anew."""
+    reset = DailyReset()  # midnight UTC
+    midnight = reset.next_reset(time.time())
+    clock = [midnight - 0.5]
+    relay = limiter(redis_server, Quota(per_day=10, reset=reset), batch=8, clock=lambda: clock[0])
+    assert await relay.take(1) == 1  # 8 leased from the old day, 7 held
+    clock[0] = midnight + 0.1
+    assert await relay.take(1) == 1
+    client = Redis.from_url(redis_server.url)
+    old = await client.get(f"solo-relay:test:primary:day:{reset.period(midnight - 0.5)}")
+    new = await client.get(f"solo-relay:test:primary:day:{reset.period(midnight + 0.1)}")
+    assert int(old) == 1  # the old day's count: the one copy sent then
+    assert int(new) == 8  # today's lease
+    await client.aclose()
+    await relay.aclose()

@@ -160,6 +160,10 @@ class SharedLimiter:
             return 0
         now = self._clock()
         await self.release_stale()  # an old lease goes back before a new one
+        if self._held and self._quota.reset.period(self._held_since) != self._quota.reset.period(
+            now
+        ):
+            await self.give_back(0)  # a lease of yesterday's quota is not today's to spend
         if self._held >= want:
             self._held -= want
             return want
@@ -191,12 +195,13 @@ class SharedLimiter:
             self._local.give_back(count)
             self._unsynced = max(self._unsynced - count, 0)
             return
+        at = self._held_since if self._held else self._clock()  # the day the lease was taken
         back = count + self._held
         self._held = 0
         if back <= 0:
             return
         try:
-            await self._call_give_back(back, 0)
+            await self._call_give_back(back, 0, at=at)
         except (RedisError, OSError, TimeoutError) as exc:
             self._degrade(self._clock(), exc)
 
@@ -229,10 +234,11 @@ class SharedLimiter:
             self.spent_until = self._quota.reset.next_reset(now) if spent else 0.0
         return int(granted)
 
-    async def _call_give_back(self, back: int, add: int) -> None:
-        now = self._clock()
-        args = [back, self._interval, self._expiry_ms(now), add, self._quota.per_day]
-        await self._give_back(keys=self._keys(now), args=args)
+    async def _call_give_back(self, back: int, add: int, *, at: float | None = None) -> None:
+        """``back`` tokens to the day holding ``at`` (default: now), ``add`` copies sent."""
+        day = self._clock() if at is None else at
+        args = [back, self._interval, self._expiry_ms(day), add, self._quota.per_day]
+        await self._give_back(keys=self._keys(day), args=args)
 
     # -- degraded: the local share (Rule 3) -------------------------------------------
 
