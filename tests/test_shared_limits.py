@@ -243,3 +243,25 @@ async def test_a_lease_across_the_providers_reset_goes_back_to_its_own_day(
     assert int(new) == 8  # today's lease
     await client.aclose()
     await relay.aclose()
+
+
+async def test_an_idle_relay_gives_its_lease_back_and_rejoins_the_store_on_tick(
+    redis_server: RedisServer,
+) -> None:
+    """tick(), with no copy asking: the lease goes back, and a returned store is rejoined."""
+    clock = [time.time()]
+    idle = limiter(redis_server, Quota(per_day=10), batch=8, clock=lambda: clock[0])
+    other = limiter(redis_server, Quota(per_day=10), batch=8)
+    assert await idle.take(1) == 1  # 7 held
+    clock[0] += LEASE_SECONDS + 0.1
+    await idle.tick()
+    assert await other.take(10) == 9  # all but the one copy sent
+    await other.aclose()
+    redis_server.stop()
+    await idle.give_back(1)  # the store is gone: degraded
+    assert idle.degraded
+    redis_server.start()
+    clock[0] += 60
+    await idle.tick()
+    assert not idle.degraded
+    await idle.aclose()

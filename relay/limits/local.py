@@ -21,6 +21,7 @@ class Limiter(Protocol):
     async def take(self, want: int) -> int: ...
     async def give_back(self, count: int) -> None: ...
     async def release_stale(self) -> None: ...
+    async def tick(self) -> None: ...
     async def aclose(self) -> None: ...
 
 
@@ -56,6 +57,9 @@ class LocalLimiter:
 
     async def release_stale(self) -> None:
         return None  # nothing is leased
+
+    async def tick(self) -> None:
+        return None  # nothing to keep up
 
     async def aclose(self) -> None:
         return None

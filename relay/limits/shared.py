@@ -184,6 +184,20 @@ class SharedLimiter:
         self._held -= allowed
         return allowed
 
+    async def tick(self) -> None:
+        """Upkeep while idle (the router calls it every second): an unused lease goes back
+        to the fleet, and a store that was away is tried again once its backoff is over."""
+        await self.release_stale()
+        now = self._clock()
+        if not self.degraded or now < self._retry_at:
+            return
+        try:
+            await self._call_grant(0, now)  # a grant of nothing: the store answers, or not
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._degrade(now, exc)
+            return
+        await self._recovered()
+
     async def release_stale(self) -> None:
         """Give back a lease held unused for more than ``LEASE_SECONDS`` (call it when idle)."""
         if self._held and self._clock() - self._held_since > LEASE_SECONDS:

@@ -198,8 +198,11 @@ class Router:
         ]
 
     async def report_periodically(self, path: Path, interval: float) -> None:
-        """``report`` into ``path`` (``solo-relay queue stats`` reads it), every ``interval``."""
+        """Every ``interval``: each limiter's idle upkeep (``tick``), then ``report`` into
+        ``path`` (``solo-relay queue stats`` reads it)."""
         while True:
+            for r in self.routes:  # idle upkeep: leases back, an away store tried again
+                await r.limiter.tick()
             with contextlib.suppress(OSError):  # a full disk: the next write may land
                 write_upstreams(path, self.report(self._clock()), self.store_state)
             await asyncio.sleep(interval)
